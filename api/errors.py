@@ -1,0 +1,164 @@
+"""The control plane's exceptions, rendered in the OpenAI error shape.
+
+    LoraplexError                      base: status, type, code, param
+    ├── InvalidRequest          400    bad parameter or body
+    │   └── InvalidFile         400    a dataset or file that cannot be used
+    ├── AuthenticationFailed    401    missing, unknown or revoked key
+    ├── PermissionDenied        403    a valid key without the right to do this
+    ├── NotFound                404    unknown id, route, or another tenant's object
+    ├── Conflict                409    state does not allow the action (never a client typo:
+    │                                  the SDK retries 409)
+    ├── PayloadTooLarge         413    body or upload over its limit
+    └── ServiceUnavailable      503    a dependency is down; retry later
+
+Services raise these; `install_error_handlers` maps them, plus FastAPI's validation errors,
+unknown routes and anything unexpected, to `{"error": {message, type, param, code}}`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+
+class LoraplexError(Exception):
+    status_code = 500
+    type = "server_error"
+    default_code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+        self.headers = headers
+
+
+class InvalidRequest(LoraplexError):
+    status_code = 400
+    type = "invalid_request_error"
+
+
+class InvalidFile(InvalidRequest):
+    default_code = "invalid_file"
+
+
+class AuthenticationFailed(LoraplexError):
+    status_code = 401
+    type = "invalid_request_error"
+    default_code = "invalid_api_key"
+
+
+class PermissionDenied(LoraplexError):
+    status_code = 403
+    type = "invalid_request_error"
+    default_code = "permission_denied"
+
+
+class NotFound(LoraplexError):
+    status_code = 404
+    type = "invalid_request_error"
+    default_code = "not_found"
+
+
+class Conflict(LoraplexError):
+    status_code = 409
+    type = "invalid_request_error"
+    default_code = "conflict"
+
+
+class PayloadTooLarge(LoraplexError):
+    status_code = 413
+    type = "invalid_request_error"
+    default_code = "payload_too_large"
+
+
+class ServiceUnavailable(LoraplexError):
+    status_code = 503
+    type = "server_error"
+    default_code = "service_unavailable"
+
+
+def error_body(
+    message: str, *, type: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def render(exc: LoraplexError) -> JSONResponse:
+    body = error_body(exc.message, type=exc.type, param=exc.param, code=exc.code)
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+_HTTP_TYPES = {
+    401: AuthenticationFailed,
+    403: PermissionDenied,
+    404: NotFound,
+    413: PayloadTooLarge,
+}
+
+
+def _validation_param(loc: tuple[Any, ...]) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header", "form")]
+    return ".".join(parts) or None
+
+
+async def _on_loraplex_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, LoraplexError)
+    return render(exc)
+
+
+async def _on_validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    if first.get("type") == "json_invalid":
+        return render(
+            InvalidRequest("We could not parse the JSON body of your request.", code="invalid_json")
+        )
+    param = _validation_param(tuple(first.get("loc", ())))
+    message = f"{param}: {first['msg']}" if param else str(first["msg"])
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem(s))"
+    return render(InvalidRequest(message, param=param, code="invalid_value"))
+
+
+async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 404:
+        message = f"Unknown request URL: {request.method} {request.url.path}."
+    else:
+        message = str(exc.detail)
+    cls = _HTTP_TYPES.get(exc.status_code)
+    if cls is not None:
+        return render(cls(message))
+    kind = "server_error" if exc.status_code >= 500 else "invalid_request_error"
+    code = "method_not_allowed" if exc.status_code == 405 else None
+    body = error_body(message, type=kind, code=code)
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return render(LoraplexError("The server had an error while processing your request."))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(LoraplexError, _on_loraplex_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(Exception, _on_unexpected)

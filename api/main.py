@@ -1,0 +1,35 @@
+"""The control plane's app factory: `create_app()`."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+from api.errors import install_error_handlers
+from api.middleware import BodyLimitMiddleware, MetricsMiddleware
+from api.routes import admin, health, models
+from api.settings import Settings, get_settings
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="Loraplex",
+        version="0.1.0",
+        summary="Self-hosted LoRA fine-tuning and multi-adapter serving, OpenAI-compatible.",
+    )
+    if settings is not get_settings():
+        app.dependency_overrides[get_settings] = lambda: settings
+    app.state.settings = settings
+    app.state.registry = CollectorRegistry()
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(models.router)
+    app.include_router(admin.router)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        limit=settings.max_json_body_bytes,
+        upload_limit=settings.max_upload_bytes,
+    )
+    app.add_middleware(MetricsMiddleware, registry=app.state.registry)
+    return app

@@ -1,0 +1,117 @@
+"""ASGI middleware: request body limits and Prometheus request metrics."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.errors import PayloadTooLarge, render
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over their limit: uploads get `upload_limit`, everything else `limit`.
+
+    Checks Content-Length up front and counts bytes as they stream in, so a chunked body
+    cannot slip past the header check.
+    """
+
+    def __init__(self, app: ASGIApp, *, limit: int, upload_limit: int) -> None:
+        self.app = app
+        self.limit = limit
+        self.upload_limit = upload_limit
+
+    def _limit_for(self, scope: Scope) -> int:
+        if scope["method"] == "POST" and scope["path"].rstrip("/") == "/v1/files":
+            return self.upload_limit + 64 * 1024  # room for the multipart envelope
+        return self.limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self._limit_for(scope)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await render(_too_large(limit))(scope, receive, send)
+            return
+        seen = 0
+        exceeded = False
+        replaced = False
+
+        async def counted() -> Message:
+            nonlocal seen, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    exceeded = True
+                    raise _too_large(limit)
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            # Whatever the app made of the aborted body (FastAPI turns it into a parse
+            # error), the client is told the truth: 413.
+            nonlocal replaced
+            if not exceeded:
+                await send(message)
+            elif not replaced:
+                replaced = True
+                await render(_too_large(limit))(scope, receive, send)
+
+        await self.app(scope, counted, guarded_send)
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
+
+
+class MetricsMiddleware:
+    """Request count and latency by route template, method and status."""
+
+    def __init__(self, app: ASGIApp, *, registry: CollectorRegistry) -> None:
+        self.app = app
+        self.requests = Counter(
+            "loraplex_http_requests_total",
+            "HTTP requests by route and status.",
+            ["method", "route", "status"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "loraplex_http_request_duration_seconds",
+            "HTTP request latency by route and status.",
+            ["method", "route", "status"],
+            registry=registry,
+        )
+
+    def _route(self, scope: Scope) -> str:
+        app: Any = scope.get("app")
+        for route in getattr(getattr(app, "router", None), "routes", []):
+            match, _ = route.matches(scope)
+            if match == Match.FULL:
+                return str(getattr(route, "path", scope["path"]))
+        return "<unmatched>"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def capture(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            labels = (scope["method"], self._route(scope), str(status))
+            self.requests.labels(*labels).inc()
+            self.latency.labels(*labels).observe(time.perf_counter() - start)

@@ -1,0 +1,5 @@
+"""SQLModel tables, one module per domain. No FastAPI here: workers reuse these."""
+
+from api.models.tenants import ApiKey, Tenant
+
+__all__ = ["ApiKey", "Tenant"]

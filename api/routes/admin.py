@@ -1,0 +1,84 @@
+"""Platform administration under /v1/admin: admin keys only (tenant keys get 404)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel, Field
+
+from api.db import unix
+from api.deps import AdminDep, SessionDep
+from api.models.tenants import ApiKey, Tenant
+from api.services import tenants
+
+router = APIRouter(prefix="/v1/admin", tags=["admin"])
+
+
+class TenantCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=128, description="Unique tenant name.")
+
+
+class KeyCreate(BaseModel):
+    name: str | None = Field(None, max_length=128, description="A label for the key.")
+
+
+def tenant_public(tenant: Tenant) -> dict[str, Any]:
+    return {
+        "id": tenant.id,
+        "object": "tenant",
+        "name": tenant.name,
+        "created_at": unix(tenant.created_at),
+    }
+
+
+def key_public(key: ApiKey) -> dict[str, Any]:
+    """Never the key itself: only the hash is stored, and only its prefix is shown."""
+    return {
+        "id": key.id,
+        "object": "api_key",
+        "tenant_id": key.tenant_id,
+        "is_admin": key.is_admin,
+        "name": key.name,
+        "prefix": key.prefix,
+        "created_at": unix(key.created_at),
+        "last_used_at": unix(key.last_used_at),
+        "revoked_at": unix(key.revoked_at),
+    }
+
+
+@router.get("/tenants")
+def list_tenants(_: AdminDep, session: SessionDep) -> dict[str, Any]:
+    rows = tenants.list_tenants(session)
+    return {"object": "list", "data": [tenant_public(t) for t in rows], "has_more": False}
+
+
+@router.post("/tenants")
+def create_tenant(body: TenantCreate, _: AdminDep, session: SessionDep) -> dict[str, Any]:
+    """Create a tenant and its first key; the key is returned once, here."""
+    tenant = tenants.create_tenant(session, name=body.name)
+    key, raw = tenants.create_key(session, tenant_id=tenant.id)
+    session.commit()
+    return {**tenant_public(tenant), "api_key": raw, "key": key_public(key)}
+
+
+@router.post("/tenants/{tenant_id}/keys")
+def create_tenant_key(
+    tenant_id: str, body: KeyCreate, _: AdminDep, session: SessionDep
+) -> dict[str, Any]:
+    key, raw = tenants.create_key(session, tenant_id=tenant_id, name=body.name)
+    session.commit()
+    return {**key_public(key), "api_key": raw}
+
+
+@router.get("/keys")
+def list_keys(_: AdminDep, session: SessionDep, tenant_id: str | None = None) -> dict[str, Any]:
+    rows = tenants.list_keys(session, tenant_id=tenant_id)
+    return {"object": "list", "data": [key_public(k) for k in rows], "has_more": False}
+
+
+@router.post("/keys/{key_id}/revoke")
+def revoke_key(key_id: str, _: AdminDep, session: SessionDep) -> dict[str, Any]:
+    key = tenants.revoke_key(session, key_id=key_id)
+    session.commit()
+    return key_public(key)

@@ -1,0 +1,174 @@
+"""Artifact store on fsspec: `file://` by default, `s3://bucket/prefix` by URL.
+
+Every write streams through a sha256 and lands atomically: bytes go to a temporary key
+next to the target and are renamed into place only once complete, so a reader never sees
+a half-written object and a failed write leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import fsspec
+
+CHUNK = 1 << 20
+
+
+class StorageError(Exception):
+    """The artifact store could not read or write an object."""
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str
+    sha256: str
+    size: int
+
+
+class ObjectWriter:
+    """A file-like sink that hashes and counts what it writes; see `ArtifactStore.writer`."""
+
+    def __init__(self, handle: IO[bytes]) -> None:
+        self._handle = handle
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self._handle.write(data)
+        self._hash.update(data)
+        self.size += len(data)
+        return len(data)
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+
+class ArtifactStore:
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        if self.fs.protocol in ("file", ("file", "local")) or "file" in self.fs.protocol:
+            Path(self.root).mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> str:
+        key = key.strip("/")
+        if not key or ".." in key.split("/"):
+            raise StorageError(f"invalid artifact key {key!r}")
+        return posixpath.join(self.root, key)
+
+    def uri(self, key: str) -> str:
+        return f"{self.url}/{key.strip('/')}"
+
+    def writer(self, key: str) -> _AtomicWrite:
+        """`with store.writer(key) as w: w.write(...)`; `w.result` after the block."""
+        return _AtomicWrite(self, key)
+
+    def put_stream(self, key: str, chunks: Iterator[bytes]) -> StoredObject:
+        atomic = self.writer(key)
+        with atomic as w:
+            for chunk in chunks:
+                w.write(chunk)
+        assert atomic.result is not None
+        return atomic.result
+
+    def put_file(self, key: str, local: str | Path) -> StoredObject:
+        with open(local, "rb") as f:
+            return self.put_stream(key, iter(lambda: f.read(CHUNK), b""))
+
+    def put_dir(self, prefix: str, local_dir: str | Path) -> dict[str, StoredObject]:
+        """Upload every file under `local_dir`; returns relative path -> stored object."""
+        local_dir = Path(local_dir)
+        stored = {}
+        for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+            rel = path.relative_to(local_dir).as_posix()
+            stored[rel] = self.put_file(f"{prefix.strip('/')}/{rel}", path)
+        return stored
+
+    def open(self, key: str) -> IO[bytes]:
+        try:
+            return self.fs.open(self._path(key), "rb")
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            raise StorageError(f"cannot read {key}: {e}") from e
+
+    def iter_bytes(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
+        with self.open(key) as f:
+            while chunk := f.read(chunk_size):
+                yield chunk
+
+    def get_file(self, key: str, local: str | Path) -> str:
+        """Download to `local`, returning the sha256 of what was written."""
+        digest = hashlib.sha256()
+        Path(local).parent.mkdir(parents=True, exist_ok=True)
+        with open(local, "wb") as out:
+            for chunk in self.iter_bytes(key):
+                out.write(chunk)
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    def exists(self, key: str) -> bool:
+        return bool(self.fs.exists(self._path(key)))
+
+    def size(self, key: str) -> int:
+        return int(self.fs.size(self._path(key)))
+
+    def delete(self, key: str) -> bool:
+        """Delete an object or a prefix; says whether anything was there."""
+        path = self._path(key)
+        if not self.fs.exists(path):
+            return False
+        self.fs.rm(path, recursive=True)
+        return True
+
+
+class _AtomicWrite:
+    def __init__(self, store: ArtifactStore, key: str) -> None:
+        self.store = store
+        self.key = key.strip("/")
+        self.final = store._path(key)
+        parent, name = posixpath.split(self.final)
+        self.temp = posixpath.join(parent, f".{name}.tmp-{uuid.uuid4().hex}")
+        self.result: StoredObject | None = None
+        self._writer: ObjectWriter | None = None
+        self._handle: Any = None
+
+    def __enter__(self) -> ObjectWriter:
+        try:
+            self.store.fs.makedirs(posixpath.dirname(self.final), exist_ok=True)
+            self._handle = self.store.fs.open(self.temp, "wb")
+        except OSError as e:
+            raise StorageError(f"cannot write {self.key}: {e}") from e
+        self._writer = ObjectWriter(self._handle)
+        return self._writer
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        assert self._writer is not None
+        try:
+            self._handle.close()
+            if exc_type is None:
+                self.store.fs.mv(self.temp, self.final)
+                self.result = StoredObject(self.key, self._writer.sha256, self._writer.size)
+        except OSError as e:
+            self._discard()
+            raise StorageError(f"cannot write {self.key}: {e}") from e
+        if exc_type is not None:
+            self._discard()
+
+    def _discard(self) -> None:
+        try:
+            if self.store.fs.exists(self.temp):
+                self.store.fs.rm(self.temp)
+        except OSError:
+            pass
+
+
+def get_store(url: str) -> ArtifactStore:
+    return ArtifactStore(url)

@@ -1,0 +1,1 @@
+"""Alembic environment and versions; `loraplex db upgrade` runs them."""

@@ -1,0 +1,104 @@
+"""Real-service fixtures: SQLite and the PostgreSQL on 127.0.0.1:5432 (database `test`).
+
+Each PostgreSQL test gets its own database, cloned from a migrated template made once per
+run, so runs and tests never collide.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+from sqlmodel import Session
+
+from api.db import get_engine, upgrade
+from api.main import create_app
+from api.services import tenants
+from api.settings import Settings
+
+PG_ADMIN_DSN = os.environ.get("LORAPLEX_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def _pg_url(dbname: str) -> str:
+    base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+    return f"{base}/{dbname}"
+
+
+def _pg_exec(sql: str) -> None:
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+        conn.execute(sql)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def pg_template() -> Iterator[str]:
+    name = f"lpx_tpl_{uuid.uuid4().hex[:10]}"
+    _pg_exec(f'CREATE DATABASE "{name}"')
+    url = _pg_url(name)
+    upgrade(url)
+    get_engine(url).dispose()
+    get_engine.cache_clear()
+    yield name
+    _pg_exec(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _fresh_pg(template: str) -> Iterator[str]:
+    name = f"lpx_{uuid.uuid4().hex[:12]}"
+    _pg_exec(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    url = _pg_url(name)
+    yield url
+    get_engine(url).dispose()
+    _pg_exec(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A migrated, empty database: once on SQLite, once on PostgreSQL."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'loraplex.db'}"
+        upgrade(url)
+        yield url
+        get_engine(url).dispose()
+    else:
+        yield from _fresh_pg(request.getfixturevalue("pg_template"))
+
+
+@pytest.fixture
+def settings(tmp_path: Path, db_url: str) -> Settings:
+    return Settings(home=tmp_path / "home", database_url=db_url)
+
+
+@pytest.fixture
+def session(settings: Settings) -> Iterator[Session]:
+    with Session(get_engine(settings.database_url), expire_on_commit=False) as s:
+        yield s
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+def new_tenant(settings: Settings, name: str | None = None) -> tuple[str, str]:
+    """Create a tenant; returns (tenant_id, raw api key)."""
+    with Session(get_engine(settings.database_url)) as s:
+        tenant = tenants.create_tenant(s, name=name or f"t-{uuid.uuid4().hex[:8]}")
+        _, raw = tenants.create_key(s, tenant_id=tenant.id)
+        s.commit()
+        return tenant.id, raw
+
+
+def new_admin_key(settings: Settings) -> str:
+    with Session(get_engine(settings.database_url)) as s:
+        _, raw = tenants.create_key(s, tenant_id=None, is_admin=True)
+        s.commit()
+        return raw
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}

@@ -1,0 +1,272 @@
+"""Instruction-dataset line formats, normalised to chat messages. Imports no torch.
+
+Accepted JSONL line formats (one JSON object per line):
+
+    {"messages": [{"role": ..., "content": ..., "weight"?: 0|1}, ...]}   -> "chat"
+    {"prompt": ..., "completion": ...}                                   -> "prompt_completion"
+    {"instruction": ..., "input"?: ..., "output": ...}                   -> "instruction"
+
+Every line becomes an `Example`: a list of messages whose assistant turns carry a weight
+(1 = trained on, 0 = context only). The files API validates uploads with `DatasetScanner`
+(streaming, chunk by chunk); the trainer reads a validated file with `read_examples`.
+
+Exceptions:
+
+    DatasetError               a whole file is unusable (carries up to 20 line problems)
+    InvalidExample             one line is unusable (message says what is wrong)
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROLES = ("system", "user", "assistant")
+MESSAGE_KEYS = frozenset({"role", "content", "name", "function_call", "weight"})
+MIN_EXAMPLES = 10  # OpenAI's rule for a fine-tune
+MAX_REPORTED_PROBLEMS = 20
+CHARS_PER_TOKEN = 4  # rough estimate, good enough for sizing; the trainer counts exactly
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+class InvalidExample(ValueError):
+    """One line of a dataset is not a usable training example."""
+
+
+class DatasetError(ValueError):
+    """A dataset file is unusable; `problems` lists `line N: what is wrong` entries."""
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or []
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+    weight: int = 1  # only meaningful on assistant messages
+
+    def as_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.role == "assistant":
+            data["weight"] = self.weight
+        return data
+
+
+@dataclass(frozen=True)
+class Example:
+    messages: tuple[Message, ...]
+    format: str
+
+    @property
+    def n_chars(self) -> int:
+        return sum(len(m.content) for m in self.messages)
+
+
+def _non_empty_string(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidExample(f"{what} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise InvalidExample(f"{what} must not be empty")
+    return value
+
+
+def _parse_message(raw: Any, index: int) -> Message:
+    where = f"messages[{index}]"
+    if not isinstance(raw, dict):
+        raise InvalidExample(f"{where} must be an object, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - MESSAGE_KEYS)
+    if unknown:
+        raise InvalidExample(f"{where} has unknown key(s): {', '.join(unknown)}")
+    role = raw.get("role")
+    if role not in ROLES:
+        raise InvalidExample(f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}")
+    content = _non_empty_string(raw.get("content"), f"{where}.content")
+    weight = raw.get("weight", 1)
+    if "weight" in raw and role != "assistant":
+        raise InvalidExample(f"{where}.weight is only allowed on assistant messages")
+    if isinstance(weight, bool) or weight not in (0, 1):
+        raise InvalidExample(f"{where}.weight must be 0 or 1, got {weight!r}")
+    return Message(role=role, content=content, weight=int(weight))
+
+
+def _chat(obj: dict[str, Any]) -> Example:
+    raw_messages = obj["messages"]
+    if not isinstance(raw_messages, list):
+        raise InvalidExample("messages must be a list")
+    if not raw_messages:
+        raise InvalidExample("messages must not be empty")
+    messages = tuple(_parse_message(m, i) for i, m in enumerate(raw_messages))
+    if not any(m.role == "assistant" and m.weight == 1 for m in messages):
+        raise InvalidExample("needs at least one assistant message with weight 1")
+    return Example(messages=messages, format="chat")
+
+
+def _prompt_completion(obj: dict[str, Any]) -> Example:
+    prompt = _non_empty_string(obj["prompt"], "prompt")
+    completion = _non_empty_string(obj["completion"], "completion")
+    return Example(
+        messages=(Message("user", prompt), Message("assistant", completion)),
+        format="prompt_completion",
+    )
+
+
+def _instruction(obj: dict[str, Any]) -> Example:
+    instruction = _non_empty_string(obj["instruction"], "instruction")
+    extra = obj.get("input")
+    if extra is not None and not isinstance(extra, str):
+        raise InvalidExample(f"input must be a string, got {type(extra).__name__}")
+    prompt = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
+    output = _non_empty_string(obj["output"], "output")
+    return Example(
+        messages=(Message("user", prompt), Message("assistant", output)), format="instruction"
+    )
+
+
+def normalize_record(obj: Any) -> Example:
+    """Turn one decoded JSON line into an `Example`, or raise `InvalidExample`."""
+    if not isinstance(obj, dict):
+        kind = "an array" if isinstance(obj, list) else type(obj).__name__
+        raise InvalidExample(f"expected a JSON object, got {kind}")
+    if "messages" in obj:
+        return _chat(obj)
+    if "prompt" in obj and "completion" in obj:
+        return _prompt_completion(obj)
+    if "instruction" in obj and "output" in obj:
+        return _instruction(obj)
+    raise InvalidExample(
+        "unknown format: expected keys messages, prompt+completion, or instruction+output"
+    )
+
+
+def parse_line(raw: bytes) -> Example | None:
+    """Decode one JSONL line (without its newline); None for a blank line."""
+    raw = raw.rstrip(b"\r")
+    if not raw.strip():
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidExample(f"invalid UTF-8 at byte {e.start}") from e
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InvalidExample(f"invalid JSON: {e.msg} at column {e.colno}") from e
+    return normalize_record(obj)
+
+
+@dataclass
+class DatasetStats:
+    examples: int = 0
+    messages: int = 0
+    estimated_tokens: int = 0
+    longest_example_tokens: int = 0
+    longest_example_line: int | None = None
+    formats: Counter[str] = field(default_factory=Counter)
+
+    def add(self, example: Example, line_no: int) -> None:
+        tokens = max(1, example.n_chars // CHARS_PER_TOKEN)
+        self.examples += 1
+        self.messages += len(example.messages)
+        self.estimated_tokens += tokens
+        self.formats[example.format] += 1
+        if tokens > self.longest_example_tokens:
+            self.longest_example_tokens = tokens
+            self.longest_example_line = line_no
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "examples": self.examples,
+            "messages": self.messages,
+            "estimated_tokens": self.estimated_tokens,
+            "longest_example_tokens": self.longest_example_tokens,
+            "longest_example_line": self.longest_example_line,
+            "formats": dict(self.formats),
+            "min_examples_for_fine_tune": MIN_EXAMPLES,
+            "enough_for_fine_tune": self.examples >= MIN_EXAMPLES,
+        }
+
+
+class DatasetScanner:
+    """Validates a JSONL byte stream chunk by chunk; memory bounded by the longest line."""
+
+    def __init__(self) -> None:
+        self.stats = DatasetStats()
+        self.problems: list[str] = []
+        self.n_problems = 0
+        self._pending = b""
+        self._line_no = 0
+        self._first = True
+
+    def feed(self, chunk: bytes) -> None:
+        if self._first and chunk:
+            self._first = False
+            if chunk.startswith(UTF8_BOM):
+                chunk = chunk[len(UTF8_BOM) :]
+        data = self._pending + chunk if self._pending else chunk
+        start = 0
+        while True:
+            end = data.find(b"\n", start)
+            if end < 0:
+                break
+            self._line(data[start:end])
+            start = end + 1
+        self._pending = data[start:]
+
+    def finish(self) -> None:
+        if self._pending:
+            self._line(self._pending)
+            self._pending = b""
+        if self.stats.examples == 0 and not self.n_problems:
+            self.problems.append("file contains no examples")
+            self.n_problems += 1
+
+    @property
+    def ok(self) -> bool:
+        return self.n_problems == 0
+
+    def _line(self, raw: bytes) -> None:
+        self._line_no += 1
+        try:
+            example = parse_line(raw)
+        except InvalidExample as e:
+            self.n_problems += 1
+            if len(self.problems) < MAX_REPORTED_PROBLEMS:
+                self.problems.append(f"line {self._line_no}: {e}")
+            return
+        if example is not None:
+            self.stats.add(example, self._line_no)
+
+
+def iter_examples(lines: Iterable[bytes]) -> Iterator[tuple[int, Example]]:
+    """Yield (line number, example) for each non-blank line; raise on the first bad one."""
+    for line_no, raw in enumerate(lines, start=1):
+        if line_no == 1 and raw.startswith(UTF8_BOM):
+            raw = raw[len(UTF8_BOM) :]
+        try:
+            example = parse_line(raw.rstrip(b"\n"))
+        except InvalidExample as e:
+            raise DatasetError(f"line {line_no}: {e}", [f"line {line_no}: {e}"]) from e
+        if example is not None:
+            yield line_no, example
+
+
+def read_examples(path: str | Path) -> list[Example]:
+    """Read and validate a whole JSONL dataset; raise `DatasetError` listing every problem."""
+    scanner = DatasetScanner()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            scanner.feed(chunk)
+    scanner.finish()
+    if not scanner.ok:
+        raise DatasetError(
+            f"{path}: {scanner.n_problems} problem(s): " + "; ".join(scanner.problems[:3]),
+            scanner.problems,
+        )
+    with open(path, "rb") as f:
+        return [example for _, example in iter_examples(f)]
