@@ -66,9 +66,9 @@ class ArtifactStore:
     def uri(self, key: str) -> str:
         return f"{self.url}/{key.strip('/')}"
 
-    def writer(self, key: str) -> _AtomicWrite:
-        """`with store.writer(key) as w: w.write(...)`; `w.result` after the block."""
-        return _AtomicWrite(self, key)
+    def writer(self, key: str) -> AtomicWrite:
+        """`with store.writer(key) as w: w.write(...)`, or drive `AtomicWrite` by hand."""
+        return AtomicWrite(self, key)
 
     def put_stream(self, key: str, chunks: Iterator[bytes]) -> StoredObject:
         atomic = self.writer(key)
@@ -129,7 +129,12 @@ class ArtifactStore:
         return True
 
 
-class _AtomicWrite:
+class AtomicWrite:
+    """One object being written: `open()`, `write()`..., then `commit()` or `abort()`.
+
+    Also a context manager that commits on success and aborts on any exception.
+    """
+
     def __init__(self, store: ArtifactStore, key: str) -> None:
         self.store = store
         self.key = key.strip("/")
@@ -140,7 +145,7 @@ class _AtomicWrite:
         self._writer: ObjectWriter | None = None
         self._handle: Any = None
 
-    def __enter__(self) -> ObjectWriter:
+    def open(self) -> ObjectWriter:
         try:
             self.store.fs.makedirs(posixpath.dirname(self.final), exist_ok=True)
             self._handle = self.store.fs.open(self.temp, "wb")
@@ -149,25 +154,43 @@ class _AtomicWrite:
         self._writer = ObjectWriter(self._handle)
         return self._writer
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        assert self._writer is not None
+    def write(self, data: bytes) -> None:
+        assert self._writer is not None, "open() first"
+        try:
+            self._writer.write(data)
+        except OSError as e:
+            self.abort()
+            raise StorageError(f"cannot write {self.key}: {e}") from e
+
+    def commit(self) -> StoredObject:
+        assert self._writer is not None, "open() first"
         try:
             self._handle.close()
-            if exc_type is None:
-                self.store.fs.mv(self.temp, self.final)
-                self.result = StoredObject(self.key, self._writer.sha256, self._writer.size)
+            self.store.fs.mv(self.temp, self.final)
         except OSError as e:
-            self._discard()
+            self.abort()
             raise StorageError(f"cannot write {self.key}: {e}") from e
-        if exc_type is not None:
-            self._discard()
+        self.result = StoredObject(self.key, self._writer.sha256, self._writer.size)
+        return self.result
 
-    def _discard(self) -> None:
+    def abort(self) -> None:
+        """Drop the partial object; safe to call more than once."""
         try:
+            if self._handle is not None:
+                self._handle.close()
             if self.store.fs.exists(self.temp):
                 self.store.fs.rm(self.temp)
         except OSError:
             pass
+
+    def __enter__(self) -> ObjectWriter:
+        return self.open()
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
 
 
 def get_store(url: str) -> ArtifactStore:

@@ -102,3 +102,36 @@ def new_admin_key(settings: Settings) -> str:
 
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+def live_url(settings: Settings) -> Iterator[str]:
+    """The app on a real uvicorn server on a free loopback port, in a thread."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+def stored_files(settings: Settings) -> list[Path]:
+    """Every object in the local artifact store (temporary ones included)."""
+    root = Path(settings.storage_url.removeprefix("file://"))
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []

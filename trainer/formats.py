@@ -31,6 +31,9 @@ MIN_EXAMPLES = 10  # OpenAI's rule for a fine-tune
 MAX_REPORTED_PROBLEMS = 20
 CHARS_PER_TOKEN = 4  # rough estimate, good enough for sizing; the trainer counts exactly
 UTF8_BOM = b"\xef\xbb\xbf"
+# An example this long is a mistake (training truncates at a few thousand tokens), and the
+# cap bounds what validation holds in memory.
+MAX_LINE_BYTES = 8 * 1024 * 1024
 
 
 class InvalidExample(ValueError):
@@ -156,7 +159,7 @@ def parse_line(raw: bytes) -> Example | None:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise InvalidExample(f"invalid JSON: {e.msg} at column {e.colno}") from e
+        raise InvalidExample(f"invalid JSON: {e.msg} (column {e.colno})") from e
     return normalize_record(obj)
 
 
@@ -193,54 +196,78 @@ class DatasetStats:
 
 
 class DatasetScanner:
-    """Validates a JSONL byte stream chunk by chunk; memory bounded by the longest line."""
+    """Validates a JSONL byte stream chunk by chunk; memory bounded by `max_line_bytes`."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_line_bytes: int = MAX_LINE_BYTES) -> None:
         self.stats = DatasetStats()
         self.problems: list[str] = []
         self.n_problems = 0
-        self._pending = b""
+        self.max_line_bytes = max_line_bytes
+        self._pending: list[bytes] = []
+        self._pending_len = 0
+        self._overlong = False
         self._line_no = 0
-        self._first = True
+        self._head = b""  # the first bytes, held until a BOM can be ruled out
 
     def feed(self, chunk: bytes) -> None:
-        if self._first and chunk:
-            self._first = False
-            if chunk.startswith(UTF8_BOM):
-                chunk = chunk[len(UTF8_BOM) :]
-        data = self._pending + chunk if self._pending else chunk
+        if self._line_no == 0 and len(self._head) < len(UTF8_BOM):
+            self._head += chunk
+            if len(self._head) < len(UTF8_BOM):
+                return
+            chunk = self._head.removeprefix(UTF8_BOM)
+            self._line_no = 1
         start = 0
-        while True:
-            end = data.find(b"\n", start)
-            if end < 0:
-                break
-            self._line(data[start:end])
+        while (end := chunk.find(b"\n", start)) >= 0:
+            self._append(chunk[start:end])
+            self._end_line()
             start = end + 1
-        self._pending = data[start:]
+        self._append(chunk[start:])
 
     def finish(self) -> None:
-        if self._pending:
-            self._line(self._pending)
-            self._pending = b""
+        if self._line_no == 0:  # fewer bytes than a BOM
+            self._line_no = 1
+            self._append(self._head.removeprefix(UTF8_BOM))
+        if self._pending_len or self._overlong:
+            self._end_line()
         if self.stats.examples == 0 and not self.n_problems:
-            self.problems.append("file contains no examples")
-            self.n_problems += 1
+            self._problem("file contains no examples", line_no=None)
 
     @property
     def ok(self) -> bool:
         return self.n_problems == 0
 
-    def _line(self, raw: bytes) -> None:
+    def _append(self, piece: bytes) -> None:
+        if not piece or self._overlong:
+            return
+        if self._pending_len + len(piece) > self.max_line_bytes:
+            # Stop buffering: the line is refused whatever follows, until its newline.
+            self._overlong = True
+            self._pending, self._pending_len = [], 0
+            return
+        self._pending.append(piece)
+        self._pending_len += len(piece)
+
+    def _end_line(self) -> None:
+        raw = b"".join(self._pending)
+        self._pending, self._pending_len = [], 0
+        line_no = self._line_no
         self._line_no += 1
+        if self._overlong:
+            self._overlong = False
+            self._problem(f"line is longer than {self.max_line_bytes} bytes", line_no=line_no)
+            return
         try:
             example = parse_line(raw)
         except InvalidExample as e:
-            self.n_problems += 1
-            if len(self.problems) < MAX_REPORTED_PROBLEMS:
-                self.problems.append(f"line {self._line_no}: {e}")
+            self._problem(str(e), line_no=line_no)
             return
         if example is not None:
-            self.stats.add(example, self._line_no)
+            self.stats.add(example, line_no)
+
+    def _problem(self, what: str, *, line_no: int | None) -> None:
+        self.n_problems += 1
+        if len(self.problems) < MAX_REPORTED_PROBLEMS:
+            self.problems.append(f"line {line_no}: {what}" if line_no else what)
 
 
 def iter_examples(lines: Iterable[bytes]) -> Iterator[tuple[int, Example]]:

@@ -1,0 +1,106 @@
+"""OpenAI Files API: /v1/files."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+from urllib.parse import quote
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
+from api.errors import InvalidRequest
+from api.multipart import read_upload_form
+from api.services import files
+from api.services.files import Upload
+from api.services.pagination import Order, list_body
+
+router = APIRouter(prefix="/v1", tags=["files"])
+
+_UPLOAD_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file", "purpose"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "purpose": {"type": "string", "enum": list(files.UPLOAD_PURPOSES)},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+@router.post("/files", openapi_extra=_UPLOAD_SCHEMA)
+async def create_file(
+    request: Request,
+    tenant_id: TenantDep,
+    session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
+) -> dict[str, Any]:
+    """Upload a file; a fine-tune JSONL is validated while it streams in."""
+
+    def new_upload(filename: str) -> Upload:
+        return Upload(
+            store, tenant_id=tenant_id, filename=filename, max_bytes=settings.max_upload_bytes
+        )
+
+    form = await read_upload_form(request, new_upload=new_upload)
+    assert form.upload is not None
+    purpose = form.fields.get("purpose")
+    if not purpose:
+        form.abort()
+        raise InvalidRequest("Missing the 'purpose' field.", param="purpose")
+    row = await run_in_threadpool(form.upload.finish, session, purpose=purpose)
+    return files.file_public(row)
+
+
+@router.get("/files")
+def list_files(
+    tenant_id: TenantDep,
+    session: SessionDep,
+    purpose: str | None = None,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=10000)] = 10000,
+    order: Order = "desc",
+) -> dict[str, Any]:
+    rows, has_more = files.list_files(
+        session, tenant_id=tenant_id, purpose=purpose, after=after, limit=limit, order=order
+    )
+    return list_body([files.file_public(r) for r in rows], has_more)
+
+
+@router.get("/files/{file_id}")
+def retrieve_file(file_id: str, tenant_id: TenantDep, session: SessionDep) -> dict[str, Any]:
+    return files.file_public(files.get_file(session, tenant_id=tenant_id, file_id=file_id))
+
+
+@router.get("/files/{file_id}/content")
+def file_content(
+    file_id: str, tenant_id: TenantDep, session: SessionDep, store: StoreDep
+) -> StreamingResponse:
+    row = files.get_file(session, tenant_id=tenant_id, file_id=file_id)
+    return StreamingResponse(
+        store.iter_bytes(row.storage_key),
+        media_type="application/octet-stream",
+        headers={
+            "Content-Length": str(row.bytes),
+            "Content-Disposition": f"attachment; filename*=UTF-8''{quote(row.filename)}",
+            "X-Loraplex-Sha256": row.sha256,
+        },
+    )
+
+
+@router.delete("/files/{file_id}")
+def delete_file(
+    file_id: str, tenant_id: TenantDep, session: SessionDep, store: StoreDep
+) -> dict[str, Any]:
+    files.delete_file(session, store, tenant_id=tenant_id, file_id=file_id)
+    return {"id": file_id, "object": "file", "deleted": True}

@@ -1,0 +1,181 @@
+"""Files: streaming upload with validation, listing, content, deletion.
+
+An upload is written to the artifact store while it is scanned, chunk by chunk, so memory
+stays bounded whatever the file size. A rejected upload (wrong purpose or extension, over
+the limit, cut off) leaves neither a row nor bytes; an accepted one is `processed` or, with
+line-by-line reasons in `status_details`, `error`.
+"""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+from typing import Any
+
+from sqlmodel import Session, select
+
+from api.db import unix
+from api.errors import InvalidRequest, NotFound, PayloadTooLarge
+from api.models.files import File
+from api.models.tenants import new_id
+from api.services.pagination import Order, page
+from api.storage import ArtifactStore, AtomicWrite
+from trainer.formats import DatasetScanner
+
+FINE_TUNE = "fine-tune"
+RESULTS = "fine-tune-results"
+UPLOAD_PURPOSES = (FINE_TUNE,)
+OPENAI_ONLY_PURPOSES = ("assistants", "batch", "vision", "user_data", "evals")
+
+
+def check_purpose(purpose: str) -> None:
+    if purpose in UPLOAD_PURPOSES:
+        return
+    if purpose in OPENAI_ONLY_PURPOSES or purpose == RESULTS:
+        why = f"Loraplex does not accept uploads with purpose {purpose!r}"
+    else:
+        why = f"{purpose!r} is not a valid purpose"
+    raise InvalidRequest(f"{why}; use 'fine-tune'.", param="purpose", code="invalid_purpose")
+
+
+def check_filename(filename: str, *, purpose: str) -> None:
+    if not filename or len(filename) > 256:
+        raise InvalidRequest("The file needs a name of 1-256 characters.", param="file")
+    if purpose == FINE_TUNE and PurePosixPath(filename).suffix.lower() != ".jsonl":
+        raise InvalidRequest(
+            f"Fine-tuning files must be JSONL ('.jsonl'); got {filename!r}.",
+            param="file",
+            code="invalid_file_format",
+        )
+
+
+class Upload:
+    """A file arriving chunk by chunk: stored, hashed, counted and (for datasets) scanned."""
+
+    def __init__(self, store: ArtifactStore, *, tenant_id: str, filename: str, max_bytes: int):
+        self.file_id = new_id("file-")
+        self.tenant_id = tenant_id
+        self.filename = PurePosixPath(filename.replace("\\", "/")).name
+        self.max_bytes = max_bytes
+        self.scanner = DatasetScanner()
+        self._write = AtomicWrite(store, f"files/{tenant_id}/{self.file_id}")
+        self._write.open()
+        self.size = 0
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.max_bytes:
+            self.abort()
+            raise PayloadTooLarge(
+                f"File exceeds the upload limit of {self.max_bytes} bytes.", param="file"
+            )
+        self._write.write(chunk)
+        self.scanner.feed(chunk)
+
+    def abort(self) -> None:
+        self._write.abort()
+
+    def finish(self, session: Session, *, purpose: str) -> File:
+        """Check what could not be checked before the end, store the row, commit."""
+        try:
+            check_purpose(purpose)
+            check_filename(self.filename, purpose=purpose)
+            stored = self._write.commit()
+        except BaseException:
+            self.abort()
+            raise
+        row = File(
+            id=self.file_id,
+            tenant_id=self.tenant_id,
+            filename=self.filename,
+            purpose=purpose,
+            bytes=stored.size,
+            sha256=stored.sha256,
+            storage_key=stored.key,
+        )
+        self._apply_validation(row)
+        session.add(row)
+        try:
+            session.commit()
+        except BaseException:
+            self._write.store.delete(stored.key)
+            raise
+        return row
+
+    def _apply_validation(self, row: File) -> None:
+        scanner = self.scanner
+        scanner.finish()
+        row.stats = scanner.stats.as_dict()
+        if scanner.ok:
+            row.status, row.status_details = "processed", None
+            return
+        more = scanner.n_problems - len(scanner.problems)
+        details = [f"{scanner.n_problems} problem(s) found:", *scanner.problems]
+        if more:
+            details.append(f"... and {more} more")
+        row.status, row.status_details = "error", "\n".join(details)
+
+
+def get_file(session: Session, *, tenant_id: str, file_id: str) -> File:
+    row = session.get(File, file_id)
+    if row is None or row.tenant_id != tenant_id:
+        raise NotFound(f"No such File object: {file_id}", param="id", code="file_not_found")
+    return row
+
+
+def list_files(
+    session: Session,
+    *,
+    tenant_id: str,
+    purpose: str | None = None,
+    after: str | None = None,
+    limit: int = 10000,
+    order: Order = "desc",
+) -> tuple[list[File], bool]:
+    query = select(File).where(File.tenant_id == tenant_id)
+    if purpose is not None:
+        query = query.where(File.purpose == purpose)
+    return page(session, query, model=File, after=after, limit=limit, order=order)
+
+
+def delete_file(session: Session, store: ArtifactStore, *, tenant_id: str, file_id: str) -> None:
+    row = get_file(session, tenant_id=tenant_id, file_id=file_id)
+    session.delete(row)
+    session.commit()
+    # Row first: a crash between the two leaves unreachable bytes, never a row without bytes.
+    store.delete(row.storage_key)
+
+
+def store_result_file(
+    session: Session, store: ArtifactStore, *, tenant_id: str, filename: str, data: bytes
+) -> File:
+    """A platform-written file (e.g. a job's metrics CSV), purpose `fine-tune-results`."""
+    file_id = new_id("file-")
+    stored = store.put_stream(f"files/{tenant_id}/{file_id}", iter([data]))
+    row = File(
+        id=file_id,
+        tenant_id=tenant_id,
+        filename=filename,
+        purpose=RESULTS,
+        bytes=stored.size,
+        sha256=stored.sha256,
+        storage_key=stored.key,
+        status="processed",
+    )
+    session.add(row)
+    return row
+
+
+def file_public(row: File) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "object": "file",
+        "bytes": row.bytes,
+        "created_at": unix(row.created_at),
+        "expires_at": None,
+        "filename": row.filename,
+        "purpose": row.purpose,
+        "status": row.status,
+        "status_details": row.status_details,
+        "sha256": row.sha256,
+        "stats": row.stats,
+    }
