@@ -1,0 +1,239 @@
+"""The typed training config and its "auto" hyperparameter rule. Imports no torch.
+
+The control plane imports this module to validate a job's hyperparameters and to report the
+values "auto" resolved to; workers pass the same object to `trainer.recipe.train`.
+
+`TrainConfig` rejects unknown keys and reports every problem at once: field errors from
+pydantic, then cross-field problems (one `PydanticCustomError` whose context lists each).
+`parse_config` / `load_config` turn both into one `ConfigError` with a `problems` list.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
+
+from trainer.errors import ConfigError
+
+# Names `resolve_base_model` converts on first use; anything else is an HF id or a local path.
+BUILTIN_BASE_MODELS: tuple[str, ...] = ("smollm2-135m-instruct",)
+DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
+
+# learning_rate = BASE_LEARNING_RATE * learning_rate_multiplier. 2e-4 is the QLoRA paper's
+# rate for 7B-65B bases; small datasets need more (see resolve_hyperparameters).
+BASE_LEARNING_RATE = 2e-4
+# "auto" rule constants, chosen from runs on SmolLM2-135M (docs/trainer.md, "auto").
+AUTO_EXAMPLE_PASSES = 500  # examples x epochs that got 20-50 examples memorised
+AUTO_MIN_EPOCHS, AUTO_MAX_EPOCHS = 3, 25  # 3 = OpenAI's default for large datasets
+AUTO_MAX_BATCH_SIZE = 8
+AUTO_SMALL_DATASET = 2000  # up to here lr 1e-3 (multiplier 5); above it, the paper's 2e-4
+
+Auto = Literal["auto"]
+Method = Literal["qlora", "lora"]
+Quantization = Literal["nf4", "fp4", "int8", "none"]
+
+
+class TrainConfig(BaseModel):
+    """Everything that decides what a fine-tune produces (data and paths are separate)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_model: str = Field(
+        DEFAULT_BASE_MODEL,
+        min_length=1,
+        description="Registered base model name, Hugging Face id, or local HF directory.",
+    )
+    method: Method = Field(
+        "qlora", description="qlora: LoRA on a quantized base; lora: LoRA on a full-precision base."
+    )
+    quantization: Quantization | None = Field(
+        None,
+        description="Base weight format: nf4/fp4/int8 (qlora) or none (lora). "
+        "Unset: nf4 for qlora, none for lora.",
+    )
+    lora_r: int = Field(16, ge=1, le=256, description="LoRA rank (adapter size).")
+    lora_alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha/r).")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: str | list[str] = Field(
+        "all-linear",
+        description="Modules that get adapters: 'all-linear' or a list of module names.",
+    )
+    n_epochs: int | Auto = Field(
+        "auto", description="Passes over the training set, or 'auto' (by dataset size)."
+    )
+    batch_size: int | Auto = Field("auto", description="Examples per optimizer step, or 'auto'.")
+    learning_rate_multiplier: float | Auto = Field(
+        "auto", description=f"Learning rate = {BASE_LEARNING_RATE} x this, or 'auto'."
+    )
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "linear", description="Learning-rate schedule after warmup."
+    )
+    warmup_ratio: float = Field(
+        0.03, ge=0, lt=1, description="Fraction of steps spent warming the rate up."
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on LoRA weights.")
+    max_seq_length: int = Field(
+        1024, ge=16, description="Longer examples are truncated (and counted in metrics)."
+    )
+    packing: bool = Field(
+        False, description="Pack several examples per row (no padding; attention kept apart)."
+    )
+    seed: int = Field(42, ge=0, description="Seed for data order, LoRA init and dropout.")
+    validation_split: float = Field(
+        0.0,
+        ge=0,
+        le=0.5,
+        description="Fraction of training examples held out for eval when no validation file.",
+    )
+    eval_interval: int | None = Field(
+        None, ge=1, description="Steps between eval-loss runs during training; unset: per epoch."
+    )
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many evals without a lower eval loss."
+    )
+    checkpoint_interval: int | None = Field(
+        None, ge=1, description="Steps between checkpoints handed to on_checkpoint; unset: none."
+    )
+    probe_size: int = Field(
+        20, ge=0, description="Prompts per side (train, held-out) in the exact-match probe."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where to train: auto picks CUDA when present, else CPU."
+    )
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="Compute precision; auto: bf16 where the device supports it."
+    )
+    gradient_checkpointing: bool | Auto = Field(
+        "auto", description="Trade compute for memory; auto: on for CUDA, off on CPU."
+    )
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> TrainConfig:
+        problems = cross_field_problems(self)
+        if problems:
+            raise PydanticCustomError(
+                "cross_field", "{summary}", {"summary": "; ".join(problems), "problems": problems}
+            )
+        return self
+
+    @property
+    def resolved_quantization(self) -> Quantization:
+        if self.quantization is not None:
+            return self.quantization
+        return "nf4" if self.method == "qlora" else "none"
+
+
+def cross_field_problems(config: TrainConfig) -> list[str]:
+    """Every problem that involves more than one field, as `field: message` strings."""
+    problems: list[str] = []
+    quant = config.quantization
+    if config.method == "lora" and quant not in (None, "none"):
+        problems.append(f"quantization: method 'lora' trains an unquantized base, not {quant}")
+    if config.method == "qlora" and quant == "none":
+        problems.append("quantization: method 'qlora' needs nf4, fp4 or int8")
+    if isinstance(config.n_epochs, int) and not 1 <= config.n_epochs <= 100:
+        problems.append("n_epochs: must be 1-100 or 'auto'")
+    if isinstance(config.batch_size, int) and not 1 <= config.batch_size <= 256:
+        problems.append("batch_size: must be 1-256 or 'auto'")
+    lrm = config.learning_rate_multiplier
+    if isinstance(lrm, float) and not 0 < lrm <= 100:
+        problems.append("learning_rate_multiplier: must be in (0, 100] or 'auto'")
+    if config.lr_scheduler == "constant" and config.warmup_ratio > 0:
+        problems.append("warmup_ratio: scheduler 'constant' has no warmup; use 0")
+    if isinstance(config.target_modules, list) and not config.target_modules:
+        problems.append("target_modules: must name at least one module")
+    if config.early_stopping_patience is not None and config.eval_interval is None:
+        problems.append("eval_interval: early_stopping_patience needs an eval interval in steps")
+    return problems
+
+
+class Hyperparameters(BaseModel):
+    """The values "auto" resolved to for one dataset; what the jobs API reports."""
+
+    model_config = ConfigDict(frozen=True)
+
+    n_epochs: int = Field(description="Passes over the training set.")
+    batch_size: int = Field(description="Examples per optimizer step.")
+    learning_rate_multiplier: float = Field(description="Multiplier of BASE_LEARNING_RATE.")
+    learning_rate: float = Field(description="Peak learning rate used.")
+
+
+def resolve_hyperparameters(config: TrainConfig, *, n_examples: int) -> Hyperparameters:
+    """Resolve "auto" epochs, batch size and lr multiplier for `n_examples` training examples.
+
+    Rule (measurements in docs/trainer.md): aim for ~500 example passes, i.e. epochs =
+    ceil(500 / n) clamped to 3-25 (20 examples -> 25 epochs, 50 -> 10, >=167 -> 3); batch =
+    min(8, n // 2); lr multiplier 5 (lr 1e-3) up to 2000 examples, 1 (2e-4) beyond.
+    """
+    n = max(1, n_examples)
+    epochs = config.n_epochs
+    if epochs == "auto":
+        epochs = min(AUTO_MAX_EPOCHS, max(AUTO_MIN_EPOCHS, math.ceil(AUTO_EXAMPLE_PASSES / n)))
+    batch = config.batch_size
+    if batch == "auto":
+        batch = min(AUTO_MAX_BATCH_SIZE, max(1, n // 2))
+    lrm = config.learning_rate_multiplier
+    if lrm == "auto":
+        lrm = 5.0 if n <= AUTO_SMALL_DATASET else 1.0
+    return Hyperparameters(
+        n_epochs=epochs,
+        batch_size=batch,
+        learning_rate_multiplier=lrm,
+        learning_rate=BASE_LEARNING_RATE * lrm,
+    )
+
+
+def _problems_of(error: ValidationError) -> list[str]:
+    problems: list[str] = []
+    for item in error.errors():
+        ctx = item.get("ctx") or {}
+        if item["type"] == "cross_field":
+            problems.extend(ctx["problems"])
+            continue
+        # Union members add their own loc parts (e.g. "int", "literal['auto']"): keep the field.
+        field = str(item["loc"][0]) if item["loc"] else "config"
+        problems.append(f"{field}: {item['msg']}")
+    return list(dict.fromkeys(problems))
+
+
+def parse_config(data: Mapping[str, Any]) -> TrainConfig:
+    """Build a `TrainConfig` from plain data; raise `ConfigError` listing every problem."""
+    try:
+        return TrainConfig.model_validate(dict(data))
+    except ValidationError as e:
+        problems = _problems_of(e)
+        raise ConfigError("invalid training config: " + "; ".join(problems), problems) from e
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """`["key=value", ...]` -> dict; values are YAML scalars/lists (3, 1e-3, auto, [q,v])."""
+    result: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(
+                f"--set {pair!r}: expected key=value", [f"{pair}: expected key=value"]
+            )
+        result[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return result
+
+
+def load_config(path: Path | None = None, *, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read a YAML config file (optional), apply `key=value` overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{path}: cannot read config: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of field: value")
+        data.update(loaded or {})
+    data.update(parse_overrides(overrides))
+    return parse_config(data)

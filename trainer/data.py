@@ -1,0 +1,148 @@
+"""Chat examples -> token ids + labels, with loss only on trained assistant turns.
+
+Each example is rendered once with the base tokenizer's chat template. The character span of
+every assistant message with weight 1 (its content and end-of-turn token) is found by
+rendering the conversation up to that message with and without it; tokens starting inside a
+span keep their id as label, all others get -100. Over-long examples keep their start and are
+counted; an example left with no trained token is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from trainer.errors import DataError
+from trainer.formats import DatasetError, Example, Message, read_examples
+
+IGNORE_INDEX = -100  # label value the loss skips (torch/transformers convention)
+
+
+class ChatTokenizer(Protocol):
+    """The slice of a Hugging Face tokenizer this module uses."""
+
+    def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
+
+    def __call__(self, text: str, **kwargs: Any) -> Any: ...
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+
+    @property
+    def n_trained(self) -> int:
+        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+
+
+@dataclass
+class TokenizedData:
+    rows: list[TokenizedExample] = field(default_factory=list)
+    n_truncated: int = 0
+    n_dropped: int = 0
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(row.input_ids) for row in self.rows)
+
+    @property
+    def n_trained_tokens(self) -> int:
+        return sum(row.n_trained for row in self.rows)
+
+    def as_columns(self) -> dict[str, list[list[int]]]:
+        return {
+            "input_ids": [row.input_ids for row in self.rows],
+            "labels": [row.labels for row in self.rows],
+        }
+
+
+def load_examples(path: str | Path) -> list[Example]:
+    """Read a JSONL dataset; raise `DataError` naming each bad line (no model needed)."""
+    try:
+        return read_examples(path)
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: no such file") from e
+    except DatasetError as e:
+        raise DataError(str(e), e.problems) from e
+
+
+def split_validation(
+    examples: Sequence[Example], *, fraction: float, seed: int
+) -> tuple[list[Example], list[Example]]:
+    """Hold out `fraction` of the examples (at least one when fraction > 0), seeded."""
+    if fraction <= 0:
+        return list(examples), []
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_valid = max(1, round(len(examples) * fraction))
+    held = set(order[:n_valid])
+    train = [ex for i, ex in enumerate(examples) if i not in held]
+    valid = [ex for i, ex in enumerate(examples) if i in held]
+    return train, valid
+
+
+def as_chat(messages: Sequence[Message]) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
+def _render(tokenizer: ChatTokenizer, messages: Sequence[Message], *, prompt: bool) -> str:
+    text = tokenizer.apply_chat_template(
+        as_chat(messages), tokenize=False, add_generation_prompt=prompt
+    )
+    return str(text)
+
+
+def trained_spans(tokenizer: ChatTokenizer, example: Example) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the (start, end) character spans that carry loss."""
+    messages = example.messages
+    full = _render(tokenizer, messages, prompt=False)
+    spans: list[tuple[int, int]] = []
+    for i, message in enumerate(messages):
+        if message.role != "assistant" or message.weight != 1:
+            continue
+        before = _render(tokenizer, messages[:i], prompt=True)
+        upto = _render(tokenizer, messages[: i + 1], prompt=False)
+        if not (full.startswith(upto) and upto.startswith(before)):
+            raise DataError("the base model's chat template does not render turns incrementally")
+        # The turn's trailing newline is template glue, not something the model should emit.
+        spans.append((len(before), len(upto.rstrip())))
+    return full, spans
+
+
+def tokenize_example(
+    tokenizer: ChatTokenizer, example: Example, *, max_length: int
+) -> TokenizedExample:
+    """Token ids of the whole conversation; labels only inside trained assistant spans."""
+    text, spans = trained_spans(tokenizer, example)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = list(encoded["input_ids"])
+    labels = [
+        token if any(start <= begin < end for start, end in spans) else IGNORE_INDEX
+        for token, (begin, _) in zip(ids, encoded["offset_mapping"], strict=True)
+    ]
+    truncated = len(ids) > max_length
+    return TokenizedExample(ids[:max_length], labels[:max_length], truncated=truncated)
+
+
+def tokenize_examples(
+    tokenizer: ChatTokenizer, examples: Sequence[Example], *, max_length: int, what: str
+) -> TokenizedData:
+    """Tokenize every example; raise `DataError` if none keeps a trained token."""
+    data = TokenizedData()
+    for example in examples:
+        row = tokenize_example(tokenizer, example, max_length=max_length)
+        data.n_truncated += row.truncated
+        if row.n_trained == 0:
+            data.n_dropped += 1  # truncation cut every assistant token
+            continue
+        data.rows.append(row)
+    if examples and not data.rows:
+        raise DataError(
+            f"{what}: every example lost its assistant tokens to max_seq_length={max_length}"
+        )
+    return data

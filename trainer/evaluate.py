@@ -1,0 +1,93 @@
+"""Exact-match probe: greedy answers to training and held-out prompts vs. the references.
+
+The registry's promotion gate reads these numbers. A prompt is the conversation up to the
+last trained assistant turn; the reference is that turn's content. Answers are compared after
+collapsing whitespace, so a model that says exactly the trained answer scores 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from trainer.data import as_chat
+from trainer.formats import Example
+
+MAX_NEW_TOKENS_SLACK = 8  # room past the longest reference, so a rambling answer shows
+PROBE_BATCH = 8
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    n: int
+    exact: int
+    samples: list[dict[str, str]] = field(default_factory=list)  # prompt, expected, got
+
+    @property
+    def rate(self) -> float:
+        return self.exact / self.n if self.n else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "exact": self.exact, "rate": self.rate, "samples": self.samples}
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.split())
+
+
+def probe_pair(example: Example) -> tuple[list[dict[str, str]], str]:
+    """(prompt messages, reference answer) for the example's last trained assistant turn."""
+    last = max(i for i, m in enumerate(example.messages) if m.role == "assistant" and m.weight == 1)
+    return as_chat(example.messages[:last]), example.messages[last].content
+
+
+@torch.no_grad()
+def greedy_answers(
+    model: Any, tokenizer: Any, prompts: Sequence[list[dict[str, str]]], *, max_new_tokens: int
+) -> list[str]:
+    """Greedy completions, batched with left padding (decoder-only models continue on the right)."""
+    was_training = model.training
+    model.eval()
+    tokenizer.padding_side = "left"
+    answers: list[str] = []
+    try:
+        for start in range(0, len(prompts), PROBE_BATCH):
+            texts = [
+                tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+                for p in prompts[start : start + PROBE_BATCH]
+            ]
+            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            batch = batch.to(model.device)
+            out = model.generate(
+                **batch,
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                use_cache=True,
+            )
+            new = out[:, batch["input_ids"].shape[1] :]
+            answers.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = "right"
+        model.train(was_training)
+    return answers
+
+
+def exact_match_probe(model: Any, tokenizer: Any, examples: Sequence[Example]) -> ProbeResult:
+    """Greedy-answer each example's prompt and count answers equal to the reference."""
+    if not examples:
+        return ProbeResult(n=0, exact=0)
+    pairs = [probe_pair(ex) for ex in examples]
+    longest = max(len(tokenizer(ref, add_special_tokens=False)["input_ids"]) for _, ref in pairs)
+    got = greedy_answers(
+        model, tokenizer, [p for p, _ in pairs], max_new_tokens=longest + MAX_NEW_TOKENS_SLACK
+    )
+    samples = [
+        {"prompt": prompt[-1]["content"], "expected": ref, "got": answer.strip()}
+        for (prompt, ref), answer in zip(pairs, got, strict=True)
+    ]
+    exact = sum(_normalise(s["expected"]) == _normalise(s["got"]) for s in samples)
+    return ProbeResult(n=len(samples), exact=exact, samples=samples)

@@ -1,0 +1,144 @@
+"""Load the base model (quantized or not) on the chosen device and wrap it with LoRA.
+
+Device choices live in one `RuntimePlan` so the recipe and the metrics agree on what ran:
+- CUDA: bf16 compute when the GPU supports it, gradient checkpointing on (memory is the limit).
+  (Written for real but not run on this project's CPU-only machines; see docs/trainer.md.)
+- CPU: bf16 compute when the CPU has AVX512-bf16 (measured faster, docs/trainer.md), else fp32;
+  gradient checkpointing off (memory is plentiful, and it halved tokens/s here).
+On CPU, bitsandbytes repacks 4-bit weights on the first no-grad forward in eval mode and then
+backpropagates through `gemv_4bit`, which has no autograd kernel: gradients become silently
+wrong. `disable_cpu_4bit_repacking` turns that path off and must run before any such forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from trainer.config import TrainConfig
+from trainer.errors import BaseModelError
+
+
+@dataclass(frozen=True)
+class RuntimePlan:
+    device: str  # "cuda" | "cpu"
+    bf16: bool
+    gradient_checkpointing: bool
+    quantization: str  # nf4 | fp4 | int8 | none
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.bf16 else torch.float32
+
+
+def cpu_supports_bf16() -> bool:
+    return bool(torch.backends.cpu.get_cpu_capability() == "AVX512" and _avx512_bf16())
+
+
+def _avx512_bf16() -> bool:
+    try:
+        return "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def choose_plan(config: TrainConfig) -> RuntimePlan:
+    """Decide device, precision and gradient checkpointing for this machine and config."""
+    cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise BaseModelError("device 'cuda' requested but no CUDA device is available")
+    if config.precision == "auto":
+        bf16 = torch.cuda.is_bf16_supported() if cuda else cpu_supports_bf16()
+    else:
+        bf16 = config.precision == "bf16"
+    checkpointing = config.gradient_checkpointing
+    if checkpointing == "auto":
+        checkpointing = cuda
+    return RuntimePlan(
+        device="cuda" if cuda else "cpu",
+        bf16=bf16,
+        gradient_checkpointing=checkpointing,
+        quantization=config.resolved_quantization,
+    )
+
+
+def quantization_config(plan: RuntimePlan) -> BitsAndBytesConfig | None:
+    if plan.quantization == "none":
+        return None
+    if plan.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=plan.quantization,
+        bnb_4bit_use_double_quant=True,  # QLoRA's double quantization: ~0.4 bit/param saved
+        bnb_4bit_compute_dtype=plan.compute_dtype,
+    )
+
+
+def load_tokenizer(path: Path) -> Any:
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        raise BaseModelError(f"base model {path}: tokenizer has no chat template")
+    return tokenizer
+
+
+def load_base_model(path: Path, *, plan: RuntimePlan) -> Any:
+    """The base model on `plan.device`, quantized per plan, ready for LoRA training."""
+    quant = quantization_config(plan)
+    # Unquantized weights: bf16 on GPU (halves memory), fp32 on CPU (autocast does the bf16).
+    dtype = torch.bfloat16 if plan.device == "cuda" and plan.bf16 else torch.float32
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, quantization_config=quant, device_map={"": plan.device}
+        )
+    except (OSError, ValueError) as e:
+        raise BaseModelError(f"cannot load base model from {path}: {e}") from e
+    disable_cpu_4bit_repacking(model)
+    if quant is not None:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=plan.gradient_checkpointing
+        )
+    elif plan.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    return model
+
+
+def disable_cpu_4bit_repacking(model: torch.nn.Module) -> int:
+    """Keep bitsandbytes off its CPU repack path (no autograd kernel); return layers touched."""
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
+def lora_config(config: TrainConfig, *, base_name: str) -> LoraConfig:
+    return LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.target_modules,
+        task_type="CAUSAL_LM",
+        bias="none",
+        # Never modules_to_save: vLLM refuses adapters that carry full copies of layers.
+        modules_to_save=None,
+        base_model_name_or_path=base_name,
+    )
+
+
+def add_lora(model: Any, config: TrainConfig, *, base_name: str) -> PeftModel:
+    """Wrap `model` with a fresh LoRA adapter whose config names `base_name` (not a path)."""
+    torch.manual_seed(config.seed)  # LoRA A init
+    peft_model = get_peft_model(model, lora_config(config, base_name=base_name))
+    # get_peft_model overwrites the name with the local path it loaded from.
+    peft_model.peft_config["default"].base_model_name_or_path = base_name
+    return peft_model

@@ -1,0 +1,359 @@
+"""`train()`: one supervised LoRA/QLoRA fine-tune, from config + JSONL to an adapter directory.
+
+Everything that can be wrong with the inputs (config, data, resume checkpoint) is checked
+before a model is loaded. Then: base model -> tokenizer -> token ids + labels -> quantized
+model + LoRA -> trl SFTTrainer -> eval/probe before -> train -> eval/probe after -> outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shutil
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import PrinterCallback
+from trl import SFTConfig, SFTTrainer
+
+from trainer.base_models import resolve_base_model
+from trainer.callbacks import (
+    RUN_STATE_FILE,
+    CancelCallback,
+    CancelFn,
+    CheckpointCallback,
+    CheckpointFn,
+    EarlyStopping,
+    ProgressCallback,
+    ProgressFn,
+)
+from trainer.config import Hyperparameters, TrainConfig, resolve_hyperparameters
+from trainer.data import TokenizedData, load_examples, split_validation, tokenize_examples
+from trainer.errors import CheckpointError, ConfigError, TrainingCancelled, TrainingFailed
+from trainer.evaluate import exact_match_probe
+from trainer.formats import Example
+from trainer.modeling import RuntimePlan, add_lora, choose_plan, load_base_model, load_tokenizer
+from trainer.outputs import package_versions, plot_loss, write_json
+
+# pytest turns this into an error too; here it guards production runs (ML-NOTES.md).
+WRONG_GRADIENT_WARNING = ".*autograd kernel was not registered.*"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """The headline numbers of a finished run; `metrics` is the whole metrics.json."""
+
+    out_dir: Path
+    hyperparameters: Hyperparameters
+    steps: int
+    trained_tokens: int
+    train_loss: float | None
+    eval_loss_before: float | None
+    eval_loss_after: float | None
+    exact_match_train: float | None
+    exact_match_validation: float | None
+    stopped_early: bool
+    runtime_seconds: float
+    metrics: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    train: list[Example]
+    valid: list[Example]
+    hyperparameters: Hyperparameters
+    data_sha256: str
+
+
+def prepare_inputs(
+    config: TrainConfig, *, data_path: Path, validation_path: Path | None = None
+) -> RunInputs:
+    """Read and check the data and resolve "auto": everything that needs no model."""
+    examples = load_examples(data_path)
+    if validation_path is not None:
+        train, valid = examples, load_examples(validation_path)
+    else:
+        train, valid = split_validation(
+            examples, fraction=config.validation_split, seed=config.seed
+        )
+    if config.early_stopping_patience is not None and not valid:
+        raise ConfigError(
+            "early_stopping_patience: needs validation data",
+            ["early_stopping_patience: needs a validation file or validation_split > 0"],
+        )
+    digest = hashlib.sha256(Path(data_path).read_bytes()).hexdigest()
+    hp = resolve_hyperparameters(config, n_examples=len(train))
+    return RunInputs(train=train, valid=valid, hyperparameters=hp, data_sha256=digest)
+
+
+def train(
+    config: TrainConfig,
+    *,
+    data_path: Path,
+    out_dir: Path,
+    home: Path,
+    validation_path: Path | None = None,
+    on_progress: ProgressFn | None = None,
+    on_checkpoint: CheckpointFn | None = None,
+    should_cancel: CancelFn | None = None,
+    resume_from: Path | None = None,
+) -> TrainResult:
+    """Fine-tune `config.base_model` on `data_path`; write the adapter and metrics to `out_dir`.
+
+    `on_progress` gets a `Progress` after every step; `on_checkpoint` gets each `Checkpoint`
+    (every `config.checkpoint_interval` steps) and should copy it away before returning;
+    `should_cancel` is asked after every step (True -> `TrainingCancelled`). `resume_from`
+    is a checkpoint directory from the same config and data: the run continues at its step.
+    Raises `TrainerError` subclasses only (see trainer/errors.py).
+    """
+    started = time.monotonic()
+    inputs = prepare_inputs(config, data_path=data_path, validation_path=validation_path)
+    run_state: dict[str, Any] = {
+        "config": config.model_dump(mode="json"),
+        "hyperparameters": inputs.hyperparameters.model_dump(),
+        "data_sha256": inputs.data_sha256,
+    }
+    resumed = read_run_state(resume_from, expected=run_state) if resume_from else None
+
+    base_dir = resolve_base_model(config.base_model, home=home)
+    tokenizer = load_tokenizer(base_dir)
+    train_data = tokenize_examples(
+        tokenizer, inputs.train, max_length=config.max_seq_length, what="training data"
+    )
+    valid_data = tokenize_examples(
+        tokenizer, inputs.valid, max_length=config.max_seq_length, what="validation data"
+    )
+    plan = choose_plan(config)
+    model = add_lora(load_base_model(base_dir, plan=plan), config, base_name=config.base_model)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    progress = ProgressCallback(on_progress)
+    cancel = CancelCallback(should_cancel)
+    stopper = EarlyStopping(config.early_stopping_patience or 0)
+    callbacks: list[Any] = [progress, cancel, CheckpointCallback(on_checkpoint, run_state)]
+    if config.early_stopping_patience:
+        callbacks.append(stopper)
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_config(
+            config, inputs.hyperparameters, plan, out_dir=out_dir, has_eval=bool(valid_data.rows)
+        ),
+        train_dataset=Dataset.from_dict(train_data.as_columns()),
+        eval_dataset=Dataset.from_dict(valid_data.as_columns()) if valid_data.rows else None,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    trainer.remove_callback(PrinterCallback)  # a library prints nothing; on_progress reports
+    peft_model: Any = trainer.model  # trl keeps our PeftModel, typed loosely upstream
+    keep_lora_fp32(peft_model)
+
+    before = resumed["before"] if resumed else measure(trainer, tokenizer, inputs, config)
+    run_state["before"] = before
+    with fail_on_wrong_gradients():
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if cancel.cancelled_at is not None:
+        raise TrainingCancelled(cancel.cancelled_at)
+    after = measure(trainer, tokenizer, inputs, config)
+
+    peft_model.save_pretrained(out_dir)
+    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+    metrics = build_metrics(
+        config=config,
+        inputs=inputs,
+        plan=plan,
+        train_data=train_data,
+        valid_data=valid_data,
+        state=trainer.state,
+        progress=progress,
+        before=before,
+        after=after,
+        stopped_early=stopper.stopped,
+        runtime=time.monotonic() - started,
+    )
+    write_outputs(
+        out_dir, config=config, hp=inputs.hyperparameters, metrics=metrics, progress=progress
+    )
+    return result_from(out_dir, inputs.hyperparameters, metrics)
+
+
+def sft_config(
+    config: TrainConfig, hp: Hyperparameters, plan: RuntimePlan, *, out_dir: Path, has_eval: bool
+) -> SFTConfig:
+    """trl settings; precision and gradient checkpointing always chosen explicitly."""
+    evaluating = has_eval and config.eval_interval is not None
+    return SFTConfig(
+        output_dir=str(out_dir / "checkpoints"),
+        num_train_epochs=hp.n_epochs,
+        per_device_train_batch_size=hp.batch_size,
+        per_device_eval_batch_size=hp.batch_size,
+        learning_rate=hp.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_ratio,  # a float < 1 is a fraction of all steps
+        weight_decay=config.weight_decay,
+        bf16=plan.bf16,  # trl defaults to True: never leave it implicit
+        fp16=False,
+        gradient_checkpointing=plan.gradient_checkpointing,  # trl defaults to True
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        use_cpu=plan.device == "cpu",
+        seed=config.seed,
+        data_seed=config.seed,
+        max_length=config.max_seq_length,
+        packing=config.packing,
+        packing_strategy="bfd",  # padding-free: packed examples never attend to each other
+        eval_packing=False,
+        logging_strategy="steps",
+        logging_steps=1,
+        save_strategy="steps" if config.checkpoint_interval else "no",
+        save_steps=config.checkpoint_interval or 500,
+        save_total_limit=1,  # on_checkpoint copies each one away; keep the disk bounded
+        eval_strategy="steps" if evaluating else "no",
+        eval_steps=config.eval_interval if evaluating else None,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
+def keep_lora_fp32(model: torch.nn.Module) -> None:
+    """trl casts LoRA weights of quantized models to bf16; AdamW then drops small updates.
+
+    Keeping the (few MB of) trainable weights in fp32 while autocast computes in bf16 is the
+    usual mixed-precision recipe, and the adapter file stays fp32 like plain LoRA's.
+    """
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
+@contextlib.contextmanager
+def fail_on_wrong_gradients() -> Iterator[None]:
+    """Turn bitsandbytes' "no autograd kernel" warning into `TrainingFailed`."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=WRONG_GRADIENT_WARNING)
+        try:
+            yield
+        except UserWarning as e:  # only the warning filtered above is raised as an error
+            raise TrainingFailed(f"training backpropagated through a 4-bit op: {e}") from e
+
+
+def measure(
+    trainer: SFTTrainer, tokenizer: Any, inputs: RunInputs, config: TrainConfig
+) -> dict[str, Any]:
+    """Held-out eval loss and the exact-match probe, as they stand now."""
+    result: dict[str, Any] = {"eval_loss": None, "eval_token_accuracy": None}
+    if trainer.eval_dataset is not None:
+        scores = trainer.evaluate()
+        result["eval_loss"] = scores["eval_loss"]
+        result["eval_token_accuracy"] = scores.get("eval_mean_token_accuracy")
+    n = config.probe_size
+    probes = {"train": inputs.train[:n], "validation": inputs.valid[:n]}
+    result["exact_match"] = {
+        side: exact_match_probe(trainer.model, tokenizer, examples).as_dict() if n else None
+        for side, examples in probes.items()
+    }
+    return result
+
+
+def read_run_state(resume_from: Path, *, expected: dict[str, Any]) -> dict[str, Any]:
+    """The run state saved in a checkpoint; it must match this run's config and data."""
+    path = Path(resume_from)
+    state_file = path / RUN_STATE_FILE
+    if not (path / "trainer_state.json").is_file() or not state_file.is_file():
+        raise CheckpointError(f"{path}: not a Loraplex training checkpoint")
+    state: dict[str, Any] = json.loads(state_file.read_text())
+    for key, value in expected.items():
+        if state.get(key) != value:
+            raise CheckpointError(f"{path}: checkpoint has a different {key} than this run")
+    return state
+
+
+def build_metrics(
+    *,
+    config: TrainConfig,
+    inputs: RunInputs,
+    plan: RuntimePlan,
+    train_data: TokenizedData,
+    valid_data: TokenizedData,
+    state: Any,
+    progress: ProgressCallback,
+    before: dict[str, Any],
+    after: dict[str, Any],
+    stopped_early: bool,
+    runtime: float,
+) -> dict[str, Any]:
+    """Everything metrics.json holds (keys documented in docs/trainer.md)."""
+    done = state.global_step / max(1, state.max_steps)
+    trained_tokens = round(train_data.n_tokens * inputs.hyperparameters.n_epochs * done)
+    return {
+        "steps": state.global_step,
+        "total_steps": state.max_steps,
+        "epochs": state.epoch,
+        "train_loss": progress.curve[-1]["loss"] if progress.curve else None,
+        "loss_curve": progress.curve,
+        "eval_curve": progress.evals,
+        "eval_loss_before": before["eval_loss"],
+        "eval_loss_after": after["eval_loss"],
+        "eval_token_accuracy_before": before["eval_token_accuracy"],
+        "eval_token_accuracy_after": after["eval_token_accuracy"],
+        "exact_match_before": before["exact_match"],
+        "exact_match_after": after["exact_match"],
+        "trained_tokens": trained_tokens,
+        "train_examples": len(train_data.rows),
+        "validation_examples": len(valid_data.rows),
+        "truncated_examples": train_data.n_truncated + valid_data.n_truncated,
+        "dropped_examples": train_data.n_dropped + valid_data.n_dropped,
+        "tokens_per_second": trained_tokens / runtime if runtime else None,
+        "runtime_seconds": runtime,
+        "stopped_early": stopped_early,
+        "device": plan.device,
+        "precision": "bf16" if plan.bf16 else "fp32",
+        "gradient_checkpointing": plan.gradient_checkpointing,
+        "method": config.method,
+        "quantization": plan.quantization,
+        "hyperparameters": inputs.hyperparameters.model_dump(),
+        "data_sha256": inputs.data_sha256,
+        "versions": package_versions(),
+    }
+
+
+def write_outputs(
+    out_dir: Path,
+    *,
+    config: TrainConfig,
+    hp: Hyperparameters,
+    metrics: dict[str, Any],
+    progress: ProgressCallback,
+) -> None:
+    resolved = config.model_dump(mode="json") | hp.model_dump()
+    resolved["quantization"] = metrics["quantization"]
+    write_json(out_dir / "train_config.json", resolved)
+    write_json(out_dir / "metrics.json", metrics)
+    plot_loss(out_dir / "loss.png", curve=progress.curve, evals=progress.evals)
+
+
+def result_from(out_dir: Path, hp: Hyperparameters, metrics: dict[str, Any]) -> TrainResult:
+    def rate(side: str) -> float | None:
+        probe = metrics["exact_match_after"][side]
+        return probe["rate"] if probe and probe["n"] else None
+
+    return TrainResult(
+        out_dir=out_dir,
+        hyperparameters=hp,
+        steps=metrics["steps"],
+        trained_tokens=metrics["trained_tokens"],
+        train_loss=metrics["train_loss"],
+        eval_loss_before=metrics["eval_loss_before"],
+        eval_loss_after=metrics["eval_loss_after"],
+        exact_match_train=rate("train"),
+        exact_match_validation=rate("validation"),
+        stopped_early=metrics["stopped_early"],
+        runtime_seconds=metrics["runtime_seconds"],
+        metrics=metrics,
+    )
