@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import Annotated
 
 import typer
@@ -98,9 +99,41 @@ def _not_yet(what: str) -> None:
 
 
 @app.command()
-def worker() -> None:
-    """Run one training worker (one task at a time)."""
-    _not_yet("worker")
+def worker(
+    queues: Annotated[str | None, typer.Option(help="Comma-separated queues to consume.")] = None,
+) -> None:
+    """Run one training worker: one job at a time, plus the lost-job reaper."""
+    from celery.signals import worker_ready
+
+    from workers.celery_app import celery_for
+    from workers.tasks import start_reaper
+
+    _upgrade()
+    settings = get_settings()
+    if queues:
+        settings = settings.model_copy(update={"worker_queues": queues})
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+    @worker_ready.connect(weak=False)
+    def _ready(**_: object) -> None:
+        start_reaper(settings)
+
+    celery_for(settings).worker_main(
+        [
+            "worker",
+            "--pool=solo",
+            "--concurrency=1",
+            "--prefetch-multiplier=1",
+            f"--queues={','.join(settings.queues)}",
+            f"--loglevel={settings.log_level}",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            f"--hostname=loraplex-{os.getpid()}@%h",
+        ]
+    )
 
 
 @app.command()

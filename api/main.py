@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry
 
 from api.errors import install_error_handlers
 from api.middleware import BodyLimitMiddleware, MetricsMiddleware
-from api.routes import admin, files, health, models
+from api.routes import admin, files, health, jobs, models
 from api.settings import Settings, get_settings
 
 
@@ -25,6 +25,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(files.router)
+    app.include_router(jobs.router)
     app.include_router(models.router)
     app.include_router(admin.router)
     app.add_middleware(

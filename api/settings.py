@@ -25,12 +25,26 @@ class Settings(BaseSettings):
     broker_url: str = Field("", description="Celery broker; default an embedded transport.")
     storage_url: str = Field("", description="fsspec URL of the artifact store.")
     base_model: str = Field("smollm2-135m-instruct", description="The served base model.")
+    # More base models a job may name: registered name -> HF id or local path (JSON in env).
+    base_models: dict[str, str] = Field(default_factory=dict)
     serving_engine: Literal["auto", "vllm", "transformers"] = "auto"
     # OpenAI's own limit for a file upload.
     max_upload_bytes: int = Field(512 * MiB, gt=0)
     # JSON bodies are small; anything larger is a mistake or an attack.
     max_json_body_bytes: int = Field(8 * MiB, gt=0)
-    # A training job may not stay "running" without a heartbeat for longer than this.
+    # Training: queue routing by accelerator class, crash recovery, fairness.
+    train_queue: str = Field("train-cpu", description="Queue new jobs go to (train-gpu, ...).")
+    worker_queues: str = Field("", description="Queues a worker consumes; default train_queue.")
+    heartbeat_interval: float = Field(5.0, gt=0, description="Seconds between job heartbeats.")
+    # A running job with no heartbeat for this long lost its worker: re-queue or fail it.
+    heartbeat_timeout: float = Field(90.0, gt=0)
+    max_job_attempts: int = Field(3, ge=1, description="Runs before a lost job is failed.")
+    max_running_jobs_per_tenant: int = Field(2, ge=1)
+    # Longer than any training run, or Redis redelivers a long job while it still runs.
+    broker_visibility_timeout: int = Field(7 * 24 * 3600, gt=0)
+    broker_polling_interval: float = Field(0.1, gt=0)
+    # The serving pool's --max-lora-rank: higher-rank adapters are registered as rejected.
+    max_lora_rank: int = Field(64, ge=1)
     log_level: str = "INFO"
 
     @model_validator(mode="after")
@@ -43,6 +57,14 @@ class Settings(BaseSettings):
         if not self.broker_url:
             self.broker_url = "filesystem://"
         return self
+
+    def registered_base_models(self) -> dict[str, str]:
+        """Registered name -> source (a built-in name, HF id or local path)."""
+        return {self.base_model: self.base_model, **self.base_models}
+
+    @property
+    def queues(self) -> list[str]:
+        return [q.strip() for q in (self.worker_queues or self.train_queue).split(",") if q.strip()]
 
     @property
     def broker_dir(self) -> Path:

@@ -114,6 +114,17 @@ class ArtifactStore:
                 digest.update(chunk)
         return digest.hexdigest()
 
+    def get_dir(self, prefix: str, local_dir: str | Path) -> dict[str, str]:
+        """Download every object under `prefix`; returns relative path -> sha256."""
+        root = self._path(prefix)
+        digests = {}
+        for path in sorted(self.fs.find(root)):
+            rel = posixpath.relpath(path, root)
+            if posixpath.basename(rel).startswith("."):  # an in-flight temporary object
+                continue
+            digests[rel] = self.get_file(f"{prefix.strip('/')}/{rel}", Path(local_dir) / rel)
+        return digests
+
     def exists(self, key: str) -> bool:
         return bool(self.fs.exists(self._path(key)))
 

@@ -1,6 +1,17 @@
 """SQLModel tables, one module per domain. No FastAPI here: workers reuse these."""
 
+from api.models.adapters import Adapter, AdapterVersion
 from api.models.files import File
+from api.models.jobs import Job, JobCheckpoint, JobEvent
 from api.models.tenants import ApiKey, Tenant
 
-__all__ = ["ApiKey", "File", "Tenant"]
+__all__ = [
+    "Adapter",
+    "AdapterVersion",
+    "ApiKey",
+    "File",
+    "Job",
+    "JobCheckpoint",
+    "JobEvent",
+    "Tenant",
+]

@@ -1,0 +1,174 @@
+"""Fine-tuning jobs, worker side: claim, heartbeat, checkpoint, finish, reap.
+
+Every write a worker makes is conditional on its lease: a job that was cancelled, or
+re-queued because its worker looked dead, cannot be overwritten by the old run.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import and_, func, or_, update
+from sqlmodel import Session, col, select
+
+from api.db import aware, utcnow
+from api.models.jobs import Job, JobCheckpoint
+from api.services.jobs import add_event
+
+
+@dataclass(frozen=True)
+class Claim:
+    job_id: str
+    lease: str
+    attempt: int
+
+
+class LeaseLost(Exception):
+    """The job was cancelled or handed to another worker while this one ran it."""
+
+
+def tenant_at_limit(session: Session, *, job: Job, limit: int) -> bool:
+    running = session.exec(
+        select(func.count())
+        .select_from(Job)
+        .where(Job.tenant_id == job.tenant_id, Job.status == "running", Job.id != job.id)
+    ).one()
+    return int(running) >= limit
+
+
+def claim(session: Session, *, job_id: str, worker: str, stale_after: float) -> Claim | None:
+    """Take the job if it is queued (or running with a dead worker); None if it is not ours
+    to run: finished, cancelled, or alive on another worker."""
+    now = utcnow()
+    lease = secrets.token_hex(8)
+    stale = now - timedelta(seconds=stale_after)
+    result = session.execute(
+        update(Job)
+        .where(
+            col(Job.id) == job_id,
+            or_(
+                col(Job.status) == "queued",
+                and_(col(Job.status) == "running", col(Job.heartbeat_at) < stale),
+            ),
+        )
+        .values(
+            status="running",
+            lease=lease,
+            worker=worker,
+            heartbeat_at=now,
+            attempts=col(Job.attempts) + 1,
+            started_at=func.coalesce(Job.started_at, now),
+        )
+    )
+    session.commit()
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return None
+    job = session.get(Job, job_id, populate_existing=True)
+    assert job is not None
+    return Claim(job_id=job_id, lease=lease, attempt=job.attempts)
+
+
+def heartbeat(session: Session, claim: Claim, **values: Any) -> None:
+    """Prove the worker is alive (and store `values`); LeaseLost if the job is not ours."""
+    result = session.execute(
+        update(Job)
+        .where(
+            col(Job.id) == claim.job_id, col(Job.lease) == claim.lease, col(Job.status) == "running"
+        )
+        .values(heartbeat_at=utcnow(), **values)
+    )
+    session.commit()
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        raise LeaseLost(claim.job_id)
+
+
+def owned_job(session: Session, claim: Claim) -> Job:
+    """The job row, locked for update where the database can; LeaseLost if not ours."""
+    job = session.exec(select(Job).where(Job.id == claim.job_id).with_for_update()).one()
+    if job.lease != claim.lease or job.status != "running":
+        raise LeaseLost(claim.job_id)
+    return job
+
+
+def record_checkpoint(
+    session: Session, claim: Claim, *, step: int, prefix: str, metrics: dict[str, Any]
+) -> None:
+    owned_job(session, claim)
+    exists = session.exec(
+        select(JobCheckpoint).where(
+            JobCheckpoint.job_id == claim.job_id, JobCheckpoint.step_number == step
+        )
+    ).first()
+    if exists is None:
+        session.add(
+            JobCheckpoint(
+                job_id=claim.job_id, step_number=step, storage_prefix=prefix, metrics=metrics
+            )
+        )
+        add_event(session, claim.job_id, f"Checkpoint created at step {step}", data={"step": step})
+    session.commit()
+
+
+def latest_checkpoint(session: Session, *, job_id: str) -> JobCheckpoint | None:
+    return session.exec(
+        select(JobCheckpoint)
+        .where(JobCheckpoint.job_id == job_id)
+        .order_by(col(JobCheckpoint.step_number).desc())
+    ).first()
+
+
+def fail(
+    session: Session, claim: Claim, *, code: str, message: str, param: str | None = None
+) -> None:
+    job = owned_job(session, claim)
+    job.status, job.lease, job.finished_at = "failed", None, utcnow()
+    job.error = {"code": code, "message": message, "param": param}
+    add_event(session, job.id, f"Fine-tuning job failed: {message}", level="error")
+    session.commit()
+
+
+def requeue_or_fail_stale(session: Session, *, stale_after: float, max_attempts: int) -> list[str]:
+    """Jobs whose worker stopped heartbeating: re-queue (to resume) or fail. Returns the ids
+    to enqueue again, after this function has committed."""
+    stale = utcnow() - timedelta(seconds=stale_after)
+    jobs = session.exec(
+        select(Job).where(Job.status == "running", col(Job.heartbeat_at) < stale)
+    ).all()
+    requeue = []
+    for job in jobs:
+        last_seen = aware(job.heartbeat_at) if job.heartbeat_at else None
+        job.lease = None
+        if job.attempts >= max_attempts:
+            job.status, job.finished_at = "failed", utcnow()
+            job.error = {
+                "code": "worker_lost",
+                "param": None,
+                "message": f"The worker running this job stopped responding "
+                f"{job.attempts} time(s); giving up.",
+            }
+            add_event(session, job.id, job.error["message"], level="error")
+        else:
+            job.status = "queued"
+            requeue.append(job.id)
+            add_event(
+                session,
+                job.id,
+                f"Worker lost (last heartbeat {last_seen:%H:%M:%S} UTC); "
+                "job re-queued to resume from its last checkpoint",
+                level="warn",
+            )
+    session.commit()
+    return requeue
+
+
+def queued_job_ids(session: Session, *, queues: list[str]) -> list[str]:
+    return list(
+        session.exec(
+            select(Job.id)
+            .where(Job.status == "queued", col(Job.queue).in_(queues))
+            .order_by(col(Job.created_at))
+        )
+    )

@@ -1,0 +1,278 @@
+"""Fine-tuning jobs, API side: validate and create, list, cancel, events, checkpoints.
+
+Everything that can be wrong with a request is found here, before anything is queued; the
+row is committed before the task is sent (the caller enqueues after `create_job` returns).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import secrets
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from sqlmodel import Session, col, select
+
+from api.db import utcnow
+from api.errors import InvalidRequest, NotFound
+from api.models.files import File
+from api.models.jobs import ACTIVE, TERMINAL, Job, JobCheckpoint, JobEvent
+from api.models.tenants import Tenant
+from api.services.files import FINE_TUNE
+from api.services.pagination import page
+from api.settings import Settings
+from trainer.config import TrainConfig, parse_config, resolve_hyperparameters
+from trainer.errors import ConfigError
+from trainer.formats import MIN_EXAMPLES
+
+SUFFIX_RE = re.compile(r"^[a-z0-9-]{1,64}$")
+OPENAI_HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
+ALIASES = {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
+# Trainer fields a tenant may set; base model, seed and device come from elsewhere.
+TUNABLE = frozenset(TrainConfig.model_fields) - {"base_model", "seed", "device"}
+
+
+class SupervisedMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class Method(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["supervised"] = Field(description="Only supervised fine-tuning is offered.")
+    supervised: SupervisedMethod = Field(default_factory=SupervisedMethod)
+
+
+class JobRequest(BaseModel):
+    """POST /v1/fine_tuning/jobs, as OpenAI defines it, plus Loraplex's LoRA knobs."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(min_length=1, description="A registered base model name.")
+    training_file: str = Field(min_length=1)
+    validation_file: str | None = None
+    suffix: str | None = Field(None, description="The adapter's name: 1-64 of [a-z0-9-].")
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    metadata: dict[str, str] | None = None
+    method: Method | None = None
+    hyperparameters: dict[str, Any] | None = Field(None, description="Deprecated; use method.")
+    integrations: list[dict[str, Any]] | None = None
+
+
+def _fail(message: str, *, param: str, code: str = "invalid_value") -> InvalidRequest:
+    return InvalidRequest(message, param=param, code=code)
+
+
+def _check_suffix_and_metadata(req: JobRequest) -> None:
+    if req.suffix is not None and not SUFFIX_RE.match(req.suffix):
+        raise _fail("suffix must be 1-64 characters of a-z, 0-9 and '-'", param="suffix")
+    meta = req.metadata or {}
+    if len(meta) > 16:
+        raise _fail("metadata may hold at most 16 pairs", param="metadata")
+    for key, value in meta.items():
+        if not 0 < len(key) <= 64 or len(value) > 512:
+            raise _fail(
+                "metadata keys are 1-64 characters, values at most 512", param=f"metadata.{key}"
+            )
+    if req.integrations:
+        raise _fail("integrations are not supported", param="integrations")
+
+
+def _hyperparameters(req: JobRequest) -> tuple[dict[str, Any], str]:
+    if req.method is not None and req.hyperparameters is not None:
+        raise _fail("give hyperparameters in method, not both", param="hyperparameters")
+    if req.method is not None:
+        return dict(req.method.supervised.hyperparameters), "method.supervised.hyperparameters"
+    return dict(req.hyperparameters or {}), "hyperparameters"
+
+
+def build_config(req: JobRequest, *, seed: int) -> TrainConfig:
+    """The trainer config for a request; 400 naming the first bad field."""
+    raw, where = _hyperparameters(req)
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = ALIASES.get(key, key)
+        if name not in TUNABLE:
+            raise _fail(f"unknown hyperparameter {key!r}", param=f"{where}.{key}")
+        values[name] = value
+    try:
+        return parse_config({**values, "base_model": req.model, "seed": seed})
+    except ConfigError as e:
+        field = e.problems[0].split(":", 1)[0]
+        raise _fail("; ".join(e.problems), param=f"{where}.{field}") from e
+
+
+def _usable_file(
+    session: Session, *, tenant_id: str, file_id: str, param: str, min_examples: int
+) -> File:
+    row = session.get(File, file_id)
+    code = f"invalid_{param}"
+    if row is None or row.tenant_id != tenant_id:
+        raise _fail(f"{param} {file_id!r} does not exist", param=param, code=code)
+    if row.purpose != FINE_TUNE:
+        raise _fail(
+            f"{param} {file_id!r} has purpose {row.purpose!r}, not 'fine-tune'",
+            param=param,
+            code=code,
+        )
+    if row.status != "processed":
+        raise _fail(
+            f"{param} {file_id!r} is not usable ({row.status}): {row.status_details}",
+            param=param,
+            code=code,
+        )
+    n = int((row.stats or {}).get("examples", 0))
+    if n < min_examples:
+        raise _fail(
+            f"{'Training' if param == 'training_file' else 'Validation'} file has {n} "
+            f"example(s), but must have at least {min_examples} examples",
+            param=param,
+            code="invalid_n_examples",
+        )
+    return row
+
+
+def total_steps(*, n_examples: int, n_epochs: int, batch_size: int) -> int:
+    return math.ceil(n_examples / batch_size) * n_epochs
+
+
+def create_job(session: Session, settings: Settings, *, tenant_id: str, req: JobRequest) -> Job:
+    """Validate everything, then store the job as `queued` (the caller enqueues it)."""
+    if req.model not in settings.registered_base_models():
+        raise _fail(
+            f"model {req.model!r} is not a registered base model",
+            param="model",
+            code="model_not_available",
+        )
+    _check_suffix_and_metadata(req)
+    seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
+    config = build_config(req, seed=seed)
+    train = _usable_file(
+        session,
+        tenant_id=tenant_id,
+        file_id=req.training_file,
+        param="training_file",
+        min_examples=MIN_EXAMPLES,
+    )
+    if req.validation_file is not None:
+        _usable_file(
+            session,
+            tenant_id=tenant_id,
+            file_id=req.validation_file,
+            param="validation_file",
+            min_examples=1,
+        )
+    n_examples = int((train.stats or {})["examples"])
+    hp = resolve_hyperparameters(config, n_examples=n_examples)
+    if config.checkpoint_interval is None:
+        steps = total_steps(n_examples=n_examples, n_epochs=hp.n_epochs, batch_size=hp.batch_size)
+        # Four checkpoints a run bounds what a lost worker costs without slowing training.
+        config = config.model_copy(update={"checkpoint_interval": max(1, steps // 4)})
+    job = Job(
+        tenant_id=tenant_id,
+        model=req.model,
+        training_file=req.training_file,
+        validation_file=req.validation_file,
+        suffix=req.suffix,
+        seed=seed,
+        job_metadata=req.metadata,
+        method={"type": "supervised", "supervised": {"hyperparameters": hp.model_dump()}},
+        config=config.model_dump(mode="json"),
+        hyperparameters=hp.model_dump(),
+        queue=settings.train_queue,
+    )
+    session.add(job)
+    add_event(session, job.id, f"Created fine-tuning job: {job.id}")
+    add_event(session, job.id, f"Validating training file: {req.training_file}")
+    job.status = "queued"
+    add_event(session, job.id, "Files validated, moving job to queued state")
+    session.commit()
+    return job
+
+
+def add_event(
+    session: Session,
+    job_id: str,
+    message: str,
+    *,
+    type: str = "message",
+    level: str = "info",
+    data: dict[str, Any] | None = None,
+) -> JobEvent:
+    event = JobEvent(job_id=job_id, message=message, type=type, level=level, data=data)
+    session.add(event)
+    return event
+
+
+def get_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None or job.tenant_id != tenant_id:
+        raise NotFound(
+            f"No fine-tuning job with id {job_id!r}",
+            param="fine_tuning_job_id",
+            code="fine_tuning_job_not_found",
+        )
+    return job
+
+
+def list_jobs(
+    session: Session,
+    *,
+    tenant_id: str,
+    after: str | None,
+    limit: int,
+    metadata: dict[str, str] | None = None,
+) -> tuple[list[Job], bool]:
+    query = select(Job).where(Job.tenant_id == tenant_id)
+    if metadata:
+        # JSON containment differs per database; filter in Python over the tenant's jobs.
+        matching = [
+            j.id
+            for j in session.exec(query)
+            if all((j.job_metadata or {}).get(k) == v for k, v in metadata.items())
+        ]
+        query = query.where(col(Job.id).in_(matching))
+    return page(session, query, model=Job, after=after, limit=limit)
+
+
+def cancel_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
+    """Cancel at once: a queued job never starts; a running one loses its lease and its
+    worker stops within one step without writing a result."""
+    job = get_job(session, tenant_id=tenant_id, job_id=job_id)
+    if job.status in TERMINAL:
+        raise InvalidRequest(
+            f"Job {job_id} has already {job.status}; it cannot be cancelled.",
+            param="fine_tuning_job_id",
+            code="job_not_cancellable",
+        )
+    assert job.status in ACTIVE
+    job.status, job.lease, job.cancel_requested = "cancelled", None, True
+    job.finished_at = utcnow()
+    add_event(session, job.id, "Fine-tuning job cancelled")
+    session.commit()
+    return job
+
+
+def list_events(
+    session: Session, *, tenant_id: str, job_id: str, after: str | None, limit: int
+) -> tuple[list[JobEvent], bool]:
+    get_job(session, tenant_id=tenant_id, job_id=job_id)
+    query = select(JobEvent).where(JobEvent.job_id == job_id)
+    return page(session, query, model=JobEvent, after=after, limit=limit)
+
+
+def list_checkpoints(
+    session: Session, *, tenant_id: str, job_id: str, after: str | None, limit: int
+) -> tuple[list[JobCheckpoint], bool]:
+    get_job(session, tenant_id=tenant_id, job_id=job_id)
+    query = select(JobCheckpoint).where(JobCheckpoint.job_id == job_id)
+    return page(session, query, model=JobCheckpoint, after=after, limit=limit)
+
+
+def tenant_slug(tenant: Tenant) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", tenant.name.lower()).strip("-") or tenant.id
+
+
+def fine_tuned_model_name(job: Job, tenant: Tenant) -> str:
+    short = job.id.removeprefix("ftjob-")[:8]
+    return f"ft:{job.model}:{tenant_slug(tenant)}:{job.suffix or ''}:{short}"

@@ -1,0 +1,354 @@
+"""One training job, end to end: claim the row, fetch data, train, register, finish.
+
+The ML stack is imported inside `run_training_job`, never at module import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import logging
+import shutil
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlmodel import Session
+
+from api.db import get_engine, utcnow
+from api.models.files import File
+from api.models.jobs import TERMINAL, Job
+from api.models.tenants import Tenant
+from api.services import job_runs, registry
+from api.services.files import store_result_file
+from api.services.job_runs import Claim, LeaseLost
+from api.services.jobs import add_event, fine_tuned_model_name
+from api.settings import Settings
+from api.storage import ArtifactStore, StorageError
+
+if TYPE_CHECKING:
+    from trainer.callbacks import Checkpoint, Progress
+    from trainer.recipe import TrainResult
+
+log = logging.getLogger(__name__)
+
+# Outcomes of `run_training_job`, for the task and for logs.
+DONE, SKIPPED, DEFERRED, LOST = "done", "skipped", "deferred", "lost"
+EVENTS_PER_RUN = 50  # metrics events per run, whatever its length
+
+
+class JobContext:
+    """What the trainer's callbacks need: the claim, a session of their own, the store."""
+
+    def __init__(self, settings: Settings, claim: Claim) -> None:
+        self.settings = settings
+        self.claim = claim
+        self.store = ArtifactStore(settings.storage_url)
+        self.session = Session(get_engine(settings.database_url), expire_on_commit=False)
+        self.lost = threading.Event()
+        self._lock = threading.Lock()  # the heartbeat thread shares the session
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeat_loop, daemon=True)
+
+    def __enter__(self) -> JobContext:
+        self._beat.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._beat.join()
+        self.session.close()
+
+    def _heartbeat_loop(self) -> None:
+        # Covers the long silent phases (model load, evaluation) between training steps.
+        while not self._stop.wait(self.settings.heartbeat_interval):
+            self.beat()
+
+    def beat(self, **values: Any) -> None:
+        with self._lock:
+            try:
+                job_runs.heartbeat(self.session, self.claim, **values)
+            except LeaseLost:
+                self.lost.set()
+            except Exception:  # a database blip: the next beat retries
+                self.session.rollback()
+                log.warning("heartbeat failed for %s", self.claim.job_id, exc_info=True)
+
+    def should_cancel(self) -> bool:
+        """Asked after every step: the job may have been cancelled or handed elsewhere."""
+        self.beat()
+        return self.lost.is_set()
+
+    def on_progress(self, p: Progress) -> None:
+        every = max(1, p.total_steps // EVENTS_PER_RUN)
+        if p.step % every and p.step != p.total_steps:
+            return
+        loss = f"{p.loss:.4f}" if p.loss is not None else "n/a"
+        data = {
+            "step": p.step,
+            "total_steps": p.total_steps,
+            "train_loss": p.loss,
+            "train_mean_token_accuracy": p.token_accuracy,
+            "learning_rate": p.learning_rate,
+            "tokens_per_second": p.tokens_per_second,
+            "eta_seconds": p.eta_seconds,
+        }
+        with self._lock:
+            add_event(
+                self.session,
+                self.claim.job_id,
+                f"Step {p.step}/{p.total_steps}: training loss={loss}",
+                type="metrics",
+                data=data,
+            )
+            self.session.commit()
+        finish = None
+        if p.eta_seconds is not None:
+            finish = datetime.fromtimestamp(time.time() + p.eta_seconds, tz=UTC)
+        self.beat(estimated_finish=finish)
+
+    def on_checkpoint(self, ckpt: Checkpoint) -> None:
+        prefix = f"jobs/{self.claim.job_id}/checkpoints/step-{ckpt.step}"
+        self.store.put_dir(prefix, ckpt.path)
+        with self._lock:
+            try:
+                job_runs.record_checkpoint(
+                    self.session,
+                    self.claim,
+                    step=ckpt.step,
+                    prefix=prefix,
+                    metrics=dict(ckpt.metrics),
+                )
+            except LeaseLost:
+                self.lost.set()
+
+
+def _fetch_file(session: Session, store: ArtifactStore, file_id: str, dest: Path) -> Path:
+    row = session.get(File, file_id)
+    if row is None:
+        raise StorageError(f"{file_id} was deleted")
+    if store.get_file(row.storage_key, dest) != row.sha256:
+        raise StorageError(f"{file_id}: stored bytes do not match their sha256")
+    return dest
+
+
+def _results_csv(metrics: dict[str, Any]) -> bytes:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(
+        ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
+    )
+    evals = {int(e["step"]): e for e in metrics.get("eval_curve", [])}
+    for point in metrics.get("loss_curve", []):
+        ev = evals.get(int(point["step"]), {})
+        writer.writerow(
+            [
+                point["step"],
+                point.get("loss"),
+                point.get("token_accuracy"),
+                ev.get("eval_loss"),
+                ev.get("eval_token_accuracy"),
+            ]
+        )
+    return out.getvalue().encode()
+
+
+def _training_config(job: Job, settings: Settings) -> Any:
+    from trainer.config import parse_config
+
+    source = settings.registered_base_models().get(job.model, job.model)
+    return parse_config({**job.config, "base_model": source})
+
+
+def _train(job: Job, ctx: JobContext, *, workdir: Path) -> TrainResult:
+    from trainer.recipe import train
+
+    session, store = ctx.session, ctx.store
+    data = _fetch_file(session, store, job.training_file, workdir / "train.jsonl")
+    valid = None
+    if job.validation_file:
+        valid = _fetch_file(session, store, job.validation_file, workdir / "valid.jsonl")
+    resume = None
+    latest = job_runs.latest_checkpoint(session, job_id=job.id)
+    if latest is not None:
+        resume = workdir / "resume"
+        shutil.rmtree(resume, ignore_errors=True)
+        store.get_dir(latest.storage_prefix, resume)
+        with ctx._lock:
+            add_event(session, job.id, f"Resuming from checkpoint at step {latest.step_number}")
+            session.commit()
+    return train(
+        _training_config(job, ctx.settings),
+        data_path=data,
+        validation_path=valid,
+        out_dir=workdir / "adapter",
+        home=ctx.settings.home,
+        on_progress=ctx.on_progress,
+        on_checkpoint=ctx.on_checkpoint,
+        should_cancel=ctx.should_cancel,
+        resume_from=resume,
+    )
+
+
+def _lineage(session: Session, job: Job, result: TrainResult) -> dict[str, Any]:
+    def file_info(file_id: str | None) -> dict[str, Any] | None:
+        row = session.get(File, file_id) if file_id else None
+        return {"id": row.id, "sha256": row.sha256} if row else None
+
+    return {
+        "job_id": job.id,
+        "training_file": file_info(job.training_file),
+        "validation_file": file_info(job.validation_file),
+        "hyperparameters": result.hyperparameters.model_dump(),
+        "config": job.config,
+        "seed": job.seed,
+        "versions": result.metrics.get("versions", {}),
+    }
+
+
+def _version_metrics(m: dict[str, Any]) -> dict[str, Any]:
+    keys = (
+        "train_loss",
+        "eval_loss_before",
+        "eval_loss_after",
+        "exact_match_before",
+        "exact_match_after",
+        "trained_tokens",
+        "runtime_seconds",
+        "steps",
+        "device",
+        "quantization",
+    )
+    return {k: m.get(k) for k in keys}
+
+
+def _set_base_name(adapter_dir: Path, base_name: str) -> None:
+    """Adapters name the registered base, which is what serving loads them against."""
+    path = adapter_dir / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = base_name
+    path.write_text(json.dumps(config, indent=2))
+
+
+def _succeed(job_id: str, ctx: JobContext, result: TrainResult) -> None:
+    session, store, settings = ctx.session, ctx.store, ctx.settings
+    job = session.get(Job, job_id, populate_existing=True)
+    assert job is not None
+    _set_base_name(result.out_dir, job.model)
+    prefix, stored = registry.upload_adapter(store, job=job, adapter_dir=result.out_dir)
+    with ctx._lock:
+        try:
+            job = job_runs.owned_job(session, ctx.claim)
+            tenant = session.get(Tenant, job.tenant_id)
+            assert tenant is not None
+            name = fine_tuned_model_name(job, tenant)
+            registry.register_version(
+                session,
+                job=job,
+                fine_tuned_model=name,
+                prefix=prefix,
+                stored=stored,
+                adapter_dir=result.out_dir,
+                metrics=_version_metrics(result.metrics),
+                lineage=_lineage(session, job, result),
+                max_rank=settings.max_lora_rank,
+            )
+            csv_file = store_result_file(
+                session,
+                store,
+                tenant_id=job.tenant_id,
+                filename=f"{job.id}-results.csv",
+                data=_results_csv(result.metrics),
+            )
+            job.status, job.lease, job.finished_at = "succeeded", None, utcnow()
+            job.fine_tuned_model, job.trained_tokens = name, result.trained_tokens
+            job.result_files = [csv_file.id]
+            add_event(session, job.id, f"New fine-tuned model created: {name}")
+            add_event(session, job.id, "The job has successfully completed")
+            session.commit()
+        except BaseException:
+            session.rollback()
+            store.delete(prefix)  # no half-registered version: bytes go with the row
+            raise
+
+
+def _fail_from(ctx: JobContext, error: BaseException) -> None:
+    from trainer.errors import (
+        BaseModelError,
+        CheckpointError,
+        ConfigError,
+        DataError,
+        TrainingFailed,
+    )
+
+    codes: list[tuple[type[BaseException], str, str | None]] = [
+        (ConfigError, "invalid_hyperparameters", "hyperparameters"),
+        (DataError, "invalid_training_file", "training_file"),
+        (BaseModelError, "model_not_available", "model"),
+        (CheckpointError, "checkpoint_unusable", None),
+        (TrainingFailed, "training_failed", None),
+        (StorageError, "storage_error", None),
+    ]
+    code, param, message = (
+        "internal_error",
+        None,
+        f"Training failed unexpectedly ({type(error).__name__}).",
+    )
+    for cls, c, p in codes:
+        if isinstance(error, cls):
+            code, param, message = c, p, str(error)
+            break
+    with ctx._lock:
+        ctx.session.rollback()
+        with contextlib.suppress(LeaseLost):
+            job_runs.fail(ctx.session, ctx.claim, code=code, message=message, param=param)
+
+
+def _start(session: Session, settings: Settings, job_id: str, worker: str) -> Claim | str:
+    job = session.get(Job, job_id)
+    if job is None or job.status in TERMINAL:
+        return SKIPPED
+    if job.status == "queued" and job_runs.tenant_at_limit(
+        session, job=job, limit=settings.max_running_jobs_per_tenant
+    ):
+        return DEFERRED
+    claim = job_runs.claim(
+        session, job_id=job_id, worker=worker, stale_after=settings.heartbeat_timeout
+    )
+    if claim is None:
+        return SKIPPED
+    add_event(session, job_id, f"Fine-tuning job started (attempt {claim.attempt})")
+    session.commit()
+    return claim
+
+
+def run_training_job(job_id: str, *, settings: Settings, worker: str) -> str:
+    """Run one job if it is ours to run; returns DONE, SKIPPED, DEFERRED or LOST."""
+    from trainer.errors import TrainingCancelled
+
+    with Session(get_engine(settings.database_url), expire_on_commit=False) as session:
+        claim = _start(session, settings, job_id, worker)
+        if isinstance(claim, str):
+            return claim
+        job = session.get(Job, job_id)
+        assert job is not None
+    workdir = settings.home / "work" / job_id
+    workdir.mkdir(parents=True, exist_ok=True)
+    with JobContext(settings, claim) as ctx:
+        try:
+            result = _train(job, ctx, workdir=workdir)
+            _succeed(job_id, ctx, result)
+            return DONE
+        except (TrainingCancelled, LeaseLost):
+            log.info("job %s stopped: cancelled or handed to another worker", job_id)
+            return LOST
+        except Exception as e:
+            log.exception("job %s failed", job_id)
+            _fail_from(ctx, e)
+            return DONE
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
