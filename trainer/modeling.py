@@ -121,7 +121,7 @@ def disable_cpu_4bit_repacking(model: torch.nn.Module) -> int:
     return len(layers)
 
 
-def lora_config(config: TrainConfig, *, base_name: str) -> LoraConfig:
+def lora_config(config: TrainConfig) -> LoraConfig:
     return LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
@@ -131,14 +131,13 @@ def lora_config(config: TrainConfig, *, base_name: str) -> LoraConfig:
         bias="none",
         # Never modules_to_save: vLLM refuses adapters that carry full copies of layers.
         modules_to_save=None,
-        base_model_name_or_path=base_name,
     )
 
 
 def add_lora(model: Any, config: TrainConfig, *, base_name: str) -> PeftModel:
     """Wrap `model` with a fresh LoRA adapter whose config names `base_name` (not a path)."""
     torch.manual_seed(config.seed)  # LoRA A init
-    peft_model = get_peft_model(model, lora_config(config, base_name=base_name))
-    # get_peft_model overwrites the name with the local path it loaded from.
+    peft_model = get_peft_model(model, lora_config(config))
+    # peft records the local path it loaded from; serving resolves the registered name.
     peft_model.peft_config["default"].base_model_name_or_path = base_name
     return peft_model

@@ -162,7 +162,8 @@ def train(
         raise TrainingCancelled(cancel.cancelled_at)
     after = measure(trainer, tokenizer, inputs, config)
 
-    peft_model.save_pretrained(out_dir)
+    # The base is named, not a path: skip peft's embedding check (LoRA never touches them).
+    peft_model.save_pretrained(out_dir, save_embedding_layers=False)
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     metrics = build_metrics(
         config=config,

@@ -1,0 +1,184 @@
+"""Training on a tiny Llama: every quantization trains, packing, resume, cancel, outputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trainer.callbacks import Checkpoint, Progress
+from trainer.config import TrainConfig
+from trainer.errors import CheckpointError, TrainingCancelled
+from trainer.recipe import train
+
+from .trainer_testdata import TINY_FACTS, chat_row, write_jsonl
+
+
+def tiny_config(base: Path, **overrides: Any) -> TrainConfig:
+    settings: dict[str, Any] = {
+        "base_model": str(base),
+        "n_epochs": 4,
+        "batch_size": 4,
+        "learning_rate_multiplier": 10.0,  # lr 2e-3: a random tiny model needs a push
+        "lora_r": 8,
+        "probe_size": 2,
+        "precision": "fp32",
+    }
+    return TrainConfig.model_validate(settings | overrides)
+
+
+@pytest.mark.parametrize(
+    ("method", "quantization"), [("qlora", "nf4"), ("qlora", "int8"), ("lora", "none")]
+)
+def test_each_quantization_trains_with_falling_loss(
+    tiny_base: Path, tiny_data: Path, tmp_path: Path, method: str, quantization: str
+) -> None:
+    config = tiny_config(tiny_base, method=method, quantization=quantization, validation_split=0.25)
+    result = train(config, data_path=tiny_data, out_dir=tmp_path / "out", home=tmp_path)
+    losses = [point["loss"] for point in result.metrics["loss_curve"]]
+    assert sum(losses[-3:]) < sum(losses[:3])
+    assert result.eval_loss_after is not None and result.eval_loss_before is not None
+    assert result.eval_loss_after < result.eval_loss_before
+    assert result.metrics["quantization"] == quantization
+    assert result.steps == 4 * 3  # 9 training examples in batches of 4, 4 epochs
+
+
+def test_output_directory_is_a_servable_adapter(
+    tiny_base: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    result = train(
+        tiny_config(tiny_base, n_epochs=1), data_path=tiny_data, out_dir=out, home=tmp_path
+    )
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(tiny_base)  # the name given, not a cache path
+    assert not adapter.get("modules_to_save")
+    assert adapter["r"] == 8
+    weights = load_file(out / "adapter_model.safetensors")
+    assert weights and all("lora_" in name for name in weights)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["versions"]["torch"] == torch.__version__
+    assert metrics["trained_tokens"] == result.trained_tokens > 0
+    resolved = json.loads((out / "train_config.json").read_text())
+    assert (resolved["n_epochs"], resolved["quantization"]) == (1, "nf4")
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (out / "checkpoints").exists()
+
+
+def test_packing_fits_more_examples_per_step(tiny_base: Path, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "d.jsonl", [chat_row(q, a) for q, a in TINY_FACTS * 2])
+    config = tiny_config(tiny_base, packing=True, max_seq_length=128, n_epochs=8)
+    result = train(config, data_path=data, out_dir=tmp_path / "out", home=tmp_path)
+    # 24 examples of ~20 tokens fill 4 rows of 128 tokens: one step per epoch instead of 6.
+    assert result.metrics["total_steps"] < 8 * 24 / 4
+    losses = [point["loss"] for point in result.metrics["loss_curve"]]
+    assert losses[-1] < losses[0]
+
+
+def test_packed_examples_do_not_attend_to_each_other(tiny_base: Path) -> None:
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
+    a, b = [5, 6, 7, 8, 9], [10, 11, 12]
+    packed = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(
+        [{"input_ids": a}, {"input_ids": b}]
+    )
+    with torch.no_grad():
+        together = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits
+        alone = model(input_ids=torch.tensor([b])).logits
+    torch.testing.assert_close(together[0, len(a) :], alone[0], rtol=1e-4, atol=1e-4)
+
+
+def test_resume_from_checkpoint_matches_an_uninterrupted_run(
+    tiny_base: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    config = tiny_config(tiny_base, checkpoint_interval=3, lora_dropout=0.1)
+    saved: list[Checkpoint] = []
+
+    def keep(checkpoint: Checkpoint) -> None:  # what a worker does: copy it away
+        copy = tmp_path / "kept" / f"step-{checkpoint.step}"
+        shutil.copytree(checkpoint.path, copy)
+        saved.append(Checkpoint(step=checkpoint.step, path=copy, metrics=checkpoint.metrics))
+
+    full = train(
+        config, data_path=tiny_data, out_dir=tmp_path / "a", home=tmp_path, on_checkpoint=keep
+    )
+    assert [c.step for c in saved] == list(range(3, full.steps + 1, 3))
+    middle = saved[1]  # step 6 of 12
+    resumed = train(
+        config, data_path=tiny_data, out_dir=tmp_path / "b", home=tmp_path, resume_from=middle.path
+    )
+    assert resumed.steps == full.steps
+    assert resumed.train_loss == pytest.approx(full.train_loss, rel=1e-4)
+    first = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    second = load_file(tmp_path / "b" / "adapter_model.safetensors")
+    for name, tensor in first.items():
+        torch.testing.assert_close(second[name], tensor, rtol=1e-4, atol=1e-5)
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(
+    tiny_base: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    saved: list[Path] = []
+
+    def keep(checkpoint: Checkpoint) -> None:
+        saved.append(Path(shutil.copytree(checkpoint.path, tmp_path / f"k{checkpoint.step}")))
+
+    config = tiny_config(tiny_base, checkpoint_interval=6, n_epochs=2)
+    train(config, data_path=tiny_data, out_dir=tmp_path / "a", home=tmp_path, on_checkpoint=keep)
+    other = tiny_config(tiny_base, checkpoint_interval=6, n_epochs=3)
+    with pytest.raises(CheckpointError, match="different config"):
+        train(
+            other, data_path=tiny_data, out_dir=tmp_path / "b", home=tmp_path, resume_from=saved[0]
+        )
+    with pytest.raises(CheckpointError, match="not a Loraplex training checkpoint"):
+        train(
+            config, data_path=tiny_data, out_dir=tmp_path / "c", home=tmp_path, resume_from=tmp_path
+        )
+
+
+def test_cancel_stops_within_one_step(tiny_base: Path, tiny_data: Path, tmp_path: Path) -> None:
+    seen: list[Progress] = []
+    requested_at: list[int] = []
+
+    def on_progress(progress: Progress) -> None:
+        seen.append(progress)
+        if progress.step == 2:
+            requested_at.append(progress.step)
+
+    with pytest.raises(TrainingCancelled) as info:
+        train(
+            tiny_config(tiny_base),
+            data_path=tiny_data,
+            out_dir=tmp_path / "out",
+            home=tmp_path,
+            on_progress=on_progress,
+            should_cancel=lambda: bool(requested_at),
+        )
+    assert info.value.step <= requested_at[0] + 1
+    assert seen[-1].step <= requested_at[0] + 1 < seen[-1].total_steps
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_progress_reports_what_a_progress_bar_needs(
+    tiny_base: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    seen: list[Progress] = []
+    train(
+        tiny_config(tiny_base, n_epochs=1),
+        data_path=tiny_data,
+        out_dir=tmp_path / "o",
+        home=tmp_path,
+        on_progress=seen.append,
+    )
+    assert [p.step for p in seen] == [1, 2, 3]
+    last = seen[-1]
+    assert (last.total_steps, last.eta_seconds) == (3, 0.0)
+    assert last.loss is not None and last.token_accuracy is not None
+    assert last.learning_rate is not None and last.tokens_per_second and last.tokens_per_second > 0
