@@ -144,11 +144,58 @@ def serve(host: HostOpt = "127.0.0.1", port: PortOpt = 8001) -> None:
 
 @app.command()
 def up(host: HostOpt = "127.0.0.1", port: PortOpt = 8000) -> None:
-    """Run the whole platform on this machine (API, gateway, worker, engine)."""
-    _not_yet("up")
+    """Run the whole platform on this machine: the API on one port plus a worker process.
+
+    SIGTERM or Ctrl-C stops every child. (The serving gateway joins with the serving work.)
+    """
+    import signal
+    import subprocess
+    import sys
+
+    import uvicorn
+
+    _upgrade()
+    settings = get_settings()
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    loraplex = os.path.join(os.path.dirname(sys.argv[0]) or ".", "loraplex")
+    worker_cmd = (
+        [loraplex, "worker"]
+        if os.path.exists(loraplex)
+        else [sys.executable, "-m", "api.cli", "worker"]
+    )
+    child = subprocess.Popen(worker_cmd, start_new_session=True)
+
+    def _stop_child() -> None:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGTERM)
+            try:
+                child.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+
+    # uvicorn shuts down cleanly on SIGTERM/SIGINT, then re-raises the signal to the handler
+    # that was there before it: this one, which exits normally so the worker is stopped too.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: sys.exit(0))
+    try:
+        uvicorn.run(
+            "api.main:create_app",
+            factory=True,
+            host=host,
+            port=port,
+            log_level=settings.log_level.lower(),
+        )
+    finally:
+        _stop_child()
 
 
 @app.command()
 def demo() -> None:
     """Train and serve two tenants' adapters end to end on this machine."""
     _not_yet("demo")
+
+
+if __name__ == "__main__":
+    app()

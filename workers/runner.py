@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 # Outcomes of `run_training_job`, for the task and for logs.
 DONE, SKIPPED, DEFERRED, LOST = "done", "skipped", "deferred", "lost"
 EVENTS_PER_RUN = 50  # metrics events per run, whatever its length
+CANCEL_POLL_SECONDS = 0.25
 
 
 class JobContext:
@@ -50,6 +51,7 @@ class JobContext:
         self.store = ArtifactStore(settings.storage_url)
         self.session = Session(get_engine(settings.database_url), expire_on_commit=False)
         self.lost = threading.Event()
+        self._last_poll = 0.0
         self._lock = threading.Lock()  # the heartbeat thread shares the session
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat_loop, daemon=True)
@@ -79,8 +81,15 @@ class JobContext:
                 log.warning("heartbeat failed for %s", self.claim.job_id, exc_info=True)
 
     def should_cancel(self) -> bool:
-        """Asked after every step: the job may have been cancelled or handed elsewhere."""
-        self.beat()
+        """Asked after every step: the job may have been cancelled or handed elsewhere.
+
+        The row is read at most every CANCEL_POLL_SECONDS: real steps take longer than
+        that, so a cancel still lands within one step, and tiny steps don't hammer the DB.
+        """
+        now = time.monotonic()
+        if now - self._last_poll >= CANCEL_POLL_SECONDS:
+            self._last_poll = now
+            self.beat()
         return self.lost.is_set()
 
     def on_progress(self, p: Progress) -> None:

@@ -1,0 +1,160 @@
+"""Real worker processes (`loraplex worker`) on a real broker, a tiny Llama as the base."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from api.settings import Settings
+from tests.conftest import new_tenant
+from tests.trainer.trainer_testdata import TINY_FACTS, chat_row, tiny_tokenizer
+
+LORAPLEX = str(Path(sys.executable).parent / "loraplex")
+REDIS_URL = "redis://127.0.0.1:6379/0"
+RABBIT_URL = "amqp://guest:guest@127.0.0.1:5672//"
+TINY = "tiny-llama"
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama-base")
+    tokenizer = tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def tiny_dataset() -> bytes:
+    return "".join(json.dumps(chat_row(q, a)) + "\n" for q, a in TINY_FACTS).encode()
+
+
+@pytest.fixture(params=["redis"])
+def broker_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return {"redis": REDIS_URL, "rabbitmq": RABBIT_URL, "embedded": "filesystem://"}[request.param]
+
+
+@pytest.fixture
+def settings(tmp_path: Path, db_url: str, broker_url: str, tiny_llama: Path) -> Settings:
+    # A queue of its own: runs and tests never steal each other's messages.
+    return Settings(
+        home=tmp_path / "home",
+        database_url=db_url,
+        broker_url=broker_url,
+        train_queue=f"test-{uuid.uuid4().hex[:8]}",
+        base_models={TINY: str(tiny_llama)},
+        heartbeat_interval=0.5,
+        heartbeat_timeout=4,
+        max_running_jobs_per_tenant=1,
+    )
+
+
+def worker_env(settings: Settings) -> dict[str, str]:
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "LORAPLEX_HOME": str(settings.home),
+        "LORAPLEX_DATABASE_URL": settings.database_url,
+        "LORAPLEX_BROKER_URL": settings.broker_url,
+        "LORAPLEX_TRAIN_QUEUE": settings.train_queue,
+        "LORAPLEX_BASE_MODELS": json.dumps(settings.base_models),
+        "LORAPLEX_HEARTBEAT_INTERVAL": str(settings.heartbeat_interval),
+        "LORAPLEX_HEARTBEAT_TIMEOUT": str(settings.heartbeat_timeout),
+        "LORAPLEX_MAX_RUNNING_JOBS_PER_TENANT": str(settings.max_running_jobs_per_tenant),
+    }
+
+
+class Worker:
+    def __init__(self, settings: Settings, log: Path) -> None:
+        self.log = log
+        self.proc = subprocess.Popen(
+            [LORAPLEX, "worker"],
+            env=worker_env(settings),
+            stdout=open(log, "ab"),  # noqa: SIM115 (the child keeps it open)
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if "ready." in self.log.read_text(errors="replace"):
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        raise TimeoutError(f"worker not ready:\n{self.log.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up, no ack, as when a GPU host loses power."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture
+def start_worker(settings: Settings, tmp_path: Path) -> Iterator[Callable[[], Worker]]:
+    started: list[Worker] = []
+
+    def start() -> Worker:
+        worker = Worker(settings, tmp_path / f"worker-{len(started)}.log")
+        started.append(worker)
+        worker.wait_ready()
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+    if settings.broker_url.startswith("redis"):
+        import redis
+
+        redis.Redis.from_url(settings.broker_url).delete(settings.train_queue)
+
+
+@pytest.fixture
+def sdk(live_url: str, settings: Settings) -> openai.OpenAI:
+    _, key = new_tenant(settings, name="support")
+    return openai.OpenAI(base_url=f"{live_url}/v1", api_key=key, max_retries=0)
+
+
+def wait_for_status(sdk: openai.OpenAI, job_id: str, statuses: set[str], timeout: float = 180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = sdk.fine_tuning.jobs.retrieve(job_id)
+        if job.status in statuses:
+            return job
+        time.sleep(0.3)
+    raise TimeoutError(f"{job_id} still {job.status}")

@@ -1,0 +1,164 @@
+"""Fine-tuning jobs through real worker processes: the user's flow, crashes, cancel, limits."""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+
+import openai
+import pytest
+from sqlmodel import Session, select
+
+from api.db import get_engine
+from api.models.adapters import AdapterVersion
+from api.models.jobs import JobCheckpoint
+from api.settings import Settings
+from api.storage import ArtifactStore
+from tests.workers.conftest import TINY, tiny_dataset, wait_for_status
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def hp(**values: object) -> dict:
+    return {"type": "supervised", "supervised": {"hyperparameters": values}}
+
+
+def versions(settings: Settings, job_id: str) -> list[AdapterVersion]:
+    with Session(get_engine(settings.database_url)) as s:
+        return list(s.exec(select(AdapterVersion).where(AdapterVersion.job_id == job_id)))
+
+
+def upload(sdk: openai.OpenAI) -> str:
+    return sdk.files.create(file=("facts.jsonl", tiny_dataset()), purpose="fine-tune").id
+
+
+@pytest.mark.parametrize("broker_url", ["redis", "rabbitmq", "embedded"], indirect=True)
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_full_flow_through_the_sdk(sdk: openai.OpenAI, start_worker, settings) -> None:
+    start_worker()
+    job = sdk.fine_tuning.jobs.create(
+        model=TINY,
+        training_file=upload(sdk),
+        suffix="facts",
+        method=hp(n_epochs=3, batch_size=4, method="lora"),
+    )
+    done = wait_for_status(sdk, job.id, {"succeeded", "failed", "cancelled"})
+    assert done.status == "succeeded", done.error
+    assert done.fine_tuned_model == f"ft:{TINY}:support:facts:{job.id[6:14]}"
+    assert done.trained_tokens and done.trained_tokens > 0 and done.finished_at
+    events = [e for e in sdk.fine_tuning.jobs.list_events(job.id, limit=100)]
+    metrics = [e for e in events if e.type == "metrics"]
+    assert metrics and metrics[0].message.startswith("Step 9/9: training loss=")
+    assert {"step", "train_loss", "train_mean_token_accuracy"} <= set(metrics[0].data)
+    assert events[0].message == "The job has successfully completed"
+
+    (version,) = versions(settings, job.id)
+    assert version.stage == "candidate" and version.version == 1 and version.rank == 16
+    store = ArtifactStore(settings.storage_url)
+    for name, info in version.files.items():
+        key = f"{version.storage_prefix}/{name}"
+        assert store.exists(key) and store.size(key) == info["size"]
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(version.files)
+
+    (results_id,) = done.result_files
+    assert sdk.files.retrieve(results_id).purpose == "fine-tune-results"
+    rows = list(csv.DictReader(io.StringIO(sdk.files.content(results_id).text)))
+    assert rows and set(rows[0]) == {
+        "step",
+        "train_loss",
+        "train_accuracy",
+        "valid_loss",
+        "valid_mean_token_accuracy",
+    }
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_sigkilled_worker_resumes_from_checkpoint_once(sdk, start_worker, settings) -> None:
+    first = start_worker()
+    job = sdk.fine_tuning.jobs.create(
+        model=TINY,
+        training_file=upload(sdk),
+        suffix="crashy",
+        method=hp(n_epochs=30, batch_size=1, method="lora", checkpoint_interval=60),
+    )
+    engine = get_engine(settings.database_url)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        with Session(engine) as s:
+            if s.exec(select(JobCheckpoint).where(JobCheckpoint.job_id == job.id)).first():
+                break
+        time.sleep(0.2)
+    else:
+        pytest.fail("no checkpoint was written")
+    first.kill()
+    assert sdk.fine_tuning.jobs.retrieve(job.id).status == "running"
+
+    start_worker()  # its reaper sees the dead worker's stale heartbeat and re-queues the job
+    done = wait_for_status(sdk, job.id, {"succeeded", "failed", "cancelled"}, timeout=300)
+    assert done.status == "succeeded", done.error
+    assert done.model_extra["attempts"] == 2
+    messages = [e.message for e in sdk.fine_tuning.jobs.list_events(job.id, limit=1000)]
+    resumed = [m for m in messages if m.startswith("Resuming from checkpoint at step")]
+    assert len(resumed) == 1
+    step = int(resumed[0].rsplit(" ", 1)[1])
+    # After the resume, progress continues from the checkpoint rather than from step 1.
+    assert step >= 60
+    after_resume = messages[: messages.index(resumed[0])]  # events are newest first
+    first_step = min(int(m.split()[1].split("/")[0]) for m in after_resume if m.startswith("Step "))
+    assert first_step > step  # progress continued from the checkpoint, not from step 1
+    assert len(versions(settings, job.id)) == 1
+    checkpoints = sdk.fine_tuning.jobs.checkpoints.list(job.id)
+    assert 60 in [c.step_number for c in checkpoints]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_cancel_a_running_job_stops_it(sdk, start_worker, settings) -> None:
+    start_worker()
+    job = sdk.fine_tuning.jobs.create(
+        model=TINY, training_file=upload(sdk), method=hp(n_epochs=100, batch_size=1, method="lora")
+    )
+    deadline = time.monotonic() + 120
+    while not any(e.type == "metrics" for e in sdk.fine_tuning.jobs.list_events(job.id)):
+        assert time.monotonic() < deadline, "training never started"
+        time.sleep(0.2)
+    assert sdk.fine_tuning.jobs.cancel(job.id).status == "cancelled"
+    time.sleep(3)
+    steps_then = _last_step(sdk, job.id)
+    time.sleep(3)
+    assert _last_step(sdk, job.id) == steps_then  # the worker stopped training
+    final = sdk.fine_tuning.jobs.retrieve(job.id)
+    assert final.status == "cancelled" and final.fine_tuned_model is None
+    assert versions(settings, job.id) == []
+
+
+def _last_step(sdk: openai.OpenAI, job_id: str) -> int:
+    metrics = [
+        e for e in sdk.fine_tuning.jobs.list_events(job_id, limit=100) if e.type == "metrics"
+    ]
+    return int(metrics[0].data["step"]) if metrics else 0
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_per_tenant_limit_keeps_the_second_job_queued(sdk, start_worker, settings) -> None:
+    start_worker()
+    start_worker()  # two workers, but the tenant may run one job at a time
+    file_id = upload(sdk)
+    a = sdk.fine_tuning.jobs.create(
+        model=TINY, training_file=file_id, method=hp(n_epochs=10, batch_size=1, method="lora")
+    )
+    b = sdk.fine_tuning.jobs.create(
+        model=TINY, training_file=file_id, method=hp(n_epochs=2, batch_size=4, method="lora")
+    )
+    wait_for_status(sdk, a.id, {"running"})
+    time.sleep(2)
+    assert sdk.fine_tuning.jobs.retrieve(b.id).status == "queued"
+    done_a = wait_for_status(sdk, a.id, {"succeeded", "failed"})
+    done_b = wait_for_status(sdk, b.id, {"succeeded", "failed"})
+    assert done_a.status == done_b.status == "succeeded"
+    started_b = [
+        e.created_at
+        for e in sdk.fine_tuning.jobs.list_events(b.id, limit=100)
+        if e.message.startswith("Fine-tuning job started")
+    ]
+    assert min(started_b) >= done_a.finished_at - 1
