@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from trainer.callbacks import Checkpoint, Progress
 from trainer.config import TrainConfig
 from trainer.errors import CheckpointError, TrainingCancelled
+from trainer.modeling import choose_plan, load_base_model
 from trainer.recipe import train
 
 from .trainer_testdata import TINY_FACTS, chat_row, write_jsonl
@@ -81,10 +82,11 @@ def test_packing_fits_more_examples_per_step(tiny_base: Path, tmp_path: Path) ->
 
 
 def test_packed_examples_do_not_attend_to_each_other(tiny_base: Path) -> None:
-    from transformers import AutoModelForCausalLM
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
+    config = tiny_config(tiny_base, method="lora")
+    # As the trainer loads it: use_cache off, which transformers needs to see packed rows.
+    model = load_base_model(tiny_base, plan=choose_plan(config)).eval()
     a, b = [5, 6, 7, 8, 9], [10, 11, 12]
     packed = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(
         [{"input_ids": a}, {"input_ids": b}]
@@ -182,3 +184,17 @@ def test_progress_reports_what_a_progress_bar_needs(
     assert (last.total_steps, last.eta_seconds) == (3, 0.0)
     assert last.loss is not None and last.token_accuracy is not None
     assert last.learning_rate is not None and last.tokens_per_second and last.tokens_per_second > 0
+
+
+def test_early_stopping_ends_a_run_whose_eval_loss_rises(tiny_base: Path, tmp_path: Path) -> None:
+    # Validation answers contradict the training answers: learning makes eval loss worse.
+    train_rows = [chat_row(q, a) for q, a in TINY_FACTS]
+    wrong = [chat_row(q, "Purple.") for q, _ in TINY_FACTS[:4]]
+    data = write_jsonl(tmp_path / "t.jsonl", train_rows)
+    valid = write_jsonl(tmp_path / "v.jsonl", wrong)
+    config = tiny_config(tiny_base, n_epochs=10, eval_interval=1, early_stopping_patience=2)
+    result = train(
+        config, data_path=data, validation_path=valid, out_dir=tmp_path / "o", home=tmp_path
+    )
+    assert result.stopped_early
+    assert result.steps < result.metrics["total_steps"]

@@ -23,6 +23,7 @@ LORAPLEX = str(Path(sys.executable).parent / "loraplex")
 REDIS_URL = "redis://127.0.0.1:6379/0"
 RABBIT_URL = "amqp://guest:guest@127.0.0.1:5672//"
 TINY = "tiny-llama"
+BROKEN = "broken-base"  # registered, but its files are not there
 
 
 @pytest.fixture(scope="session")
@@ -68,7 +69,7 @@ def settings(tmp_path: Path, db_url: str, broker_url: str, tiny_llama: Path) -> 
         database_url=db_url,
         broker_url=broker_url,
         train_queue=f"test-{uuid.uuid4().hex[:8]}",
-        base_models={TINY: str(tiny_llama)},
+        base_models={TINY: str(tiny_llama), BROKEN: str(tiny_llama.parent / "missing")},
         heartbeat_interval=0.5,
         heartbeat_timeout=4,
         max_running_jobs_per_tenant=1,

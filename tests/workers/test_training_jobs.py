@@ -15,7 +15,8 @@ from api.models.adapters import AdapterVersion
 from api.models.jobs import JobCheckpoint
 from api.settings import Settings
 from api.storage import ArtifactStore
-from tests.workers.conftest import TINY, tiny_dataset, wait_for_status
+from tests.workers.conftest import BROKEN, TINY, tiny_dataset, wait_for_status
+from workers.celery_app import enqueue_training
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -36,7 +37,7 @@ def upload(sdk: openai.OpenAI) -> str:
 @pytest.mark.parametrize("broker_url", ["redis", "rabbitmq", "embedded"], indirect=True)
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_full_flow_through_the_sdk(sdk: openai.OpenAI, start_worker, settings) -> None:
-    start_worker()
+    worker = start_worker()
     job = sdk.fine_tuning.jobs.create(
         model=TINY,
         training_file=upload(sdk),
@@ -71,6 +72,15 @@ def test_full_flow_through_the_sdk(sdk: openai.OpenAI, start_worker, settings) -
         "valid_loss",
         "valid_mean_token_accuracy",
     }
+
+    # A redelivered message for a finished job is dropped: never trained twice.
+    enqueue_training(settings, job.id, queue=settings.train_queue)
+    deadline = time.monotonic() + 30
+    while f"job {job.id}: skipped" not in worker.log.read_text():
+        assert time.monotonic() < deadline, "the redelivered task was not seen"
+        time.sleep(0.2)
+    assert len(versions(settings, job.id)) == 1
+    assert sdk.fine_tuning.jobs.retrieve(job.id).finished_at == done.finished_at
 
 
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
@@ -113,8 +123,13 @@ def test_sigkilled_worker_resumes_from_checkpoint_once(sdk, start_worker, settin
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-def test_cancel_a_running_job_stops_it(sdk, start_worker, settings) -> None:
+def test_failure_is_clean_then_cancel_stops_a_running_job(sdk, start_worker, settings) -> None:
     start_worker()
+    broken = sdk.fine_tuning.jobs.create(model=BROKEN, training_file=upload(sdk))
+    failed = wait_for_status(sdk, broken.id, {"failed", "succeeded"})
+    assert failed.status == "failed" and failed.error.code == "model_not_available"
+    assert "Traceback" not in failed.error.message and "missing" in failed.error.message
+
     job = sdk.fine_tuning.jobs.create(
         model=TINY, training_file=upload(sdk), method=hp(n_epochs=100, batch_size=1, method="lora")
     )

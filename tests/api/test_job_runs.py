@@ -1,0 +1,78 @@
+"""The job row as a state machine: claims, leases, the reaper. Real SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlmodel import Session
+
+from api.db import get_engine, utcnow
+from api.models.jobs import Job
+from api.services import job_runs
+from api.services.job_runs import LeaseLost
+from api.services.jobs import cancel_job
+from api.settings import Settings
+from tests.conftest import new_tenant
+
+
+def make_job(settings: Settings, **values: object) -> str:
+    tenant_id, _ = new_tenant(settings)
+    with Session(get_engine(settings.database_url)) as s:
+        fields: dict = {"status": "queued", **values}
+        job = Job(tenant_id=tenant_id, model="m", training_file="file-x", method={}, config={},
+                  hyperparameters={}, **fields)
+        s.add(job)
+        s.commit()
+        return job.id
+
+
+def test_only_one_worker_can_claim_a_job(settings: Settings, session: Session) -> None:
+    job_id = make_job(settings)
+    first = job_runs.claim(session, job_id=job_id, worker="a", stale_after=60)
+    assert first is not None and first.attempt == 1
+    assert job_runs.claim(session, job_id=job_id, worker="b", stale_after=60) is None
+
+
+def test_a_dead_workers_job_can_be_claimed_and_the_old_lease_is_void(
+    settings: Settings, session: Session
+) -> None:
+    job_id = make_job(settings)
+    old = job_runs.claim(session, job_id=job_id, worker="a", stale_after=60)
+    assert old is not None
+    job = session.get(Job, job_id)
+    assert job is not None
+    job.heartbeat_at = utcnow() - timedelta(seconds=120)
+    session.commit()
+    new = job_runs.claim(session, job_id=job_id, worker="b", stale_after=60)
+    assert new is not None and new.attempt == 2
+    with pytest.raises(LeaseLost):
+        job_runs.heartbeat(session, old)
+    job_runs.heartbeat(session, new)
+
+
+def test_cancel_voids_the_running_lease(settings: Settings, session: Session) -> None:
+    job_id = make_job(settings)
+    claim = job_runs.claim(session, job_id=job_id, worker="a", stale_after=60)
+    assert claim is not None
+    tenant_id = session.get(Job, job_id).tenant_id  # type: ignore[union-attr]
+    cancel_job(session, tenant_id=tenant_id, job_id=job_id)
+    with pytest.raises(LeaseLost):
+        job_runs.heartbeat(session, claim)
+    with pytest.raises(LeaseLost):
+        job_runs.owned_job(session, claim)
+    assert job_runs.claim(session, job_id=job_id, worker="b", stale_after=0) is None
+
+
+def test_reaper_requeues_then_gives_up(settings: Settings, session: Session) -> None:
+    stale = utcnow() - timedelta(seconds=300)
+    retry = make_job(settings, status="running", attempts=1, heartbeat_at=stale, lease="x")
+    give_up = make_job(settings, status="running", attempts=3, heartbeat_at=stale, lease="y")
+    alive = make_job(settings, status="running", attempts=1, heartbeat_at=utcnow(), lease="z")
+    requeued = job_runs.requeue_or_fail_stale(session, stale_after=60, max_attempts=3)
+    assert requeued == [retry]
+    rows = {j: session.get(Job, j, populate_existing=True) for j in (retry, give_up, alive)}
+    assert rows[retry].status == "queued" and rows[retry].lease is None  # type: ignore[union-attr]
+    assert rows[give_up].status == "failed"  # type: ignore[union-attr]
+    assert rows[give_up].error["code"] == "worker_lost"  # type: ignore[index,union-attr]
+    assert rows[alive].status == "running"  # type: ignore[union-attr]
