@@ -88,7 +88,8 @@ def run_train(args: argparse.Namespace) -> int:
     console.print(
         f"train loss {result.train_loss}, eval loss {result.eval_loss_before} -> "
         f"{result.eval_loss_after}, exact match train {result.exact_match_train} "
-        f"validation {result.exact_match_validation}"
+        f"validation {result.exact_match_validation}, train on the unquantized base "
+        f"(as served) {result.exact_match_train_unquantized}"
     )
     return 0
 

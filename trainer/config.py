@@ -103,6 +103,11 @@ class TrainConfig(BaseModel):
     probe_size: int = Field(
         20, ge=0, description="Prompts per side (train, held-out) in the exact-match probe."
     )
+    probe_unquantized: bool = Field(
+        True,
+        description="After a quantized run, probe again on the unquantized base, as serving "
+        "(vLLM) runs the adapter; the trained-on 4-bit base can answer better than that.",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where to train: auto picks CUDA when present, else CPU."
     )

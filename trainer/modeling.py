@@ -121,6 +121,13 @@ def disable_cpu_4bit_repacking(model: torch.nn.Module) -> int:
     return len(layers)
 
 
+def load_adapter_as_served(base_dir: Path, adapter_dir: Path, *, plan: RuntimePlan) -> Any:
+    """The written adapter on the unquantized base, the way serving engines load it."""
+    dtype = torch.bfloat16 if plan.device == "cuda" and plan.bf16 else torch.float32
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, device_map={"": plan.device})
+    return PeftModel.from_pretrained(base, adapter_dir).eval()
+
+
 def lora_config(config: TrainConfig) -> LoraConfig:
     return LoraConfig(
         r=config.lora_r,

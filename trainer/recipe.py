@@ -8,6 +8,7 @@ model + LoRA -> trl SFTTrainer -> eval/probe before -> train -> eval/probe after
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import shutil
@@ -39,7 +40,14 @@ from trainer.data import TokenizedData, load_examples, split_validation, tokeniz
 from trainer.errors import CheckpointError, ConfigError, TrainingCancelled, TrainingFailed
 from trainer.evaluate import exact_match_probe
 from trainer.formats import Example
-from trainer.modeling import RuntimePlan, add_lora, choose_plan, load_base_model, load_tokenizer
+from trainer.modeling import (
+    RuntimePlan,
+    add_lora,
+    choose_plan,
+    load_adapter_as_served,
+    load_base_model,
+    load_tokenizer,
+)
 from trainer.outputs import package_versions, plot_loss, write_json
 
 # pytest turns this into an error too; here it guards production runs (ML-NOTES.md).
@@ -59,6 +67,7 @@ class TrainResult:
     eval_loss_after: float | None
     exact_match_train: float | None
     exact_match_validation: float | None
+    exact_match_train_unquantized: float | None  # as served: the adapter on the full base
     stopped_early: bool
     runtime_seconds: float
     metrics: dict[str, Any]
@@ -165,16 +174,22 @@ def train(
     # The base is named, not a path: skip peft's embedding check (LoRA never touches them).
     peft_model.save_pretrained(out_dir, save_embedding_layers=False)
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+    state = trainer.state
+    del trainer, model, peft_model  # free the quantized model before loading another
+    served = probe_as_served(
+        base_dir, out_dir, plan=plan, tokenizer=tokenizer, inputs=inputs, config=config
+    )
     metrics = build_metrics(
         config=config,
         inputs=inputs,
         plan=plan,
         train_data=train_data,
         valid_data=valid_data,
-        state=trainer.state,
+        state=state,
         progress=progress,
         before=before,
         after=after,
+        served=served,
         stopped_early=stopper.stopped,
         runtime=time.monotonic() - started,
     )
@@ -262,6 +277,29 @@ def measure(
     return result
 
 
+def probe_as_served(
+    base_dir: Path,
+    adapter_dir: Path,
+    *,
+    plan: RuntimePlan,
+    tokenizer: Any,
+    inputs: RunInputs,
+    config: TrainConfig,
+) -> dict[str, Any] | None:
+    """Exact match of the written adapter on the unquantized base (None for plain LoRA)."""
+    if plan.quantization == "none" or not config.probe_size or not config.probe_unquantized:
+        return None
+    gc.collect()
+    if plan.device == "cuda":
+        torch.cuda.empty_cache()
+    model = load_adapter_as_served(base_dir, adapter_dir, plan=plan)
+    n = config.probe_size
+    return {
+        side: exact_match_probe(model, tokenizer, examples).as_dict()
+        for side, examples in (("train", inputs.train[:n]), ("validation", inputs.valid[:n]))
+    }
+
+
 def read_run_state(resume_from: Path, *, expected: dict[str, Any]) -> dict[str, Any]:
     """The run state saved in a checkpoint; it must match this run's config and data."""
     path = Path(resume_from)
@@ -286,6 +324,7 @@ def build_metrics(
     progress: ProgressCallback,
     before: dict[str, Any],
     after: dict[str, Any],
+    served: dict[str, Any] | None,
     stopped_early: bool,
     runtime: float,
 ) -> dict[str, Any]:
@@ -305,6 +344,7 @@ def build_metrics(
         "eval_token_accuracy_after": after["eval_token_accuracy"],
         "exact_match_before": before["exact_match"],
         "exact_match_after": after["exact_match"],
+        "exact_match_unquantized": served,
         "trained_tokens": trained_tokens,
         "train_examples": len(train_data.rows),
         "validation_examples": len(valid_data.rows),
@@ -340,8 +380,8 @@ def write_outputs(
 
 
 def result_from(out_dir: Path, hp: Hyperparameters, metrics: dict[str, Any]) -> TrainResult:
-    def rate(side: str) -> float | None:
-        probe = metrics["exact_match_after"][side]
+    def rate(side: str, key: str = "exact_match_after") -> float | None:
+        probe = (metrics[key] or {}).get(side)
         return probe["rate"] if probe and probe["n"] else None
 
     return TrainResult(
@@ -354,6 +394,7 @@ def result_from(out_dir: Path, hp: Hyperparameters, metrics: dict[str, Any]) -> 
         eval_loss_after=metrics["eval_loss_after"],
         exact_match_train=rate("train"),
         exact_match_validation=rate("validation"),
+        exact_match_train_unquantized=rate("train", "exact_match_unquantized"),
         stopped_early=metrics["stopped_early"],
         runtime_seconds=metrics["runtime_seconds"],
         metrics=metrics,
