@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, Index, Text, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 from api.db import utcnow
@@ -22,12 +22,25 @@ class Adapter(SQLModel, table=True):
     tenant_id: str = Field(foreign_key="tenants.id", index=True, max_length=64)
     name: str = Field(max_length=64)
     base_model: str = Field(max_length=256)
+    # A canary: a second version that gets `canary_percent`% of by-name traffic.
+    canary_version_id: str | None = Field(default=None, max_length=64)
+    canary_percent: int = 0
     created_at: datetime = Field(default_factory=utcnow)
 
 
 class AdapterVersion(SQLModel, table=True):
     __tablename__ = "adapter_versions"
-    __table_args__ = (UniqueConstraint("adapter_id", "version"),)
+    __table_args__ = (
+        UniqueConstraint("adapter_id", "version"),
+        # At most one production version per adapter, whatever two admins do at once.
+        Index(
+            "uq_adapter_versions_one_production",
+            "adapter_id",
+            unique=True,
+            sqlite_where=text("stage = 'production'"),
+            postgresql_where=text("stage = 'production'"),
+        ),
+    )
 
     id: str = Field(default_factory=lambda: new_id("adv-"), primary_key=True, max_length=64)
     adapter_id: str = Field(foreign_key="adapters.id", index=True, max_length=64)
@@ -46,4 +59,7 @@ class AdapterVersion(SQLModel, table=True):
     lineage: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     stage: str = Field(default="candidate", max_length=16, index=True)
     stage_reason: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    # A stable small integer per version: vLLM's LoRA int id (its own name hashing collides).
+    serial: int | None = Field(default=None, unique=True)
     created_at: datetime = Field(default_factory=utcnow, index=True)
+    promoted_at: datetime | None = None

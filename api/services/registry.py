@@ -67,6 +67,11 @@ def _next_version(session: Session, adapter: Adapter) -> int:
     return int(current or 0) + 1
 
 
+def _next_serial(session: Session) -> int:
+    current = session.exec(select(func.max(AdapterVersion.serial))).one()
+    return int(current or 0) + 1
+
+
 def upload_adapter(
     store: ArtifactStore, *, job: Job, adapter_dir: Path
 ) -> tuple[str, dict[str, StoredObject]]:
@@ -100,6 +105,7 @@ def register_version(
             adapter_id=adapter.id,
             tenant_id=job.tenant_id,
             version=_next_version(session, adapter),
+            serial=_next_serial(session),
             job_id=job.id,
             fine_tuned_model=fine_tuned_model,
             base_model=job.model,
@@ -118,7 +124,7 @@ def register_version(
             with session.begin_nested():
                 session.flush()
             return version
-        except IntegrityError:  # another version of this line took the number: next one
+        except IntegrityError:  # another registration took the number: take the next one
             session.expunge(version)
     raise RuntimeError(f"could not allocate a version number for {adapter.name}")
 

@@ -1,0 +1,98 @@
+"""Model-name resolution: (tenant, `model`) -> the base model or one adapter version.
+
+    a registered base model name        -> the base model
+    an adapter name (the job's suffix)  -> its production version, or its canary by share
+    an exact `ft:...` id the tenant owns -> that version (candidate, staging or production)
+
+Anything else, another tenant's names included, is `model_not_found` with one message
+shape, so a name's existence in another tenant cannot be probed.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from sqlmodel import Session, select
+
+from api.errors import InvalidRequest, NotFound
+from api.models.adapters import Adapter, AdapterVersion
+from api.settings import Settings
+
+SERVABLE_BY_ID = ("candidate", "staging", "production")
+
+
+@dataclass(frozen=True)
+class Resolution:
+    requested: str
+    base_model: str
+    version: AdapterVersion | None = None  # None: the base model itself
+    canary: bool = False
+
+
+def model_not_found(model: str) -> NotFound:
+    return NotFound(
+        f"The model '{model}' does not exist or you do not have access to it.",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def _by_id(session: Session, *, tenant_id: str, model: str) -> Resolution:
+    version = session.exec(
+        select(AdapterVersion).where(
+            AdapterVersion.fine_tuned_model == model, AdapterVersion.tenant_id == tenant_id
+        )
+    ).first()
+    if version is None:
+        raise model_not_found(model)
+    if version.stage not in SERVABLE_BY_ID:
+        why = f": {version.stage_reason}" if version.stage_reason else ""
+        raise InvalidRequest(
+            f"The model '{model}' is {version.stage} and cannot be served{why}",
+            param="model",
+            code="model_not_servable",
+        )
+    return Resolution(requested=model, base_model=version.base_model, version=version)
+
+
+def _by_name(session: Session, *, tenant_id: str, model: str, rng: random.Random) -> Resolution:
+    adapter = session.exec(
+        select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.name == model)
+    ).first()
+    if adapter is None:
+        raise model_not_found(model)
+    if adapter.canary_version_id and rng.random() * 100 < adapter.canary_percent:
+        canary = session.get(AdapterVersion, adapter.canary_version_id)
+        if canary is not None:
+            return Resolution(
+                requested=model, base_model=canary.base_model, version=canary, canary=True
+            )
+    production = session.exec(
+        select(AdapterVersion).where(
+            AdapterVersion.adapter_id == adapter.id, AdapterVersion.stage == "production"
+        )
+    ).first()
+    if production is None:
+        raise NotFound(
+            f"The adapter '{model}' has no production version yet; call a version "
+            "by its fine_tuned_model id, or ask an admin to promote one.",
+            param="model",
+            code="model_not_found",
+        )
+    return Resolution(requested=model, base_model=production.base_model, version=production)
+
+
+def resolve_model(
+    session: Session,
+    settings: Settings,
+    *,
+    tenant_id: str,
+    model: str,
+    rng: random.Random | None = None,
+) -> Resolution:
+    if model in settings.registered_base_models():
+        return Resolution(requested=model, base_model=model)
+    if model.startswith("ft:"):
+        return _by_id(session, tenant_id=tenant_id, model=model)
+    return _by_name(session, tenant_id=tenant_id, model=model, rng=rng or random.Random())
