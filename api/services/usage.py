@@ -55,9 +55,9 @@ def usage_summary(
         col(UsageRecord.tenant_id), col(UsageRecord.model), col(UsageRecord.adapter_version_id)
     )
     if tenant_id is not None:
-        query = query.where(UsageRecord.tenant_id == tenant_id)
+        query = query.where(col(UsageRecord.tenant_id) == tenant_id)
     if since is not None:
-        query = query.where(UsageRecord.created_at >= since)
+        query = query.where(col(UsageRecord.created_at) >= since)
     return [
         {
             "tenant_id": t,
