@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry
 
 from api.errors import install_error_handlers
 from api.middleware import BodyLimitMiddleware, MetricsMiddleware
-from api.routes import admin, files, health, jobs, models
+from api.routes import adapters, admin, admin_registry, files, health, jobs, models
 from api.settings import Settings, get_settings
 
 
@@ -27,7 +27,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(files.router)
     app.include_router(jobs.router)
     app.include_router(models.router)
+    app.include_router(adapters.router)
     app.include_router(admin.router)
+    app.include_router(admin_registry.router)
     app.add_middleware(
         BodyLimitMiddleware,
         limit=settings.max_json_body_bytes,

@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     # Longer than any training run, or Redis redelivers a long job while it still runs.
     broker_visibility_timeout: int = Field(7 * 24 * 3600, gt=0)
     broker_polling_interval: float = Field(0.1, gt=0)
+    # Refuse production to versions whose eval loss and probe did not improve (force overrides).
+    promotion_gate: bool = False
     # The serving pool's --max-lora-rank: higher-rank adapters are registered as rejected.
     max_lora_rank: int = Field(64, ge=1)
     log_level: str = "INFO"

@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 from api.db import unix
 from api.deps import AdminDep, SessionDep
 from api.models.tenants import ApiKey, Tenant
-from api.services import tenants
+from api.services import audit, tenants
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 
@@ -54,19 +54,37 @@ def list_tenants(_: AdminDep, session: SessionDep) -> dict[str, Any]:
 
 
 @router.post("/tenants")
-def create_tenant(body: TenantCreate, _: AdminDep, session: SessionDep) -> dict[str, Any]:
+def create_tenant(body: TenantCreate, admin: AdminDep, session: SessionDep) -> dict[str, Any]:
     """Create a tenant and its first key; the key is returned once, here."""
     tenant = tenants.create_tenant(session, name=body.name)
     key, raw = tenants.create_key(session, tenant_id=tenant.id)
+    audit.record(
+        session,
+        actor=admin,
+        action="tenant.create",
+        target_type="tenant",
+        target_id=tenant.id,
+        tenant_id=tenant.id,
+        after=tenant_public(tenant),
+    )
     session.commit()
     return {**tenant_public(tenant), "api_key": raw, "key": key_public(key)}
 
 
 @router.post("/tenants/{tenant_id}/keys")
 def create_tenant_key(
-    tenant_id: str, body: KeyCreate, _: AdminDep, session: SessionDep
+    tenant_id: str, body: KeyCreate, admin: AdminDep, session: SessionDep
 ) -> dict[str, Any]:
     key, raw = tenants.create_key(session, tenant_id=tenant_id, name=body.name)
+    audit.record(
+        session,
+        actor=admin,
+        action="key.create",
+        target_type="api_key",
+        target_id=key.id,
+        tenant_id=tenant_id,
+        after=key_public(key),
+    )
     session.commit()
     return {**key_public(key), "api_key": raw}
 
@@ -78,7 +96,16 @@ def list_keys(_: AdminDep, session: SessionDep, tenant_id: str | None = None) ->
 
 
 @router.post("/keys/{key_id}/revoke")
-def revoke_key(key_id: str, _: AdminDep, session: SessionDep) -> dict[str, Any]:
+def revoke_key(key_id: str, admin: AdminDep, session: SessionDep) -> dict[str, Any]:
     key = tenants.revoke_key(session, key_id=key_id)
+    audit.record(
+        session,
+        actor=admin,
+        action="key.revoke",
+        target_type="api_key",
+        target_id=key.id,
+        tenant_id=key.tenant_id,
+        after=key_public(key),
+    )
     session.commit()
     return key_public(key)

@@ -1,30 +1,77 @@
-"""GET /v1/models: the base models a tenant can call (adapters join with the registry)."""
+"""GET /v1/models: the base models plus the tenant's callable adapters, as OpenAI models.
+
+An adapter is listed by name when it has a production version, and each servable version
+by its `fine_tuned_model` id.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from fastapi import APIRouter
+from sqlmodel import Session, col, select
 
-from api.deps import SettingsDep, TenantDep
-from api.errors import NotFound
+from api.db import unix
+from api.deps import SessionDep, SettingsDep, TenantDep
+from api.models.adapters import Adapter, AdapterVersion
+from api.services.resolver import SERVABLE_BY_ID, model_not_found
+from api.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["models"])
 
 
-def _model(model_id: str, owned_by: str) -> dict[str, Any]:
-    return {"id": model_id, "object": "model", "created": 0, "owned_by": owned_by}
+def _model(model_id: str, owned_by: str, created: int | None = 0, **extra: Any) -> dict[str, Any]:
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": created or 0,
+        "owned_by": owned_by,
+        **extra,
+    }
+
+
+def callable_models(session: Session, settings: Settings, tenant_id: str) -> list[dict[str, Any]]:
+    models = [_model(name, "loraplex") for name in settings.registered_base_models()]
+    rows = session.exec(
+        select(AdapterVersion, Adapter)
+        .join(Adapter, col(Adapter.id) == AdapterVersion.adapter_id)
+        .where(AdapterVersion.tenant_id == tenant_id, col(AdapterVersion.stage).in_(SERVABLE_BY_ID))
+        .order_by(col(Adapter.name), col(AdapterVersion.version))
+    ).all()
+    for version, adapter in rows:
+        if version.stage == "production":
+            models.append(
+                _model(
+                    adapter.name,
+                    tenant_id,
+                    unix(version.promoted_at),
+                    root=version.base_model,
+                    parent=version.base_model,
+                )
+            )
+        models.append(
+            _model(
+                version.fine_tuned_model,
+                tenant_id,
+                unix(version.created_at),
+                root=version.base_model,
+                parent=version.base_model,
+            )
+        )
+    return models
 
 
 @router.get("/models")
-def list_models(_: TenantDep, settings: SettingsDep) -> dict[str, Any]:
-    return {"object": "list", "data": [_model(settings.base_model, "loraplex")], "has_more": False}
+def list_models(tenant_id: TenantDep, session: SessionDep, settings: SettingsDep) -> dict[str, Any]:
+    data = callable_models(session, settings, tenant_id)
+    return {"object": "list", "data": data, "has_more": False}
 
 
-@router.get("/models/{model_id}")
-def get_model(model_id: str, _: TenantDep, settings: SettingsDep) -> dict[str, Any]:
-    if model_id != settings.base_model:
-        raise NotFound(
-            f"The model '{model_id}' does not exist", param="model", code="model_not_found"
-        )
-    return _model(model_id, "loraplex")
+@router.get("/models/{model_id:path}")
+def get_model(
+    model_id: str, tenant_id: TenantDep, session: SessionDep, settings: SettingsDep
+) -> dict[str, Any]:
+    for model in callable_models(session, settings, tenant_id):
+        if model["id"] == model_id:
+            return model
+    raise model_not_found(model_id)

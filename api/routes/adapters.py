@@ -1,0 +1,147 @@
+"""Tenant view of the adapter registry: /v1/adapters."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections.abc import Iterator
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+from sqlmodel import Session, col, select
+
+from api.db import unix
+from api.deps import SessionDep, StoreDep, TenantDep
+from api.errors import LoraplexError, NotFound
+from api.models.adapters import Adapter, AdapterVersion
+from api.services.promotion import verify_version
+from api.storage import ArtifactStore
+
+router = APIRouter(prefix="/v1", tags=["adapters"])
+
+
+class ArtifactCorrupted(LoraplexError):
+    status_code = 422  # not the client's fault, but retrying will not help either
+    type = "server_error"
+    default_code = "artifact_integrity_error"
+
+
+def version_public(v: AdapterVersion, adapter: Adapter) -> dict[str, Any]:
+    return {
+        "object": "adapter.version",
+        "id": v.fine_tuned_model,
+        "version": v.version,
+        "stage": v.stage,
+        "stage_reason": v.stage_reason,
+        "canary_percent": adapter.canary_percent if adapter.canary_version_id == v.id else None,
+        "base_model": v.base_model,
+        "rank": v.rank,
+        "target_modules": v.target_modules,
+        "size_bytes": v.size_bytes,
+        "files": v.files,
+        "metrics": v.metrics,
+        "lineage": v.lineage,
+        "created_at": unix(v.created_at),
+        "promoted_at": unix(v.promoted_at),
+    }
+
+
+def versions_of(session: Session, adapter: Adapter) -> list[AdapterVersion]:
+    return list(
+        session.exec(
+            select(AdapterVersion)
+            .where(AdapterVersion.adapter_id == adapter.id)
+            .order_by(col(AdapterVersion.version))
+        )
+    )
+
+
+def adapter_public(adapter: Adapter, versions: list[AdapterVersion]) -> dict[str, Any]:
+    production = next((v.version for v in versions if v.stage == "production"), None)
+    canary = next((v.version for v in versions if v.id == adapter.canary_version_id), None)
+    return {
+        "object": "adapter",
+        "id": adapter.id,
+        "name": adapter.name,
+        "tenant_id": adapter.tenant_id,
+        "base_model": adapter.base_model,
+        "production_version": production,
+        "canary_version": canary,
+        "canary_percent": adapter.canary_percent if canary else None,
+        "created_at": unix(adapter.created_at),
+        "versions": [version_public(v, adapter) for v in versions],
+    }
+
+
+def get_adapter(session: Session, *, tenant_id: str, name: str) -> Adapter:
+    adapter = session.exec(
+        select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.name == name)
+    ).first()
+    if adapter is None:
+        raise NotFound(f"No adapter named {name!r}", param="name", code="adapter_not_found")
+    return adapter
+
+
+@router.get("/adapters")
+def list_adapters(tenant_id: TenantDep, session: SessionDep) -> dict[str, Any]:
+    adapters = session.exec(
+        select(Adapter).where(Adapter.tenant_id == tenant_id).order_by(col(Adapter.name))
+    ).all()
+    data = [adapter_public(a, versions_of(session, a)) for a in adapters]
+    return {"object": "list", "data": data, "has_more": False}
+
+
+@router.get("/adapters/{name}")
+def retrieve_adapter(name: str, tenant_id: TenantDep, session: SessionDep) -> dict[str, Any]:
+    adapter = get_adapter(session, tenant_id=tenant_id, name=name)
+    return adapter_public(adapter, versions_of(session, adapter))
+
+
+def _tar_stream(store: ArtifactStore, version: AdapterVersion) -> Iterator[bytes]:
+    """An uncompressed tar of the version's files, one file in memory at a time at most."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w|") as tar:
+        for rel, info in sorted(version.files.items()):
+            member = tarfile.TarInfo(name=rel)
+            member.size = int(info["size"])
+            with store.open(f"{version.storage_prefix}/{rel}") as f:
+                tar.addfile(member, f)
+            yield buffer.getvalue()
+            buffer.seek(0)
+            buffer.truncate()
+    yield buffer.getvalue()
+
+
+@router.get("/adapters/{name}/versions/{number}/files")
+def download_version(
+    name: str, number: int, tenant_id: TenantDep, session: SessionDep, store: StoreDep
+) -> StreamingResponse:
+    """The version's files as a tar; each file's sha256 in `X-Loraplex-Files-Sha256`."""
+    adapter = get_adapter(session, tenant_id=tenant_id, name=name)
+    version = session.exec(
+        select(AdapterVersion).where(
+            AdapterVersion.adapter_id == adapter.id, AdapterVersion.version == number
+        )
+    ).first()
+    if version is None:
+        raise NotFound(
+            f"Adapter {name!r} has no version {number}", param="version", code="version_not_found"
+        )
+    problems = verify_version(store, version)
+    if problems:
+        raise ArtifactCorrupted(
+            f"Stored files of {version.fine_tuned_model} failed their "
+            f"integrity check: {'; '.join(problems)}"
+        )
+    digests = {rel: info["sha256"] for rel, info in sorted(version.files.items())}
+    filename = f"{name}-v{number}.tar"
+    return StreamingResponse(
+        _tar_stream(store, version),
+        media_type="application/x-tar",
+        headers={
+            "Content-Disposition": f'attachment; filename="{filename}"',
+            "X-Loraplex-Files-Sha256": json.dumps(digests),
+        },
+    )

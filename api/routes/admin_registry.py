@@ -1,0 +1,207 @@
+"""Admin web API for the registry: promote, canary, roll back, delete; audit log; usage."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel, Field
+from sqlmodel import col, select
+
+from api.db import unix
+from api.deps import AdminDep, SessionDep, SettingsDep, StoreDep
+from api.models.adapters import Adapter
+from api.models.audit import AuditEntry
+from api.routes.adapters import adapter_public, versions_of
+from api.services import audit, promotion
+from api.services.pagination import list_body
+from api.services.usage import usage_summary
+
+router = APIRouter(prefix="/v1/admin", tags=["admin"])
+Limit = Annotated[int, Query(ge=1, le=1000)]
+
+
+class Promote(BaseModel):
+    stage: Literal["candidate", "staging", "production", "archived"]
+    force: bool = Field(
+        False,
+        description="Allow a move outside the normal flow or past the "
+        "promotion gate; audited as forced.",
+    )
+    reason: str | None = Field(None, max_length=2000)
+
+
+class Canary(BaseModel):
+    version: int = Field(ge=1)
+    percent: int = Field(ge=1, le=100, description="Share of by-name traffic, e.g. 5, 25, 50.")
+    reason: str | None = Field(None, max_length=2000)
+
+
+class Reason(BaseModel):
+    reason: str | None = Field(None, max_length=2000)
+
+
+def _adapter_body(session: Any, adapter_id: str) -> dict[str, Any]:
+    adapter = session.get(Adapter, adapter_id)
+    return adapter_public(adapter, versions_of(session, adapter))
+
+
+@router.get("/adapters")
+def list_all_adapters(
+    _: AdminDep, session: SessionDep, tenant_id: str | None = None
+) -> dict[str, Any]:
+    query = select(Adapter).order_by(col(Adapter.tenant_id), col(Adapter.name))
+    if tenant_id is not None:
+        query = query.where(Adapter.tenant_id == tenant_id)
+    data = [adapter_public(a, versions_of(session, a)) for a in session.exec(query)]
+    return {"object": "list", "data": data, "has_more": False}
+
+
+@router.get("/adapters/{adapter_id}")
+def get_adapter(adapter_id: str, _: AdminDep, session: SessionDep) -> dict[str, Any]:
+    promotion.lock_adapter(session, adapter_id)  # 404 if unknown
+    return _adapter_body(session, adapter_id)
+
+
+@router.post("/adapters/{adapter_id}/versions/{number}/promote")
+def promote_version(
+    adapter_id: str,
+    number: int,
+    body: Promote,
+    admin: AdminDep,
+    session: SessionDep,
+    settings: SettingsDep,
+) -> dict[str, Any]:
+    promotion.promote(
+        session,
+        actor=admin,
+        adapter_id=adapter_id,
+        number=number,
+        stage=body.stage,
+        force=body.force,
+        gate=settings.promotion_gate,
+        reason=body.reason,
+    )
+    return _adapter_body(session, adapter_id)
+
+
+@router.post("/adapters/{adapter_id}/rollback")
+def rollback(adapter_id: str, body: Reason, admin: AdminDep, session: SessionDep) -> dict[str, Any]:
+    promotion.rollback(session, actor=admin, adapter_id=adapter_id, reason=body.reason)
+    return _adapter_body(session, adapter_id)
+
+
+@router.post("/adapters/{adapter_id}/canary")
+def set_canary(
+    adapter_id: str, body: Canary, admin: AdminDep, session: SessionDep
+) -> dict[str, Any]:
+    promotion.set_canary(
+        session,
+        actor=admin,
+        adapter_id=adapter_id,
+        number=body.version,
+        percent=body.percent,
+        reason=body.reason,
+    )
+    return _adapter_body(session, adapter_id)
+
+
+@router.post("/adapters/{adapter_id}/canary/promote")
+def promote_canary(
+    adapter_id: str, body: Reason, admin: AdminDep, session: SessionDep
+) -> dict[str, Any]:
+    promotion.finish_canary(
+        session, actor=admin, adapter_id=adapter_id, promote=True, reason=body.reason
+    )
+    return _adapter_body(session, adapter_id)
+
+
+@router.post("/adapters/{adapter_id}/canary/abort")
+def abort_canary(
+    adapter_id: str, body: Reason, admin: AdminDep, session: SessionDep
+) -> dict[str, Any]:
+    promotion.finish_canary(
+        session, actor=admin, adapter_id=adapter_id, promote=False, reason=body.reason
+    )
+    return _adapter_body(session, adapter_id)
+
+
+@router.post("/adapters/{adapter_id}/versions/{number}/verify")
+def verify(
+    adapter_id: str, number: int, admin: AdminDep, session: SessionDep, store: StoreDep
+) -> dict[str, Any]:
+    """Re-hash the stored files; a mismatch rejects the version for good."""
+    adapter = promotion.lock_adapter(session, adapter_id)
+    version = promotion.get_version(session, adapter, number)
+    problems = promotion.verify_version(store, version)
+    if problems:
+        promotion.reject(session, actor=admin, version=version, problems=problems)
+    return {
+        "object": "adapter.verification",
+        "ok": not problems,
+        "problems": problems,
+        "stage": version.stage,
+    }
+
+
+@router.delete("/adapters/{adapter_id}/versions/{number}")
+def delete_version(
+    adapter_id: str, number: int, admin: AdminDep, session: SessionDep, store: StoreDep
+) -> dict[str, Any]:
+    promotion.delete_version(session, store, actor=admin, adapter_id=adapter_id, number=number)
+    return {
+        "object": "adapter.version",
+        "adapter_id": adapter_id,
+        "version": number,
+        "deleted": True,
+    }
+
+
+def entry_public(e: AuditEntry) -> dict[str, Any]:
+    return {
+        "id": e.id,
+        "object": "audit.entry",
+        "created_at": unix(e.created_at),
+        "actor_key_id": e.actor_key_id,
+        "action": e.action,
+        "target_type": e.target_type,
+        "target_id": e.target_id,
+        "tenant_id": e.tenant_id,
+        "before": e.before,
+        "after": e.after,
+        "forced": e.forced,
+        "reason": e.reason,
+    }
+
+
+@router.get("/audit")
+def list_audit(
+    _: AdminDep,
+    session: SessionDep,
+    after: str | None = None,
+    limit: Limit = 50,
+    action: str | None = None,
+    tenant_id: str | None = None,
+    target_id: str | None = None,
+    actor_key_id: str | None = None,
+) -> dict[str, Any]:
+    rows, has_more = audit.list_entries(
+        session,
+        after=after,
+        limit=limit,
+        action=action,
+        tenant_id=tenant_id,
+        target_id=target_id,
+        actor_key_id=actor_key_id,
+    )
+    return list_body([entry_public(e) for e in rows], has_more)
+
+
+@router.get("/usage")
+def usage(_: AdminDep, session: SessionDep, tenant_id: str | None = None) -> dict[str, Any]:
+    """Requests and tokens per tenant and adapter version, from the serving gateway."""
+    return {
+        "object": "list",
+        "data": usage_summary(session, tenant_id=tenant_id),
+        "has_more": False,
+    }

@@ -1,0 +1,375 @@
+"""Promotion of adapter versions through stages, canaries, rollback, deletion.
+
+    candidate ──► staging ──► production ──► archived
+        │            ▲  │          ▲             │
+        └────────────┼──┴──────────┘   (force)   │
+                     └───────────────────────────┘
+    rejected: incompatible or corrupted; never served, never promoted.
+
+One production version per adapter: promotions lock the adapter row, and a unique partial
+index on (adapter_id) WHERE stage = 'production' stops anything that slips past the lock.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from api.db import utcnow
+from api.errors import Conflict, InvalidRequest, NotFound
+from api.models.adapters import STAGES, Adapter, AdapterVersion
+from api.services import audit
+from api.services.tenants import Principal
+from api.storage import ArtifactStore
+
+# (from, to) moves allowed without `force`.
+ALLOWED = {
+    ("candidate", "staging"),
+    ("candidate", "production"),
+    ("candidate", "archived"),
+    ("staging", "production"),
+    ("staging", "archived"),
+    ("staging", "candidate"),
+    ("production", "staging"),
+    ("production", "archived"),
+    ("archived", "staging"),
+    ("archived", "candidate"),
+}
+CANARY_STAGES = ("candidate", "staging")
+
+
+def version_state(v: AdapterVersion) -> dict[str, Any]:
+    return {"version": v.version, "stage": v.stage, "fine_tuned_model": v.fine_tuned_model}
+
+
+def adapter_state(a: Adapter, session: Session) -> dict[str, Any]:
+    canary = session.get(AdapterVersion, a.canary_version_id) if a.canary_version_id else None
+    prod = production_version(session, a)
+    return {
+        "production": prod.version if prod else None,
+        "canary": canary.version if canary else None,
+        "canary_percent": a.canary_percent,
+    }
+
+
+def lock_adapter(session: Session, adapter_id: str) -> Adapter:
+    adapter = session.exec(
+        select(Adapter).where(Adapter.id == adapter_id).with_for_update()
+    ).first()
+    if adapter is None:
+        raise NotFound(
+            f"No adapter with id {adapter_id!r}", param="adapter_id", code="adapter_not_found"
+        )
+    return adapter
+
+
+def get_version(session: Session, adapter: Adapter, number: int) -> AdapterVersion:
+    version = session.exec(
+        select(AdapterVersion).where(
+            AdapterVersion.adapter_id == adapter.id, AdapterVersion.version == number
+        )
+    ).first()
+    if version is None:
+        raise NotFound(
+            f"Adapter {adapter.name!r} has no version {number}",
+            param="version",
+            code="version_not_found",
+        )
+    return version
+
+
+def production_version(session: Session, adapter: Adapter) -> AdapterVersion | None:
+    return session.exec(
+        select(AdapterVersion).where(
+            AdapterVersion.adapter_id == adapter.id, AdapterVersion.stage == "production"
+        )
+    ).first()
+
+
+def gate_problems(version: AdapterVersion) -> list[str]:
+    """The promotion gate: production needs a lower eval loss or a better probe score."""
+    m = version.metrics or {}
+    before, after = m.get("eval_loss_before"), m.get("eval_loss_after")
+    if before is not None and after is not None and after < before:
+        return []
+    probe_before = ((m.get("exact_match_before") or {}).get("train") or {}).get("rate")
+    probe_after = ((m.get("exact_match_after") or {}).get("train") or {}).get("rate")
+    if probe_before is not None and probe_after is not None and probe_after > probe_before:
+        return []
+    return [
+        f"eval loss {before} -> {after} did not improve and the exact-match probe "
+        f"{probe_before} -> {probe_after} did not either"
+    ]
+
+
+def _commit(session: Session) -> None:
+    try:
+        session.commit()
+    except IntegrityError as e:
+        session.rollback()
+        raise Conflict(
+            "Another promotion of this adapter happened at the same time; reload and try again.",
+            code="concurrent_promotion",
+        ) from e
+
+
+def _set_stage(session: Session, adapter: Adapter, version: AdapterVersion, stage: str) -> None:
+    """Move one version; a new production version archives the old one."""
+    if stage == "production":
+        current = production_version(session, adapter)
+        if current is not None and current.id != version.id:
+            current.stage = "archived"
+            session.add(current)
+            session.flush()  # the old production leaves before the new one arrives
+        version.promoted_at = utcnow()
+    if adapter.canary_version_id == version.id and stage not in CANARY_STAGES:
+        adapter.canary_version_id, adapter.canary_percent = None, 0
+    version.stage, version.stage_reason = stage, None
+    session.add(version)
+    session.add(adapter)
+
+
+def promote(
+    session: Session,
+    *,
+    actor: Principal,
+    adapter_id: str,
+    number: int,
+    stage: str,
+    force: bool = False,
+    gate: bool = False,
+    reason: str | None = None,
+) -> AdapterVersion:
+    if stage not in STAGES or stage == "rejected":
+        raise InvalidRequest(
+            "stage must be one of candidate, staging, production, archived", param="stage"
+        )
+    adapter = lock_adapter(session, adapter_id)
+    version = get_version(session, adapter, number)
+    before = {**version_state(version), **adapter_state(adapter, session)}
+    if version.stage == "rejected":
+        raise Conflict(
+            f"Version {number} of {adapter.name!r} was rejected "
+            f"({version.stage_reason}); it can never be promoted.",
+            code="version_rejected",
+        )
+    if version.stage == stage:
+        return version  # idempotent: nothing to do, nothing to audit
+    forced = False
+    if (version.stage, stage) not in ALLOWED:
+        if not force:
+            raise Conflict(
+                f"Cannot move version {number} from {version.stage} to {stage} without force=true.",
+                code="invalid_transition",
+            )
+        forced = True
+    if stage == "production" and gate:
+        problems = gate_problems(version)
+        if problems and not force:
+            raise Conflict(
+                f"Promotion gate: {problems[0]}; pass force=true to override.",
+                code="promotion_gate_failed",
+            )
+        forced = forced or bool(problems)
+    _set_stage(session, adapter, version, stage)
+    audit.record(
+        session,
+        actor=actor,
+        action=f"promote.{stage}",
+        target_type="adapter_version",
+        target_id=version.fine_tuned_model,
+        tenant_id=adapter.tenant_id,
+        before=before,
+        after={**version_state(version), **adapter_state(adapter, session)},
+        forced=forced,
+        reason=reason,
+    )
+    _commit(session)
+    return version
+
+
+def rollback(
+    session: Session, *, actor: Principal, adapter_id: str, reason: str | None = None
+) -> AdapterVersion:
+    """Production goes back to the version that was production before the current one."""
+    adapter = lock_adapter(session, adapter_id)
+    current = production_version(session, adapter)
+    if current is None:
+        raise Conflict(
+            f"{adapter.name!r} has no production version to roll back.", code="nothing_to_roll_back"
+        )
+    previous = session.exec(
+        select(AdapterVersion)
+        .where(
+            AdapterVersion.adapter_id == adapter.id,
+            AdapterVersion.stage == "archived",
+            col(AdapterVersion.promoted_at).is_not(None),
+            AdapterVersion.id != current.id,
+        )
+        .order_by(col(AdapterVersion.promoted_at).desc())
+    ).first()
+    if previous is None:
+        raise Conflict(
+            f"{adapter.name!r} has no earlier production version.", code="nothing_to_roll_back"
+        )
+    before = adapter_state(adapter, session)
+    _set_stage(session, adapter, previous, "production")
+    audit.record(
+        session,
+        actor=actor,
+        action="rollback",
+        target_type="adapter",
+        target_id=adapter.id,
+        tenant_id=adapter.tenant_id,
+        before=before,
+        after=adapter_state(adapter, session),
+        reason=reason,
+    )
+    _commit(session)
+    return previous
+
+
+def set_canary(
+    session: Session,
+    *,
+    actor: Principal,
+    adapter_id: str,
+    number: int,
+    percent: int,
+    reason: str | None = None,
+) -> Adapter:
+    """Start a canary or change its share (the seed's gradual 5/25/50/100% shift)."""
+    if not 0 < percent <= 100:
+        raise InvalidRequest("percent must be 1-100", param="percent")
+    adapter = lock_adapter(session, adapter_id)
+    version = get_version(session, adapter, number)
+    if production_version(session, adapter) is None:
+        raise Conflict(
+            "A canary needs a production version to share traffic with.",
+            code="no_production_version",
+        )
+    if version.stage not in CANARY_STAGES:
+        raise Conflict(
+            f"Version {number} is {version.stage}; a canary must be a candidate "
+            "or staging version.",
+            code="invalid_transition",
+        )
+    if adapter.canary_version_id not in (None, version.id):
+        raise Conflict(
+            "Another canary is running; promote or abort it first.", code="canary_in_progress"
+        )
+    before = adapter_state(adapter, session)
+    adapter.canary_version_id, adapter.canary_percent = version.id, percent
+    session.add(adapter)
+    audit.record(
+        session,
+        actor=actor,
+        action="canary.set",
+        target_type="adapter",
+        target_id=adapter.id,
+        tenant_id=adapter.tenant_id,
+        before=before,
+        after=adapter_state(adapter, session),
+        reason=reason,
+    )
+    _commit(session)
+    return adapter
+
+
+def finish_canary(
+    session: Session, *, actor: Principal, adapter_id: str, promote: bool, reason: str | None = None
+) -> Adapter:
+    """Promote the canary to full production, or roll it back, in one call."""
+    adapter = lock_adapter(session, adapter_id)
+    canary = session.get(AdapterVersion, adapter.canary_version_id or "")
+    if canary is None:
+        raise Conflict(f"{adapter.name!r} has no canary running.", code="no_canary")
+    before = adapter_state(adapter, session)
+    adapter.canary_version_id, adapter.canary_percent = None, 0
+    if promote:
+        _set_stage(session, adapter, canary, "production")
+    audit.record(
+        session,
+        actor=actor,
+        action="canary.promote" if promote else "canary.abort",
+        target_type="adapter",
+        target_id=adapter.id,
+        tenant_id=adapter.tenant_id,
+        before=before,
+        after=adapter_state(adapter, session),
+        reason=reason,
+    )
+    _commit(session)
+    return adapter
+
+
+def delete_version(
+    session: Session, store: ArtifactStore, *, actor: Principal, adapter_id: str, number: int
+) -> None:
+    adapter = lock_adapter(session, adapter_id)
+    version = get_version(session, adapter, number)
+    if version.stage == "production" or adapter.canary_version_id == version.id:
+        raise Conflict(
+            f"Version {number} is serving traffic ({version.stage}"
+            f"{', canary' if adapter.canary_version_id == version.id else ''}); "
+            "promote another version first.",
+            code="version_in_use",
+        )
+    audit.record(
+        session,
+        actor=actor,
+        action="version.delete",
+        target_type="adapter_version",
+        target_id=version.fine_tuned_model,
+        tenant_id=adapter.tenant_id,
+        before=version_state(version),
+    )
+    session.delete(version)
+    _commit(session)
+    store.delete(version.storage_prefix)  # after the row: never a row without bytes
+
+
+def verify_version(store: ArtifactStore, version: AdapterVersion) -> list[str]:
+    """Re-hash every stored file against the registry; the list of mismatches."""
+    import hashlib
+
+    problems = []
+    for rel, info in sorted(version.files.items()):
+        key = f"{version.storage_prefix}/{rel}"
+        if not store.exists(key):
+            problems.append(f"{rel}: missing from the artifact store")
+            continue
+        digest = hashlib.sha256()
+        for chunk in store.iter_bytes(key):
+            digest.update(chunk)
+        if digest.hexdigest() != info["sha256"]:
+            problems.append(f"{rel}: sha256 does not match the registry")
+    return problems
+
+
+def reject(
+    session: Session, *, actor: Principal | None, version: AdapterVersion, problems: list[str]
+) -> None:
+    """Take a corrupted version out of service for good."""
+    adapter = session.get(Adapter, version.adapter_id)
+    before = version_state(version)
+    version.stage, version.stage_reason = "rejected", "; ".join(problems)
+    if adapter is not None and adapter.canary_version_id == version.id:
+        adapter.canary_version_id, adapter.canary_percent = None, 0
+        session.add(adapter)
+    session.add(version)
+    if actor is not None:
+        audit.record(
+            session,
+            actor=actor,
+            action="version.reject",
+            target_type="adapter_version",
+            target_id=version.fine_tuned_model,
+            tenant_id=version.tenant_id,
+            before=before,
+            after=version_state(version),
+            reason=version.stage_reason,
+        )
+    session.commit()
