@@ -20,8 +20,15 @@ def make_job(settings: Settings, **values: object) -> str:
     tenant_id, _ = new_tenant(settings)
     with Session(get_engine(settings.database_url)) as s:
         fields: dict = {"status": "queued", **values}
-        job = Job(tenant_id=tenant_id, model="m", training_file="file-x", method={}, config={},
-                  hyperparameters={}, **fields)
+        job = Job(
+            tenant_id=tenant_id,
+            model="m",
+            training_file="file-x",
+            method={},
+            config={},
+            hyperparameters={},
+            **fields,
+        )
         s.add(job)
         s.commit()
         return job.id

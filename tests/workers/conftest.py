@@ -17,39 +17,13 @@ import pytest
 
 from api.settings import Settings
 from tests.conftest import new_tenant
-from tests.trainer.trainer_testdata import TINY_FACTS, chat_row, tiny_tokenizer
+from tests.trainer.trainer_testdata import TINY_FACTS, chat_row
 
 LORAPLEX = str(Path(sys.executable).parent / "loraplex")
 REDIS_URL = "redis://127.0.0.1:6379/0"
 RABBIT_URL = "amqp://guest:guest@127.0.0.1:5672//"
 TINY = "tiny-llama"
 BROKEN = "broken-base"  # registered, but its files are not there
-
-
-@pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("tiny-llama-base")
-    tokenizer = tiny_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 def tiny_dataset() -> bytes:
