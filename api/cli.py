@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -192,9 +193,22 @@ def up(host: HostOpt = "127.0.0.1", port: PortOpt = 8000) -> None:
 
 
 @app.command()
-def demo() -> None:
+def demo(
+    questions: Annotated[int, typer.Option(help="Questions asked per tenant.")] = 4,
+    min_match: Annotated[
+        float, typer.Option(help="Share of trained answers each adapter must reproduce.")
+    ] = 0.75,
+    support: Annotated[Path | None, typer.Option(help="The support team's dataset.")] = None,
+    code: Annotated[Path | None, typer.Option(help="The code team's dataset.")] = None,
+) -> None:
     """Train and serve two tenants' adapters end to end on this machine."""
-    _not_yet("demo")
+    from api.demo import run_demo
+
+    raise typer.Exit(
+        run_demo(
+            get_settings(), questions=questions, min_match=min_match, support=support, code=code
+        )
+    )
 
 
 if __name__ == "__main__":

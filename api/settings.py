@@ -47,6 +47,26 @@ class Settings(BaseSettings):
     promotion_gate: bool = False
     # The serving pool's --max-lora-rank: higher-rank adapters are registered as rejected.
     max_lora_rank: int = Field(64, ge=1)
+    # Serving (the gateway and its engine). Replica URLs (JSON list in env) point the gateway
+    # at vLLM servers someone else runs; empty: `serve`/`up` start `serving_spawn_replicas`.
+    serving_replicas: list[str] = Field(default_factory=list)
+    serving_spawn_replicas: int = Field(1, ge=0, description="vLLM replicas serve/up start.")
+    serving_replica_port: int = Field(8100, gt=0, description="First port of started replicas.")
+    # Adapters one vLLM batch can mix (--max-loras); the base rides on one slot (zero adapter).
+    serving_max_loras: int = Field(4, ge=2)
+    # Adapters a replica (or the in-process engine) holds before LRU unloading (--max-cpu-loras).
+    serving_max_cpu_loras: int = Field(16, ge=2)
+    serving_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    serving_kv_cache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE per replica.")
+    serving_max_model_len: int | None = Field(None, ge=16)
+    serving_startup_timeout: float = Field(300.0, gt=0, description="Seconds a replica may boot.")
+    serving_health_interval: float = Field(2.0, gt=0, description="Seconds between probes.")
+    serving_request_timeout: float = Field(600.0, gt=0)
+    # Retry-After (s) on a 503 when no replica is up: about one replica boot.
+    serving_retry_after: int = Field(10, ge=1)
+    # The in-process transformers engine: requests arriving together share one generate().
+    serving_max_batch_size: int = Field(8, ge=1)
+    serving_cache_dir: Path | None = Field(None, description="Verified adapters; default home.")
     log_level: str = "INFO"
 
     @model_validator(mode="after")
