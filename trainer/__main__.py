@@ -42,10 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    config = load_config(args.config, overrides=args.overrides)  # before the heavy imports
     from trainer.callbacks import Progress as StepProgress
     from trainer.recipe import train
 
-    config = load_config(args.config, overrides=args.overrides)
     quant = config.resolved_quantization
     console.print(f"[bold]{config.base_model}[/] {config.method}/{quant} on {args.data}")
     columns = (

@@ -5,17 +5,20 @@ every assistant message with weight 1 (its content and end-of-turn token) is fou
 rendering the conversation up to that message with and without it; tokens starting inside a
 span keep their id as label, all others get -100. Over-long examples keep their start and are
 counted; an example left with no trained token is dropped and counted.
+`prepare_inputs` does everything that needs no model: read, split, resolve "auto".
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from trainer.errors import DataError
+from trainer.config import Hyperparameters, TrainConfig, resolve_hyperparameters
+from trainer.errors import ConfigError, DataError
 from trainer.formats import DatasetError, Example, Message, read_examples
 
 IGNORE_INDEX = -100  # label value the loss skips (torch/transformers convention)
@@ -146,3 +149,32 @@ def tokenize_examples(
             f"{what}: every example lost its assistant tokens to max_seq_length={max_length}"
         )
     return data
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    train: list[Example]
+    valid: list[Example]
+    hyperparameters: Hyperparameters
+    data_sha256: str
+
+
+def prepare_inputs(
+    config: TrainConfig, *, data_path: Path, validation_path: Path | None = None
+) -> RunInputs:
+    """Read and check the data and resolve "auto": everything that needs no model."""
+    examples = load_examples(data_path)
+    if validation_path is not None:
+        train, valid = examples, load_examples(validation_path)
+    else:
+        train, valid = split_validation(
+            examples, fraction=config.validation_split, seed=config.seed
+        )
+    if config.early_stopping_patience is not None and not valid:
+        raise ConfigError(
+            "early_stopping_patience: needs validation data",
+            ["early_stopping_patience: needs a validation file or validation_split > 0"],
+        )
+    digest = hashlib.sha256(Path(data_path).read_bytes()).hexdigest()
+    hp = resolve_hyperparameters(config, n_examples=len(train))
+    return RunInputs(train=train, valid=valid, hyperparameters=hp, data_sha256=digest)

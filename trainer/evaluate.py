@@ -7,14 +7,17 @@ collapsing whitespace, so a model that says exactly the trained answer scores 1.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from trainer.data import as_chat
+from trainer.data import RunInputs, as_chat
 from trainer.formats import Example
+from trainer.modeling import RuntimePlan, load_adapter_as_served
 
 MAX_NEW_TOKENS_SLACK = 8  # room past the longest reference, so a rambling answer shows
 PROBE_BATCH = 8
@@ -91,3 +94,40 @@ def exact_match_probe(model: Any, tokenizer: Any, examples: Sequence[Example]) -
     ]
     exact = sum(_normalise(s["expected"]) == _normalise(s["got"]) for s in samples)
     return ProbeResult(n=len(samples), exact=exact, samples=samples)
+
+
+def probe_sides(model: Any, tokenizer: Any, inputs: RunInputs, *, n: int) -> dict[str, Any]:
+    """The probe on the first `n` training and `n` validation examples."""
+    sides = {"train": inputs.train[:n], "validation": inputs.valid[:n]}
+    return {
+        side: exact_match_probe(model, tokenizer, examples).as_dict() if n else None
+        for side, examples in sides.items()
+    }
+
+
+def measure(trainer: Any, tokenizer: Any, inputs: RunInputs, *, probe_size: int) -> dict[str, Any]:
+    """Held-out eval loss (trl's, on assistant tokens) and the probe, as they stand now."""
+    result: dict[str, Any] = {"eval_loss": None, "eval_token_accuracy": None}
+    if trainer.eval_dataset is not None:
+        scores = trainer.evaluate()
+        result["eval_loss"] = scores["eval_loss"]
+        result["eval_token_accuracy"] = scores.get("eval_mean_token_accuracy")
+    result["exact_match"] = probe_sides(trainer.model, tokenizer, inputs, n=probe_size)
+    return result
+
+
+def probe_as_served(
+    base_dir: Path,
+    adapter_dir: Path,
+    *,
+    plan: RuntimePlan,
+    tokenizer: Any,
+    inputs: RunInputs,
+    probe_size: int,
+) -> dict[str, Any]:
+    """The probe for the written adapter on the unquantized base, as serving loads it."""
+    gc.collect()  # the caller dropped the quantized model: let its memory go first
+    if plan.device == "cuda":
+        torch.cuda.empty_cache()
+    model = load_adapter_as_served(base_dir, adapter_dir, plan=plan)
+    return probe_sides(model, tokenizer, inputs, n=probe_size)

@@ -16,6 +16,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from trainer.callbacks import ProgressCallback
+from trainer.config import Hyperparameters, TrainConfig
+from trainer.data import RunInputs, TokenizedData
+from trainer.modeling import RuntimePlan
+
 VERSIONED_PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes")
 
 
@@ -53,3 +58,69 @@ def plot_loss(path: Path, *, curve: list[dict[str, float]], evals: list[dict[str
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def build_metrics(
+    *,
+    config: TrainConfig,
+    inputs: RunInputs,
+    plan: RuntimePlan,
+    train_data: TokenizedData,
+    valid_data: TokenizedData,
+    state: Any,
+    progress: ProgressCallback,
+    before: dict[str, Any],
+    after: dict[str, Any],
+    served: dict[str, Any] | None,
+    stopped_early: bool,
+    runtime: float,
+) -> dict[str, Any]:
+    """Everything metrics.json holds (keys documented in docs/trainer.md)."""
+    done = state.global_step / max(1, state.max_steps)
+    trained_tokens = round(train_data.n_tokens * inputs.hyperparameters.n_epochs * done)
+    return {
+        "steps": state.global_step,
+        "total_steps": state.max_steps,
+        "epochs": state.epoch,
+        "train_loss": progress.curve[-1]["loss"] if progress.curve else None,
+        "loss_curve": progress.curve,
+        "eval_curve": progress.evals,
+        "eval_loss_before": before["eval_loss"],
+        "eval_loss_after": after["eval_loss"],
+        "eval_token_accuracy_before": before["eval_token_accuracy"],
+        "eval_token_accuracy_after": after["eval_token_accuracy"],
+        "exact_match_before": before["exact_match"],
+        "exact_match_after": after["exact_match"],
+        "exact_match_unquantized": served,
+        "trained_tokens": trained_tokens,
+        "train_examples": len(train_data.rows),
+        "validation_examples": len(valid_data.rows),
+        "truncated_examples": train_data.n_truncated + valid_data.n_truncated,
+        "dropped_examples": train_data.n_dropped + valid_data.n_dropped,
+        "tokens_per_second": trained_tokens / runtime if runtime else None,
+        "runtime_seconds": runtime,
+        "stopped_early": stopped_early,
+        "device": plan.device,
+        "precision": "bf16" if plan.bf16 else "fp32",
+        "gradient_checkpointing": plan.gradient_checkpointing,
+        "method": config.method,
+        "quantization": plan.quantization,
+        "hyperparameters": inputs.hyperparameters.model_dump(),
+        "data_sha256": inputs.data_sha256,
+        "versions": package_versions(),
+    }
+
+
+def write_outputs(
+    out_dir: Path,
+    *,
+    config: TrainConfig,
+    hp: Hyperparameters,
+    metrics: dict[str, Any],
+    progress: ProgressCallback,
+) -> None:
+    resolved = config.model_dump(mode="json") | hp.model_dump()
+    resolved["quantization"] = metrics["quantization"]
+    write_json(out_dir / "train_config.json", resolved)
+    write_json(out_dir / "metrics.json", metrics)
+    plot_loss(out_dir / "loss.png", curve=progress.curve, evals=progress.evals)

@@ -8,8 +8,6 @@ model + LoRA -> trl SFTTrainer -> eval/probe before -> train -> eval/probe after
 from __future__ import annotations
 
 import contextlib
-import gc
-import hashlib
 import json
 import shutil
 import time
@@ -35,20 +33,12 @@ from trainer.callbacks import (
     ProgressCallback,
     ProgressFn,
 )
-from trainer.config import Hyperparameters, TrainConfig, resolve_hyperparameters
-from trainer.data import TokenizedData, load_examples, split_validation, tokenize_examples
-from trainer.errors import CheckpointError, ConfigError, TrainingCancelled, TrainingFailed
-from trainer.evaluate import exact_match_probe
-from trainer.formats import Example
-from trainer.modeling import (
-    RuntimePlan,
-    add_lora,
-    choose_plan,
-    load_adapter_as_served,
-    load_base_model,
-    load_tokenizer,
-)
-from trainer.outputs import package_versions, plot_loss, write_json
+from trainer.config import Hyperparameters, TrainConfig
+from trainer.data import prepare_inputs, tokenize_examples
+from trainer.errors import CheckpointError, TrainingCancelled, TrainingFailed
+from trainer.evaluate import measure, probe_as_served
+from trainer.modeling import RuntimePlan, add_lora, choose_plan, load_base_model, load_tokenizer
+from trainer.outputs import build_metrics, write_outputs
 
 # pytest turns this into an error too; here it guards production runs (ML-NOTES.md).
 WRONG_GRADIENT_WARNING = ".*autograd kernel was not registered.*"
@@ -73,35 +63,6 @@ class TrainResult:
     metrics: dict[str, Any]
 
 
-@dataclass(frozen=True)
-class RunInputs:
-    train: list[Example]
-    valid: list[Example]
-    hyperparameters: Hyperparameters
-    data_sha256: str
-
-
-def prepare_inputs(
-    config: TrainConfig, *, data_path: Path, validation_path: Path | None = None
-) -> RunInputs:
-    """Read and check the data and resolve "auto": everything that needs no model."""
-    examples = load_examples(data_path)
-    if validation_path is not None:
-        train, valid = examples, load_examples(validation_path)
-    else:
-        train, valid = split_validation(
-            examples, fraction=config.validation_split, seed=config.seed
-        )
-    if config.early_stopping_patience is not None and not valid:
-        raise ConfigError(
-            "early_stopping_patience: needs validation data",
-            ["early_stopping_patience: needs a validation file or validation_split > 0"],
-        )
-    digest = hashlib.sha256(Path(data_path).read_bytes()).hexdigest()
-    hp = resolve_hyperparameters(config, n_examples=len(train))
-    return RunInputs(train=train, valid=valid, hyperparameters=hp, data_sha256=digest)
-
-
 def train(
     config: TrainConfig,
     *,
@@ -120,7 +81,7 @@ def train(
     (every `config.checkpoint_interval` steps) and should copy it away before returning;
     `should_cancel` is asked after every step (True -> `TrainingCancelled`). `resume_from`
     is a checkpoint directory from the same config and data: the run continues at its step.
-    Raises `TrainerError` subclasses only (see trainer/errors.py).
+    Bad input and the known failure modes raise `TrainerError` subclasses (trainer/errors.py).
     """
     started = time.monotonic()
     inputs = prepare_inputs(config, data_path=data_path, validation_path=validation_path)
@@ -163,22 +124,33 @@ def train(
     peft_model: Any = trainer.model  # trl keeps our PeftModel, typed loosely upstream
     keep_lora_fp32(peft_model)
 
-    before = resumed["before"] if resumed else measure(trainer, tokenizer, inputs, config)
+    before = (
+        resumed["before"]
+        if resumed
+        else measure(trainer, tokenizer, inputs, probe_size=config.probe_size)
+    )
     run_state["before"] = before
     with fail_on_wrong_gradients():
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if cancel.cancelled_at is not None:
         raise TrainingCancelled(cancel.cancelled_at)
-    after = measure(trainer, tokenizer, inputs, config)
+    after = measure(trainer, tokenizer, inputs, probe_size=config.probe_size)
 
     # The base is named, not a path: skip peft's embedding check (LoRA never touches them).
     peft_model.save_pretrained(out_dir, save_embedding_layers=False)
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     state = trainer.state
     del trainer, model, peft_model  # free the quantized model before loading another
-    served = probe_as_served(
-        base_dir, out_dir, plan=plan, tokenizer=tokenizer, inputs=inputs, config=config
-    )
+    served = None
+    if plan.quantization != "none" and config.probe_size and config.probe_unquantized:
+        served = probe_as_served(
+            base_dir,
+            out_dir,
+            plan=plan,
+            tokenizer=tokenizer,
+            inputs=inputs,
+            probe_size=config.probe_size,
+        )
     metrics = build_metrics(
         config=config,
         inputs=inputs,
@@ -259,47 +231,6 @@ def fail_on_wrong_gradients() -> Iterator[None]:
             raise TrainingFailed(f"training backpropagated through a 4-bit op: {e}") from e
 
 
-def measure(
-    trainer: SFTTrainer, tokenizer: Any, inputs: RunInputs, config: TrainConfig
-) -> dict[str, Any]:
-    """Held-out eval loss and the exact-match probe, as they stand now."""
-    result: dict[str, Any] = {"eval_loss": None, "eval_token_accuracy": None}
-    if trainer.eval_dataset is not None:
-        scores = trainer.evaluate()
-        result["eval_loss"] = scores["eval_loss"]
-        result["eval_token_accuracy"] = scores.get("eval_mean_token_accuracy")
-    n = config.probe_size
-    probes = {"train": inputs.train[:n], "validation": inputs.valid[:n]}
-    result["exact_match"] = {
-        side: exact_match_probe(trainer.model, tokenizer, examples).as_dict() if n else None
-        for side, examples in probes.items()
-    }
-    return result
-
-
-def probe_as_served(
-    base_dir: Path,
-    adapter_dir: Path,
-    *,
-    plan: RuntimePlan,
-    tokenizer: Any,
-    inputs: RunInputs,
-    config: TrainConfig,
-) -> dict[str, Any] | None:
-    """Exact match of the written adapter on the unquantized base (None for plain LoRA)."""
-    if plan.quantization == "none" or not config.probe_size or not config.probe_unquantized:
-        return None
-    gc.collect()
-    if plan.device == "cuda":
-        torch.cuda.empty_cache()
-    model = load_adapter_as_served(base_dir, adapter_dir, plan=plan)
-    n = config.probe_size
-    return {
-        side: exact_match_probe(model, tokenizer, examples).as_dict()
-        for side, examples in (("train", inputs.train[:n]), ("validation", inputs.valid[:n]))
-    }
-
-
 def read_run_state(resume_from: Path, *, expected: dict[str, Any]) -> dict[str, Any]:
     """The run state saved in a checkpoint; it must match this run's config and data."""
     path = Path(resume_from)
@@ -311,72 +242,6 @@ def read_run_state(resume_from: Path, *, expected: dict[str, Any]) -> dict[str, 
         if state.get(key) != value:
             raise CheckpointError(f"{path}: checkpoint has a different {key} than this run")
     return state
-
-
-def build_metrics(
-    *,
-    config: TrainConfig,
-    inputs: RunInputs,
-    plan: RuntimePlan,
-    train_data: TokenizedData,
-    valid_data: TokenizedData,
-    state: Any,
-    progress: ProgressCallback,
-    before: dict[str, Any],
-    after: dict[str, Any],
-    served: dict[str, Any] | None,
-    stopped_early: bool,
-    runtime: float,
-) -> dict[str, Any]:
-    """Everything metrics.json holds (keys documented in docs/trainer.md)."""
-    done = state.global_step / max(1, state.max_steps)
-    trained_tokens = round(train_data.n_tokens * inputs.hyperparameters.n_epochs * done)
-    return {
-        "steps": state.global_step,
-        "total_steps": state.max_steps,
-        "epochs": state.epoch,
-        "train_loss": progress.curve[-1]["loss"] if progress.curve else None,
-        "loss_curve": progress.curve,
-        "eval_curve": progress.evals,
-        "eval_loss_before": before["eval_loss"],
-        "eval_loss_after": after["eval_loss"],
-        "eval_token_accuracy_before": before["eval_token_accuracy"],
-        "eval_token_accuracy_after": after["eval_token_accuracy"],
-        "exact_match_before": before["exact_match"],
-        "exact_match_after": after["exact_match"],
-        "exact_match_unquantized": served,
-        "trained_tokens": trained_tokens,
-        "train_examples": len(train_data.rows),
-        "validation_examples": len(valid_data.rows),
-        "truncated_examples": train_data.n_truncated + valid_data.n_truncated,
-        "dropped_examples": train_data.n_dropped + valid_data.n_dropped,
-        "tokens_per_second": trained_tokens / runtime if runtime else None,
-        "runtime_seconds": runtime,
-        "stopped_early": stopped_early,
-        "device": plan.device,
-        "precision": "bf16" if plan.bf16 else "fp32",
-        "gradient_checkpointing": plan.gradient_checkpointing,
-        "method": config.method,
-        "quantization": plan.quantization,
-        "hyperparameters": inputs.hyperparameters.model_dump(),
-        "data_sha256": inputs.data_sha256,
-        "versions": package_versions(),
-    }
-
-
-def write_outputs(
-    out_dir: Path,
-    *,
-    config: TrainConfig,
-    hp: Hyperparameters,
-    metrics: dict[str, Any],
-    progress: ProgressCallback,
-) -> None:
-    resolved = config.model_dump(mode="json") | hp.model_dump()
-    resolved["quantization"] = metrics["quantization"]
-    write_json(out_dir / "train_config.json", resolved)
-    write_json(out_dir / "metrics.json", metrics)
-    plot_loss(out_dir / "loss.png", curve=progress.curve, evals=progress.evals)
 
 
 def result_from(out_dir: Path, hp: Hyperparameters, metrics: dict[str, Any]) -> TrainResult:
