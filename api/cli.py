@@ -139,15 +139,29 @@ def worker(
 
 @app.command()
 def serve(host: HostOpt = "127.0.0.1", port: PortOpt = 8001) -> None:
-    """Run the serving gateway alone."""
-    _not_yet("serve")
+    """Run the serving gateway alone, with its engine (vLLM replicas it starts or is pointed
+    at via LORAPLEX_SERVING_REPLICAS, or the in-process transformers engine)."""
+    import uvicorn
+
+    from serving.app import create_gateway_app
+
+    _upgrade()
+    settings = get_settings()
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    # The gateway's shutdown stops the replicas it started; uvicorn turns SIGTERM into that.
+    uvicorn.run(
+        create_gateway_app(settings), host=host, port=port, log_level=settings.log_level.lower()
+    )
 
 
 @app.command()
 def up(host: HostOpt = "127.0.0.1", port: PortOpt = 8000) -> None:
-    """Run the whole platform on this machine: the API on one port plus a worker process.
+    """Run the whole platform on this machine: the API and the serving gateway on one port,
+    a worker process and the serving engine (vLLM replicas, or in-process transformers).
 
-    SIGTERM or Ctrl-C stops every child. (The serving gateway joins with the serving work.)
+    SIGTERM or Ctrl-C stops every child: uvicorn's shutdown stops the gateway's replicas.
     """
     import signal
     import subprocess
@@ -181,9 +195,10 @@ def up(host: HostOpt = "127.0.0.1", port: PortOpt = 8000) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: sys.exit(0))
     try:
+        from api.main import create_app
+
         uvicorn.run(
-            "api.main:create_app",
-            factory=True,
+            create_app(settings, with_gateway=True),
             host=host,
             port=port,
             log_level=settings.log_level.lower(),

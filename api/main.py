@@ -1,4 +1,4 @@
-"""The control plane's app factory: `create_app()`."""
+"""The control plane's app factory: `create_app()` (with the serving gateway for `up`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from api.routes import adapters, admin, admin_registry, files, health, jobs, mod
 from api.settings import Settings, get_settings
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, with_gateway: bool = False) -> FastAPI:
+    """The API; `with_gateway` also mounts chat/completions on the same base URL."""
     settings = settings or get_settings()
     app = FastAPI(
         title="Loraplex",
@@ -29,6 +30,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router)
     app.include_router(adapters.router)
     app.include_router(admin.router)
+    if with_gateway:
+        # Imported here: the gateway is light, but a control plane alone needs none of it.
+        from serving.app import mount_gateway
+
+        mount_gateway(app, settings)
     app.include_router(admin_registry.router)
     app.add_middleware(
         BodyLimitMiddleware,

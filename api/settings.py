@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     # at vLLM servers someone else runs; empty: `serve`/`up` start `serving_spawn_replicas`.
     serving_replicas: list[str] = Field(default_factory=list)
     serving_spawn_replicas: int = Field(1, ge=0, description="vLLM replicas serve/up start.")
-    serving_replica_port: int = Field(8100, gt=0, description="First port of started replicas.")
+    serving_replica_port: int = Field(0, ge=0, description="First replica port; 0: any free.")
     # Adapters one vLLM batch can mix (--max-loras); the base rides on one slot (zero adapter).
     serving_max_loras: int = Field(4, ge=2)
     # Adapters a replica (or the in-process engine) holds before LRU unloading (--max-cpu-loras).

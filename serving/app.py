@@ -1,0 +1,182 @@
+"""The gateway's HTTP face: `router` (POST /v1/chat/completions, /v1/completions),
+`mount_gateway(app)` to add it to an existing app (the API, for `loraplex up`), and
+`create_gateway_app()` for the gateway alone (`loraplex serve`).
+
+Auth and errors are the control plane's own (TenantDep, install_error_handlers): a tenant key
+works the same on both, and every error has the OpenAI shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client import CollectorRegistry
+
+from api.deps import SessionDep, TenantDep
+from api.errors import install_error_handlers
+from api.settings import Settings, get_settings
+from api.storage import ArtifactStore
+from serving.cache import AdapterCache
+from serving.engines.base import Engine
+from serving.errors import no_replica
+from serving.gateway import Gateway
+from serving.metrics import GatewayMetrics
+from serving.schemas import ChatCompletionRequest, CompletionRequest
+from serving.setup import EngineSetup, build_engine
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1", tags=["serving"])
+
+
+def get_gateway(request: Request) -> Gateway:
+    gateway: Gateway | None = getattr(request.app.state, "gateway", None)
+    if gateway is None:
+        settings: Settings = request.app.state.settings
+        raise no_replica(settings.serving_retry_after)
+    return gateway
+
+
+GatewayDep = Annotated[Gateway, Depends(get_gateway)]
+
+
+@router.post("/chat/completions", response_model=None)
+async def chat_completions(
+    body: ChatCompletionRequest, tenant_id: TenantDep, session: SessionDep, gateway: GatewayDep
+) -> JSONResponse | StreamingResponse:
+    return await gateway.handle(endpoint="chat", body=body, session=session, tenant_id=tenant_id)
+
+
+@router.post("/completions", response_model=None)
+async def completions(
+    body: CompletionRequest, tenant_id: TenantDep, session: SessionDep, gateway: GatewayDep
+) -> JSONResponse | StreamingResponse:
+    return await gateway.handle(
+        endpoint="completion", body=body, session=session, tenant_id=tenant_id
+    )
+
+
+def mount_gateway(app: FastAPI, settings: Settings, *, engine: Engine | None = None) -> None:
+    """Add the serving routes to `app`; the engine starts and stops with the app.
+
+    `engine` is the seam for tests and embedders (started before the app serves); by default
+    `build_engine(settings)` picks vLLM replicas (started here or pointed at) or the in-process
+    transformers engine, built in the background so the API is up at once: completions answer
+    503 with Retry-After until the engine is ready.
+    """
+    app.include_router(router)
+    runtime = ServingRuntime(settings, metrics=GatewayMetrics(app.state.registry), engine=engine)
+    inner = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app_: FastAPI) -> AsyncIterator[Any]:
+        await runtime.start(app_)
+        try:
+            async with inner(app_) as state:
+                yield state
+        finally:
+            await runtime.stop(app_)
+
+    app.router.lifespan_context = lifespan
+
+
+class ServingRuntime:
+    """The gateway's moving parts for one app: engine, replica processes, supervision."""
+
+    def __init__(
+        self, settings: Settings, *, metrics: GatewayMetrics, engine: Engine | None
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.engine = engine
+        self.setup: EngineSetup | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self, app: FastAPI) -> None:
+        if self.engine is not None:
+            await self._boot(app, EngineSetup(engine=self.engine, replicas=[]))
+        else:
+            self._tasks.append(asyncio.create_task(self._build_and_boot(app)))
+
+    async def _build_and_boot(self, app: FastAPI) -> None:
+        try:
+            setup = await asyncio.to_thread(
+                build_engine, self.settings, on_event=_counter(self.metrics)
+            )
+        except Exception:
+            log.exception("serving engine could not be built; completions will answer 503")
+            return
+        await self._boot(app, setup)
+        if setup.replicas:
+            self._tasks.append(asyncio.create_task(self._supervise(setup)))
+
+    async def _boot(self, app: FastAPI, setup: EngineSetup) -> None:
+        self.setup = setup
+        for replica in setup.replicas:
+            replica.start()
+        cache_root = self.settings.serving_cache_dir or self.settings.home / "adapter-cache"
+        gateway = Gateway(
+            settings=self.settings,
+            engine=setup.engine,
+            cache=AdapterCache(store=ArtifactStore(self.settings.storage_url), root=cache_root),
+            metrics=self.metrics,
+        )
+        await gateway.start()
+        app.state.gateway = gateway
+        log.info("serving gateway up: %s engine", setup.engine.kind)
+
+    async def _supervise(self, setup: EngineSetup) -> None:
+        """Restart replicas this gateway started when they die (the engine re-syncs)."""
+        while True:
+            await asyncio.sleep(self.settings.serving_health_interval)
+            for replica in setup.replicas:
+                if not replica.alive():
+                    log.warning("replica on port %s exited; restarting it", replica.port)
+                    replica.start()
+
+    async def stop(self, app: FastAPI) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        gateway: Gateway | None = getattr(app.state, "gateway", None)
+        if gateway is not None:
+            await gateway.close()
+            app.state.gateway = None
+        for replica in self.setup.replicas if self.setup else []:
+            await asyncio.to_thread(replica.stop)
+
+
+def _counter(metrics: GatewayMetrics) -> Any:
+    return lambda event: metrics.adapter_loads.labels(event).inc()
+
+
+def create_gateway_app(
+    settings: Settings | None = None, *, engine: Engine | None = None
+) -> FastAPI:
+    """The gateway alone, with health, metrics and GET /v1/models like the API."""
+    from api.middleware import BodyLimitMiddleware, MetricsMiddleware
+    from api.routes import health, models
+
+    settings = settings or get_settings()
+    app = FastAPI(title="Loraplex serving gateway", version="0.1.0")
+    if settings is not get_settings():
+        app.dependency_overrides[get_settings] = lambda: settings
+    app.state.settings = settings
+    app.state.registry = CollectorRegistry()
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(models.router)
+    mount_gateway(app, settings, engine=engine)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        limit=settings.max_json_body_bytes,
+        upload_limit=settings.max_upload_bytes,
+    )
+    app.add_middleware(MetricsMiddleware, registry=app.state.registry)
+    return app

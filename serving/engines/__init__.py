@@ -1,0 +1,1 @@
+"""Serving engines behind one interface (base.py): vLLM replicas and in-process transformers."""

@@ -1,0 +1,276 @@
+"""The production engine: vLLM OpenAI servers with runtime multi-LoRA, reached over HTTP.
+
+This module talks HTTP only; it never imports vllm (the gateway runs where vLLM may not be
+installed, and the control plane must not load torch). Per request: pick a replica
+(router.py), make sure the adapter is loaded there (LRU unloading past the budget), forward
+the body with `model` set to the adapter's name, and retry on another replica when one is
+unreachable. Base-model requests go through the pinned all-zero adapter (zero_adapter.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+
+from serving.engines.base import Engine, EngineRequest, LocalAdapter, ReplicaStatus
+from serving.errors import NO_RETRY, EngineError, no_replica, upstream_error
+from serving.router import Replica, choose_replica, eviction_order
+
+log = logging.getLogger(__name__)
+
+PATHS = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
+EventFn = Callable[[str], None]
+
+
+class AdapterLoadError(EngineError):
+    """A replica refused an adapter that passed registration and verification."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="adapter_load_failed", headers=NO_RETRY)
+
+
+class VLLMEngine(Engine):
+    kind = "vllm"
+
+    def __init__(
+        self,
+        *,
+        urls: list[str],
+        zero_adapter: LocalAdapter,
+        budget: int,
+        health_interval: float = 2.0,
+        request_timeout: float = 600.0,
+        retry_after: int = 10,
+        on_event: EventFn | None = None,
+    ) -> None:
+        self.replicas = [Replica(url=u.rstrip("/")) for u in urls]
+        self.zero_adapter = zero_adapter
+        self.budget = budget
+        self.health_interval = health_interval
+        self.request_timeout = request_timeout
+        self.retry_after = retry_after
+        self.on_event = on_event or (lambda _: None)
+        self._client: httpx.AsyncClient | None = None
+        self._health_task: asyncio.Task[None] | None = None
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        assert self._client is not None, "start() first"
+        return self._client
+
+    async def start(self) -> None:
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(self.request_timeout, connect=3.0),
+            limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
+        )
+        await self.check_health()
+        self._health_task = asyncio.create_task(self._health_loop())
+
+    async def close(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+        if self._client is not None:
+            await self._client.aclose()
+
+    def status(self) -> list[ReplicaStatus]:
+        return [
+            ReplicaStatus(
+                name=r.url, healthy=r.healthy, loaded=list(r.loaded), queue_depth=r.inflight
+            )
+            for r in self.replicas
+        ]
+
+    # Health ------------------------------------------------------------------------------
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.health_interval)
+            try:
+                await self.check_health()
+            except Exception:  # a probe bug must not end health checking for good
+                log.exception("replica health check failed")
+
+    async def check_health(self) -> None:
+        await asyncio.gather(*(self._probe(r) for r in self.replicas))
+
+    async def _probe(self, replica: Replica) -> None:
+        try:
+            ok = (await self.client.get(f"{replica.url}/health", timeout=3.0)).status_code == 200
+            if ok and not replica.healthy:
+                await self._sync_loaded(replica)  # a restarted replica holds nothing
+        except httpx.HTTPError:
+            ok = False
+        if replica.healthy != ok:
+            log.warning("replica %s is %s", replica.url, "up" if ok else "down")
+        replica.healthy = ok
+        if not ok:
+            replica.forget_all()
+
+    async def _sync_loaded(self, replica: Replica) -> None:
+        """Learn from the replica which adapters it really holds (after a restart: none)."""
+        response = await self.client.get(f"{replica.url}/v1/models", timeout=5.0)
+        response.raise_for_status()
+        held = {m["id"] for m in response.json().get("data", []) if m.get("parent")}
+        for name in [n for n in replica.loaded if n not in held]:
+            del replica.loaded[name]
+        for name in held:
+            if name not in replica.loaded:
+                replica.touch(name)
+
+    def _mark_down(self, replica: Replica) -> None:
+        replica.healthy = False
+        replica.forget_all()
+
+    # Adapters ----------------------------------------------------------------------------
+
+    async def _ensure_loaded(self, replica: Replica, adapter: LocalAdapter) -> None:
+        async with replica.lock:
+            if replica.holds(adapter.name):
+                replica.touch(adapter.name)
+                return
+            pinned = {self.zero_adapter.name, adapter.name}
+            for victim in eviction_order(replica, budget=self.budget, pinned=pinned):
+                await self._unload(replica, victim)
+            body = {"lora_name": adapter.name, "lora_path": str(adapter.path)}
+            response = await self.client.post(f"{replica.url}/v1/load_lora_adapter", json=body)
+            if response.status_code != 200:
+                # vLLM answers 400 to a second load: ask what it holds rather than parse text.
+                await self._sync_loaded(replica)
+                if not replica.holds(adapter.name):
+                    raise AdapterLoadError(
+                        f"Replica refused adapter {adapter.name}: {_message(response)}"
+                    )
+            replica.touch(adapter.name)
+            self.on_event("load")
+
+    async def _unload(self, replica: Replica, name: str) -> None:
+        response = await self.client.post(
+            f"{replica.url}/v1/unload_lora_adapter", json={"lora_name": name}
+        )
+        if response.status_code not in (200, 404):  # 404: already gone, which is the goal
+            log.warning("unload %s on %s: HTTP %s", name, replica.url, response.status_code)
+            return
+        replica.loaded.pop(name, None)
+        self.on_event("unload")
+
+    # Requests ----------------------------------------------------------------------------
+
+    def _upstream_body(self, request: EngineRequest, adapter: LocalAdapter) -> dict[str, Any]:
+        body = dict(request.body, model=adapter.name)
+        if body.get("stream"):
+            # Always ask for usage: metering needs it; the gateway hides it if unasked.
+            body["stream_options"] = {**body.get("stream_options", {}), "include_usage": True}
+        return body
+
+    async def _send(
+        self, request: EngineRequest, *, stream: bool
+    ) -> tuple[Replica, LocalAdapter, httpx.Response]:
+        """Forward to a replica; on success the caller owns the lease (see `_release`)."""
+        adapter = request.adapter or self.zero_adapter
+        tried: set[str] = set()
+        reloads = 0
+        while True:
+            replica = choose_replica(self.replicas, adapter=adapter.name, exclude=tried)
+            if replica is None:
+                raise no_replica(self.retry_after)
+            replica.inflight += 1
+            replica.in_use[adapter.name] += 1
+            try:
+                await self._ensure_loaded(replica, adapter)
+                http_request = self.client.build_request(
+                    "POST", replica.url + PATHS[request.endpoint],
+                    json=self._upstream_body(request, adapter),
+                )  # fmt: skip
+                response = await self.client.send(http_request, stream=stream)
+            except httpx.TransportError as e:
+                log.warning("replica %s failed (%s); trying another", replica.url, e)
+                self._release(replica, adapter)
+                self._mark_down(replica)
+                tried.add(replica.url)
+                continue
+            except BaseException:
+                self._release(replica, adapter)
+                raise
+            if response.status_code == 200:
+                return replica, adapter, response
+            body = await _json_body(response)
+            self._release(replica, adapter)
+            if response.status_code == 404 and reloads == 0:
+                # The replica lost the adapter behind our back (a quick restart): reload once.
+                reloads += 1
+                await self._sync_loaded(replica)
+                if not replica.holds(adapter.name):
+                    continue
+            if response.status_code >= 500:
+                tried.add(replica.url)
+                if any(r.healthy and r.url not in tried for r in self.replicas):
+                    continue
+            raise upstream_error(response.status_code, body)
+
+    def _release(self, replica: Replica, adapter: LocalAdapter) -> None:
+        replica.inflight -= 1
+        replica.in_use[adapter.name] -= 1
+
+    async def complete(self, request: EngineRequest) -> dict[str, Any]:
+        replica, adapter, response = await self._send(request, stream=False)
+        try:
+            result: dict[str, Any] = response.json()
+            return result
+        finally:
+            self._release(replica, adapter)
+
+    async def open_stream(self, request: EngineRequest) -> AsyncIterator[dict[str, Any]]:
+        replica, adapter, response = await self._send(request, stream=True)
+        return self._relay(replica, adapter, response)
+
+    async def _relay(
+        self, replica: Replica, adapter: LocalAdapter, response: httpx.Response
+    ) -> AsyncIterator[dict[str, Any]]:
+        try:
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    error = upstream_error(int(chunk["error"].get("code") or 500), chunk)
+                    yield {"error": _openai_error(error)}
+                    break
+                yield chunk
+        except httpx.TransportError:
+            self._mark_down(replica)
+            yield {"error": _openai_error(EngineError("The serving replica went away."))}
+        finally:
+            await response.aclose()
+            self._release(replica, adapter)
+
+
+def _openai_error(error: Any) -> dict[str, Any]:
+    return {"message": error.message, "type": error.type, "param": error.param, "code": error.code}
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+        return str(body.get("error", body).get("message", body))
+    except (ValueError, AttributeError):
+        return response.text[:500]
+
+
+async def _json_body(response: httpx.Response) -> Any:
+    await response.aread()
+    await response.aclose()
+    try:
+        return response.json()
+    except ValueError:
+        return {"error": {"message": response.text[:500] or f"HTTP {response.status_code}"}}

