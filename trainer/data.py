@@ -11,6 +11,7 @@ counted; an example left with no trained token is dropped and counted.
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -62,6 +63,22 @@ class TokenizedData:
             "input_ids": [row.input_ids for row in self.rows],
             "labels": [row.labels for row in self.rows],
         }
+
+
+def packed_row_length(data: Sequence[TokenizedData], *, batch_size: int, max_length: int) -> int:
+    """Row length for packing that keeps ~`batch_size` examples per optimizer step.
+
+    trl flattens a padding-free batch into one sequence, so packing `batch_size` rows of
+    `max_length` would put batch_size x max_length tokens in one attention (12.5 GB RSS seen on
+    CPU). One row of about batch_size examples keeps the unpacked step's examples and
+    schedule and only drops the padding; it must still fit the longest example.
+    """
+    lengths = [len(row.input_ids) for part in data for row in part.rows]
+    if not lengths:
+        return max_length
+    train_lengths = [len(row.input_ids) for row in data[0].rows] or lengths
+    target = math.ceil(batch_size * sum(train_lengths) / len(train_lengths))
+    return min(max_length, max(max(lengths), target))
 
 
 def load_examples(path: str | Path) -> list[Example]:

@@ -34,7 +34,7 @@ from trainer.callbacks import (
     ProgressFn,
 )
 from trainer.config import Hyperparameters, TrainConfig
-from trainer.data import prepare_inputs, tokenize_examples
+from trainer.data import packed_row_length, prepare_inputs, tokenize_examples
 from trainer.errors import CheckpointError, TrainingCancelled, TrainingFailed
 from trainer.evaluate import measure, probe_as_served
 from trainer.modeling import RuntimePlan, add_lora, choose_plan, load_base_model, load_tokenizer
@@ -107,13 +107,23 @@ def train(
     progress = ProgressCallback(on_progress)
     cancel = CancelCallback(should_cancel)
     stopper = EarlyStopping(config.early_stopping_patience or 0)
+    packed_length = packed_row_length(
+        [train_data, valid_data],
+        batch_size=inputs.hyperparameters.batch_size,
+        max_length=config.max_seq_length,
+    )
     callbacks: list[Any] = [progress, cancel, CheckpointCallback(on_checkpoint, run_state)]
     if config.early_stopping_patience:
         callbacks.append(stopper)
     trainer = SFTTrainer(
         model=model,
         args=sft_config(
-            config, inputs.hyperparameters, plan, out_dir=out_dir, has_eval=bool(valid_data.rows)
+            config,
+            inputs.hyperparameters,
+            plan,
+            out_dir=out_dir,
+            has_eval=bool(valid_data.rows),
+            packed_length=packed_length,
         ),
         train_dataset=Dataset.from_dict(train_data.as_columns()),
         eval_dataset=Dataset.from_dict(valid_data.as_columns()) if valid_data.rows else None,
@@ -172,14 +182,23 @@ def train(
 
 
 def sft_config(
-    config: TrainConfig, hp: Hyperparameters, plan: RuntimePlan, *, out_dir: Path, has_eval: bool
+    config: TrainConfig,
+    hp: Hyperparameters,
+    plan: RuntimePlan,
+    *,
+    out_dir: Path,
+    has_eval: bool,
+    packed_length: int,
 ) -> SFTConfig:
-    """trl settings; precision and gradient checkpointing always chosen explicitly."""
+    """trl settings; precision and gradient checkpointing always chosen explicitly.
+
+    With packing, a step is one row of `packed_length` tokens holding ~batch_size examples.
+    """
     evaluating = has_eval and config.eval_interval is not None
     return SFTConfig(
         output_dir=str(out_dir / "checkpoints"),
         num_train_epochs=hp.n_epochs,
-        per_device_train_batch_size=hp.batch_size,
+        per_device_train_batch_size=1 if config.packing else hp.batch_size,
         per_device_eval_batch_size=hp.batch_size,
         learning_rate=hp.learning_rate,
         lr_scheduler_type=config.lr_scheduler,
@@ -192,7 +211,8 @@ def sft_config(
         use_cpu=plan.device == "cpu",
         seed=config.seed,
         data_seed=config.seed,
-        max_length=config.max_seq_length,
+        # Examples are already cut to max_seq_length; trl cuts eval rows to this too.
+        max_length=packed_length if config.packing else config.max_seq_length,
         packing=config.packing,
         packing_strategy="bfd",  # padding-free: packed examples never attend to each other
         eval_packing=False,
