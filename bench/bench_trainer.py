@@ -148,7 +148,8 @@ def measure(variant: str, data: Path, epochs: int) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--child")
     parser.add_argument("--data", type=Path, default=ACME)
     args = parser.parse_args()
@@ -159,23 +160,29 @@ def main() -> None:
 
     resolve_base_model("smollm2-135m-instruct", home=HOME)  # convert outside the timings
     print(f"load average before: {os.getloadavg()[0]:.2f} (2 cores; others' jobs skew figures)")
-    plain = measure("plain_trl", ACME, args.epochs)
-    ours = measure("trainer", ACME, args.epochs)
     short = short_examples(Path(tempfile.mkdtemp()) / "short.jsonl")
-    unpacked = measure("trainer", short, args.epochs)
-    packed = measure("trainer_packing", short, args.epochs)
-    for name, r in [
-        ("plain trl", plain),
-        ("trainer", ours),
-        ("trainer, short rows", unpacked),
-        ("trainer, short rows, packed", packed),
-    ]:
+    variants = {
+        "plain trl": ("plain_trl", ACME),
+        "trainer": ("trainer", ACME),
+        "trainer, short rows": ("trainer", short),
+        "trainer, short rows, packed": ("trainer_packing", short),
+    }
+    # Alternate the variants over rounds and keep each one's best run: on a shared box the
+    # best run is the one least disturbed by other processes.
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, (variant, data) in variants.items():
+            runs[name].append(measure(variant, data, args.epochs))
+    best = {name: max(r, key=lambda x: x["tokens_per_second"]) for name, r in runs.items()}
+    for name, r in best.items():
+        all_runs = ", ".join(f"{x['tokens_per_second']:.0f}" for x in runs[name])
         print(
-            f"{name:30s} {r['tokens_per_second']:8.1f} tok/s  {r['steps']:3d} steps  "
-            f"peak RSS {r['peak_rss_mb']:.0f} MB"
+            f"{name:30s} {r['tokens_per_second']:6.1f} tok/s (runs: {all_runs})  "
+            f"{r['steps']:3d} steps  peak RSS {r['peak_rss_mb']:.0f} MB"
         )
-    overhead = ours["tokens_per_second"] / plain["tokens_per_second"]
-    packing = packed["tokens_per_second"] / unpacked["tokens_per_second"]
+    tps = {name: r["tokens_per_second"] for name, r in best.items()}
+    overhead = tps["trainer"] / tps["plain trl"]
+    packing = tps["trainer, short rows, packed"] / tps["trainer, short rows"]
     print(f"overhead ratio trainer/plain trl: {overhead:.3f} (target >= 0.95)")
     print(f"packing ratio packed/unpacked:    {packing:.2f}x (target >= 1.5x)")
 

@@ -92,7 +92,9 @@ class TrainConfig(BaseModel):
         description="Fraction of training examples held out for eval when no validation file.",
     )
     eval_interval: int | None = Field(
-        None, ge=1, description="Steps between eval-loss runs during training; unset: per epoch."
+        None,
+        ge=1,
+        description="Steps between eval-loss runs during training; unset: before and after only.",
     )
     early_stopping_patience: int | None = Field(
         None, ge=1, description="Stop after this many evals without a lower eval loss."
