@@ -141,6 +141,9 @@ def worker(
 def serve(host: HostOpt = "127.0.0.1", port: PortOpt = 8001) -> None:
     """Run the serving gateway alone, with its engine (vLLM replicas it starts or is pointed
     at via LORAPLEX_SERVING_REPLICAS, or the in-process transformers engine)."""
+    import signal
+    import sys
+
     import uvicorn
 
     from serving.app import create_gateway_app
@@ -150,7 +153,10 @@ def serve(host: HostOpt = "127.0.0.1", port: PortOpt = 8001) -> None:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    # The gateway's shutdown stops the replicas it started; uvicorn turns SIGTERM into that.
+    # uvicorn shuts down on SIGTERM/SIGINT (the gateway's shutdown stops the replicas it
+    # started), then re-raises the signal to the previous handler: exit normally there.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: sys.exit(0))
     uvicorn.run(
         create_gateway_app(settings), host=host, port=port, log_level=settings.log_level.lower()
     )
