@@ -1,5 +1,5 @@
 # The serving gateway on vLLM's official image: it can start vLLM replicas itself or be
-# pointed at replicas running elsewhere (LORAPLEX_VLLM_URLS).
+# pointed at replicas running elsewhere (LORAPLEX_SERVING_REPLICAS, a JSON list of URLs).
 #   docker build -f docker/serving.Dockerfile -t loraplex-serving .
 FROM vllm/vllm-openai:v0.11.0
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
