@@ -27,6 +27,12 @@ HostOpt = Annotated[str, typer.Option(help="Interface to bind.")]
 PortOpt = Annotated[int, typer.Option(help="Port to listen on.")]
 
 
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # One line per replica health probe drowns everything else.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(1)
@@ -91,7 +97,7 @@ def api(host: HostOpt = "127.0.0.1", port: PortOpt = 8000) -> None:
     import uvicorn
 
     _upgrade()
-    logging.basicConfig(level=get_settings().log_level)
+    _configure_logging(get_settings().log_level)
     uvicorn.run("api.main:create_app", factory=True, host=host, port=port)
 
 
@@ -113,9 +119,7 @@ def worker(
     settings = get_settings()
     if queues:
         settings = settings.model_copy(update={"worker_queues": queues})
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    _configure_logging(settings.log_level)
 
     @worker_ready.connect(weak=False)
     def _ready(**_: object) -> None:
@@ -150,9 +154,7 @@ def serve(host: HostOpt = "127.0.0.1", port: PortOpt = 8001) -> None:
 
     _upgrade()
     settings = get_settings()
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    _configure_logging(settings.log_level)
     # uvicorn shuts down on SIGTERM/SIGINT (the gateway's shutdown stops the replicas it
     # started), then re-raises the signal to the previous handler: exit normally there.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -177,9 +179,7 @@ def up(host: HostOpt = "127.0.0.1", port: PortOpt = 8000) -> None:
 
     _upgrade()
     settings = get_settings()
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    _configure_logging(settings.log_level)
     loraplex = os.path.join(os.path.dirname(sys.argv[0]) or ".", "loraplex")
     worker_cmd = (
         [loraplex, "worker"]
