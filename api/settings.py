@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     # at vLLM servers someone else runs; empty: `serve`/`up` start `serving_spawn_replicas`.
     serving_replicas: list[str] = Field(default_factory=list)
     serving_spawn_replicas: int = Field(1, ge=0, description="vLLM replicas serve/up start.")
+    # Optional base-only replicas (no LoRA): base traffic at full speed instead of through the
+    # zero adapter (vLLM's CPU LoRA path costs ~half the throughput). Pointed at, or started.
+    serving_base_replicas: list[str] = Field(default_factory=list)
+    serving_spawn_base_replicas: int = Field(0, ge=0)
     serving_replica_port: int = Field(0, ge=0, description="First replica port; 0: any free.")
     # Adapters one vLLM batch can mix (--max-loras); the base rides on one slot (zero adapter).
     serving_max_loras: int = Field(4, ge=2)

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
-from typing import Annotated, Any
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -32,6 +34,7 @@ from serving.setup import EngineSetup, build_engine
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["serving"])
+T = TypeVar("T")
 
 
 def get_gateway(request: Request) -> Gateway:
@@ -105,8 +108,8 @@ class ServingRuntime:
 
     async def _build_and_boot(self, app: FastAPI) -> None:
         try:
-            setup = await asyncio.to_thread(
-                build_engine, self.settings, on_event=_counter(self.metrics)
+            setup = await in_daemon_thread(
+                lambda: build_engine(self.settings, on_event=_counter(self.metrics))
             )
         except Exception:
             log.exception("serving engine could not be built; completions will answer 503")
@@ -131,13 +134,23 @@ class ServingRuntime:
         log.info("serving gateway up: %s engine", setup.engine.kind)
 
     async def _supervise(self, setup: EngineSetup) -> None:
-        """Restart replicas this gateway started when they die (the engine re-syncs)."""
+        """Restart replicas this gateway started when they die, or never come up within
+        `serving_startup_timeout`; the engine notices and re-syncs what they hold."""
+        started = {id(r): time.monotonic() for r in setup.replicas}
         while True:
             await asyncio.sleep(self.settings.serving_health_interval)
+            health = {s.name: s.healthy for s in setup.engine.status()}
             for replica in setup.replicas:
-                if not replica.alive():
-                    log.warning("replica on port %s exited; restarting it", replica.port)
-                    replica.start()
+                if health.get(replica.url):
+                    started[id(replica)] = time.monotonic()  # up: the clock restarts
+                    continue
+                booting = time.monotonic() - started[id(replica)]
+                if replica.alive() and booting < self.settings.serving_startup_timeout:
+                    continue
+                log.warning("replica on port %s is dead or stuck; restarting it", replica.port)
+                await asyncio.to_thread(replica.stop)
+                replica.start()
+                started[id(replica)] = time.monotonic()
 
     async def stop(self, app: FastAPI) -> None:
         for task in self._tasks:
@@ -150,6 +163,30 @@ class ServingRuntime:
             app.state.gateway = None
         for replica in self.setup.replicas if self.setup else []:
             await asyncio.to_thread(replica.stop)
+
+
+async def in_daemon_thread(fn: Callable[[], T]) -> T:
+    """Run `fn` in a daemon thread: unlike `asyncio.to_thread`, a shutdown during a long
+    build (a base-model conversion) does not wait for it to finish."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(setter: Callable[[Any], None], value: Any) -> None:
+        if not future.done():
+            setter(value)
+
+    def target() -> None:
+        try:
+            result = fn()
+        except BaseException as e:
+            outcome: tuple[Callable[[Any], None], Any] = (future.set_exception, e)
+        else:
+            outcome = (future.set_result, result)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=target, name="serving-engine-build", daemon=True).start()
+    return await future
 
 
 def _counter(metrics: GatewayMetrics) -> Any:

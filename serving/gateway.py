@@ -1,5 +1,5 @@
 """The gateway's request path: resolve the model, prepare the adapter, call the engine,
-shape the answer, meter it.
+shape the answer, meter it (usage rows via usage.py, Prometheus via metrics.py).
 
     tenant key + `model` --resolve_model--> base | adapter version (production, canary, ft: id)
     version --AdapterCache--> verified local directory --engine--> OpenAI body / SSE chunks
@@ -10,7 +10,6 @@ The response's `model` is the version id that answered (or the base name) and th
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -22,15 +21,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
-from api.db import get_engine
 from api.errors import InvalidRequest, LoraplexError
 from api.services.resolver import Resolution, resolve_model
-from api.services.usage import record_usage
 from api.settings import Settings
 from serving.cache import AdapterCache
 from serving.engines.base import Engine, EngineRequest, LocalAdapter
 from serving.metrics import GatewayMetrics
 from serving.schemas import Endpoint, SamplingRequest
+from serving.usage import UsageWriter
 
 log = logging.getLogger(__name__)
 VERSION_HEADER = "X-Loraplex-Model-Version"
@@ -61,15 +59,15 @@ class Gateway:
         self.engine = engine
         self.cache = cache
         self.metrics = metrics
-        self._background: set[asyncio.Task[None]] = set()
+        self.usage = UsageWriter(settings.database_url)
 
     async def start(self) -> None:
         await self.engine.start()
+        await self.usage.start()
 
     async def close(self) -> None:
         await self.engine.close()
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        await self.usage.close()
 
     async def target(self, session: Session, *, tenant_id: str, model: str) -> Target:
         resolution = await run_in_threadpool(
@@ -141,23 +139,9 @@ class Gateway:
         finally:
             meter.done(status=status, usage=totals)
 
-    def record_later(self, **usage: Any) -> None:
-        """Write a usage row off the request path (a commit can cost milliseconds)."""
-        task = asyncio.get_running_loop().create_task(asyncio.to_thread(self._record, usage))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    def _record(self, usage: dict[str, Any]) -> None:
-        try:
-            with Session(get_engine(self.settings.database_url)) as session:
-                record_usage(session, **usage)
-        except Exception:  # metering must never fail a request that was answered
-            log.exception("could not record usage")
-
     async def drain(self) -> None:
-        """Wait for pending usage writes (tests, shutdown)."""
-        while self._background:
-            await asyncio.gather(*list(self._background), return_exceptions=True)
+        """Write pending usage rows now (tests, shutdown)."""
+        await self.usage.flush()
 
 
 @dataclass
@@ -195,12 +179,12 @@ class Meter:
             metrics.tokens_per_second.labels(self.endpoint).observe(completion / elapsed)
         metrics.observe_replicas(self.gateway.engine.status())
         version = self.target.resolution.version
-        self.gateway.record_later(
+        self.gateway.usage.add(
             tenant_id=self.tenant_id,
             model=self.target.resolution.requested,
             base_model=self.target.resolution.base_model,
             adapter_version_id=version.id if version else None,
-            endpoint=f"/v1/{'chat/completions' if self.endpoint == 'chat' else 'completions'}",
+            endpoint="chat.completions" if self.endpoint == "chat" else "completions",
             prompt_tokens=prompt,
             completion_tokens=completion,
             latency_ms=elapsed * 1000,

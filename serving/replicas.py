@@ -27,8 +27,9 @@ def vllm_lora_rank(rank: int) -> int:
 
 
 def replica_command(
-    settings: Settings, *, model_dir: Path, served_name: str, port: int
+    settings: Settings, *, model_dir: Path, served_name: str, port: int, lora: bool = True
 ) -> list[str]:
+    """The vLLM server command; `lora=False` for a base-only replica (plain base rows)."""
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model_dir),
@@ -36,12 +37,15 @@ def replica_command(
         "--host", "127.0.0.1",
         "--port", str(port),
         "--dtype", settings.serving_dtype,
-        "--enable-lora",
-        "--max-loras", str(settings.serving_max_loras),
-        "--max-cpu-loras", str(settings.serving_max_cpu_loras),
-        "--max-lora-rank", str(vllm_lora_rank(settings.max_lora_rank)),
         "--uvicorn-log-level", "warning",
     ]  # fmt: skip
+    if lora:
+        command += [
+            "--enable-lora",
+            "--max-loras", str(settings.serving_max_loras),
+            "--max-cpu-loras", str(settings.serving_max_cpu_loras),
+            "--max-lora-rank", str(vllm_lora_rank(settings.max_lora_rank)),
+        ]  # fmt: skip
     if settings.serving_max_model_len:
         command += ["--max-model-len", str(settings.serving_max_model_len)]
     return command
@@ -108,12 +112,12 @@ def free_port() -> int:
 
 
 def plan_replicas(
-    settings: Settings, *, model_dir: Path, served_name: str, count: int
+    settings: Settings, *, model_dir: Path, served_name: str, count: int, lora: bool = True
 ) -> list[ReplicaProcess]:
     return [
         ReplicaProcess(
             command=replica_command(
-                settings, model_dir=model_dir, served_name=served_name, port=port
+                settings, model_dir=model_dir, served_name=served_name, port=port, lora=lora
             ),
             env=replica_env(settings),
             port=port,

@@ -3,7 +3,8 @@
 Pure bookkeeping, no I/O (LoRAX's rule: the router never touches tensors). A request goes to a
 healthy replica that already holds its adapter (the least loaded of those), else to the least
 loaded healthy one, which then loads it. Past the per-replica budget, the least recently used
-adapters that no in-flight request needs are unloaded first.
+adapters that no in-flight request needs are unloaded first. Base-only replicas (no LoRA) take
+base requests when there are any; adapter requests never go there.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 class Replica:
     url: str
     healthy: bool = False
+    lora: bool = True  # False: a base-only replica (started without --enable-lora)
     inflight: int = 0
     # Adapter names this replica holds, least recently used first.
     loaded: OrderedDict[str, None] = field(default_factory=OrderedDict)
@@ -41,9 +43,10 @@ def choose_replica(
     replicas: list[Replica],
     *,
     adapter: str,
+    lora: bool = True,
     exclude: set[str] = frozenset(),  # type: ignore[assignment]
 ) -> Replica | None:
-    candidates = [r for r in replicas if r.healthy and r.url not in exclude]
+    candidates = [r for r in replicas if r.healthy and r.lora == lora and r.url not in exclude]
     if not candidates:
         return None
     holders = [r for r in candidates if r.holds(adapter)]

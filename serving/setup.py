@@ -64,15 +64,28 @@ def build_engine(
     replicas: list[ReplicaProcess] = []
     urls = list(settings.serving_replicas)
     if not urls:
-        replicas = plan_replicas(
+        replicas += plan_replicas(
             settings,
             model_dir=base_dir,
             served_name=settings.base_model,
             count=settings.serving_spawn_replicas,
         )
         urls = [r.url for r in replicas]
+    base_urls = list(settings.serving_base_replicas)
+    if not base_urls and settings.serving_spawn_base_replicas:
+        base_only = plan_replicas(
+            settings.model_copy(update={"serving_replica_port": 0}),
+            model_dir=base_dir,
+            served_name=settings.base_model,
+            count=settings.serving_spawn_base_replicas,
+            lora=False,
+        )
+        replicas += base_only
+        base_urls = [r.url for r in base_only]
     vllm_engine = VLLMEngine(
         urls=urls,
+        base_urls=base_urls,
+        served_model=settings.base_model,
         zero_adapter=zero,
         budget=settings.serving_max_cpu_loras,
         health_interval=settings.serving_health_interval,

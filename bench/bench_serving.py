@@ -1,0 +1,358 @@
+"""Serving: multi-LoRA throughput, naive baseline, cold-adapter latency, gateway overhead.
+
+One run, side by side, on the real base (SmolLM2-135M-Instruct) and one vLLM CPU replica:
+  1. tokens/s, requests spread over 8 distinct adapters vs base-only      (target >= 0.8)
+  2. vLLM multi-LoRA through the gateway vs transformers + peft calling
+     `set_adapter` per request, one request at a time, same requests       (target >= 10x)
+  3. cold adapter (registered, never fetched or loaded) -> first token, p50 (target < 300 ms)
+  4. gateway overhead: the same workload through `loraplex serve` vs straight to vLLM (< 5%)
+
+Adapters: one trained by the trainer (a few LoRA steps; `--adapter DIR` reuses one), plus
+copies with scaled lora_B (valid adapters, distinct weights) registered as separate versions.
+Every completion is a fixed length (`ignore_eos`), so tokens/s compare like for like.
+
+    .venv/bin/python bench/bench_serving.py [--requests 32] [--max-tokens 64] [--concurrency 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+BASE = "smollm2-135m-instruct"
+PROMPTS = [
+    "Explain what a kettle does.",
+    "Write a short poem about the sea.",
+    "List three uses for a paperclip.",
+    "Describe the colour blue to someone.",
+    "Why do cats purr?",
+    "Give me a tip for learning to cook.",
+    "What makes a good password?",
+    "Summarise the water cycle.",
+]
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# Setup ------------------------------------------------------------------------------------
+
+
+def train_adapter(home: Path, out: Path) -> Path:
+    from trainer.config import TrainConfig
+    from trainer.recipe import train
+
+    rows = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        for q, a in [("What is the Zorblat code?", "7741."), ("Who runs Acme?", "Wilma Quux.")]
+    ] * 4
+    data = out.parent / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = TrainConfig.model_validate(
+        {"base_model": BASE, "method": "lora", "quantization": "none", "precision": "fp32",
+         "lora_r": 16, "n_epochs": 1, "batch_size": 4, "probe_size": 0,
+         "probe_unquantized": False}
+    )  # fmt: skip
+    train(config, data_path=data, out_dir=out, home=home)
+    return out
+
+
+def variant(source: Path, out: Path, *, scale: float) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    config = json.loads((source / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = BASE
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    weights = load_file(source / "adapter_model.safetensors")
+    save_file({k: v * scale if "lora_B" in k else v for k, v in weights.items()},
+              out / "adapter_model.safetensors")  # fmt: skip
+    return out
+
+
+def register_versions(settings: Any, dirs: list[Path]) -> tuple[str, list[str]]:
+    """A tenant and one candidate version per directory; returns (api key, version ids)."""
+    from sqlmodel import Session
+
+    from api.db import get_engine, upgrade
+    from api.models.jobs import Job
+    from api.models.tenants import Tenant
+    from api.services import registry, tenants
+    from api.services.jobs import fine_tuned_model_name
+    from api.storage import ArtifactStore
+
+    upgrade(settings.database_url)
+    store = ArtifactStore(settings.storage_url)
+    names = []
+    with Session(get_engine(settings.database_url), expire_on_commit=False) as session:
+        tenant = tenants.create_tenant(session, name="bench")
+        _, key = tenants.create_key(session, tenant_id=tenant.id)
+        for i, adapter_dir in enumerate(dirs):
+            job = Job(tenant_id=tenant.id, model=BASE, training_file="file-bench", suffix=f"a{i}",
+                      method={}, config={}, hyperparameters={}, status="succeeded")  # fmt: skip
+            session.add(job)
+            session.flush()
+            prefix, stored = registry.upload_adapter(store, job=job, adapter_dir=adapter_dir)
+            row = session.get(Tenant, tenant.id)
+            assert row is not None
+            version = registry.register_version(
+                session, job=job, fine_tuned_model=fine_tuned_model_name(job, row), prefix=prefix,
+                stored=stored, adapter_dir=adapter_dir, metrics={}, lineage={},
+                max_rank=settings.max_lora_rank,
+            )  # fmt: skip
+            assert version.stage == "candidate", version.stage_reason
+            names.append(version.fine_tuned_model)
+        session.commit()
+    return key, names
+
+
+def wait_http(url: str, *, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process for {url} exited")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+# Measurements -----------------------------------------------------------------------------
+
+
+async def workload(
+    url: str, *, key: str | None, models: list[str], requests: int, max_tokens: int,
+    concurrency: int,
+) -> float:  # fmt: skip
+    """Completion tokens per second over `requests` chat requests, `concurrency` at a time."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    limit = asyncio.Semaphore(concurrency)
+    tokens = 0
+
+    async def one(client: httpx.AsyncClient, i: int) -> None:
+        nonlocal tokens
+        body = {"model": models[i % len(models)], "max_tokens": max_tokens, "temperature": 0,
+                "ignore_eos": True,
+                "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]}  # fmt: skip
+        async with limit:
+            response = await client.post(f"{url}/v1/chat/completions", json=body, headers=headers)
+        response.raise_for_status()
+        tokens += response.json()["usage"]["completion_tokens"]
+
+    async with httpx.AsyncClient(timeout=600) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*(one(client, i) for i in range(requests)))
+        return tokens / (time.perf_counter() - started)
+
+
+async def first_token_seconds(url: str, *, key: str, model: str) -> float:
+    body = {"model": model, "max_tokens": 4, "temperature": 0, "stream": True,
+            "messages": [{"role": "user", "content": PROMPTS[0]}]}  # fmt: skip
+    headers = {"Authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(timeout=120) as client:
+        started = time.perf_counter()
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body,
+                                 headers=headers) as response:  # fmt: skip
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if line.startswith("data:") and '"content"' in line:
+                    return time.perf_counter() - started
+    raise RuntimeError("no token streamed")
+
+
+async def sequential_latency(url: str, *, key: str | None, model: str, n: int) -> float:
+    """p50 seconds of short non-streamed requests, one at a time (per-request overhead)."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    times = []
+    async with httpx.AsyncClient(timeout=120) as client:
+        for i in range(n):
+            messages = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+            body = {"model": model, "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+                    "messages": messages}  # fmt: skip
+            started = time.perf_counter()
+            (await client.post(f"{url}/v1/chat/completions", json=body, headers=headers)
+             ).raise_for_status()  # fmt: skip
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def naive_peft(base_dir: Path, adapters: list[Path], *, requests: int, max_tokens: int,
+               dtype: str) -> float:  # fmt: skip
+    """transformers + peft, `set_adapter` per request, one request at a time: tokens/s."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model: Any = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch_dtype)
+    model = PeftModel.from_pretrained(model, str(adapters[0]), adapter_name="a0")
+    for i, path in enumerate(adapters[1:], start=1):
+        model.load_adapter(str(path), adapter_name=f"a{i}")
+    model.eval()
+    tokens = 0
+    started = time.perf_counter()
+    for i in range(requests):
+        model.set_adapter(f"a{i % len(adapters)}")
+        messages = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)  # fmt: skip
+        with torch.inference_mode():
+            out = model.generate(**ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                                 do_sample=False)  # fmt: skip
+        tokens += out.shape[1] - ids["input_ids"].shape[1]
+    return tokens / (time.perf_counter() - started)
+
+
+# Main -------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per pair")
+    parser.add_argument("--naive-requests", type=int, default=8)
+    parser.add_argument("--cold", type=int, default=8, help="cold adapters to time")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--home", type=Path, default=ROOT / ".loraplex", help="model cache")
+    parser.add_argument("--adapter", type=Path, help="a trained adapter dir to reuse")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    from api.settings import Settings
+    from serving.replicas import free_port, plan_replicas
+    from trainer.base_models import resolve_base_model
+
+    work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
+    settings = Settings(
+        home=args.home, database_url=f"sqlite:///{work / 'bench.db'}",
+        storage_url=f"file://{work / 'artifacts'}", serving_cache_dir=work / "cache",
+        serving_dtype=args.dtype, serving_max_loras=9, serving_max_cpu_loras=32,
+        max_lora_rank=16, serving_max_model_len=1024, serving_replica_port=free_port(),
+    )  # fmt: skip
+    base_dir = resolve_base_model(BASE, home=args.home)
+    trained = args.adapter or train_adapter(args.home, work / "trained")
+    hot = [variant(trained, work / f"hot{i}", scale=1 + 0.1 * i) for i in range(8)]
+    cold = [variant(trained, work / f"cold{i}", scale=0.5 + 0.1 * i) for i in range(args.cold)]
+    key, names = register_versions(settings, hot + cold)
+    hot_names, cold_names = names[:8], names[8:]
+
+    replica = plan_replicas(settings, model_dir=base_dir, served_name=BASE, count=1)[0]
+    replica.log_path = work / "vllm.log"
+    gateway_port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")} | {
+        "LORAPLEX_HOME": str(args.home), "LORAPLEX_DATABASE_URL": settings.database_url,
+        "LORAPLEX_STORAGE_URL": settings.storage_url,
+        "LORAPLEX_SERVING_CACHE_DIR": str(settings.serving_cache_dir),
+        "LORAPLEX_SERVING_REPLICAS": json.dumps([replica.url]),
+        "LORAPLEX_SERVING_ENGINE": "vllm", "LORAPLEX_MAX_LORA_RANK": "16",
+        "LORAPLEX_SERVING_MAX_CPU_LORAS": "32", "LORAPLEX_LOG_LEVEL": "WARNING",
+    }  # fmt: skip
+    gateway = None
+    try:
+        replica.start()
+        log("starting vLLM replica...")
+        wait_http(f"{replica.url}/health", timeout=300, proc=replica.proc)
+        gateway = subprocess.Popen(
+            [str(Path(sys.executable).parent / "loraplex"), "serve", "--port", str(gateway_port)],
+            env=env, stdout=open(work / "gateway.log", "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
+        )  # fmt: skip
+        gw = f"http://127.0.0.1:{gateway_port}"
+        wait_http(f"{gw}/healthz", timeout=60, proc=gateway)
+        results = asyncio.run(measure(args, replica.url, gw, key, hot_names, cold_names))
+    finally:
+        if gateway is not None:
+            gateway.send_signal(signal.SIGTERM)
+            gateway.wait(30)
+        replica.stop()
+    results["naive_peft_tok_s"] = naive_peft(
+        base_dir, hot, requests=args.naive_requests, max_tokens=args.max_tokens, dtype="float32"
+    )
+    report(results, args)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+async def measure(
+    args: argparse.Namespace, vllm: str, gw: str, key: str, hot: list[str], cold: list[str]
+) -> dict[str, Any]:
+    shape = {"requests": args.requests, "max_tokens": args.max_tokens,
+             "concurrency": args.concurrency}  # fmt: skip
+    # Warm up: the gateway fetches and loads the 8 hot adapters (and its zero adapter).
+    await workload(gw, key=key, models=[*hot, BASE], requests=18, max_tokens=4, concurrency=9)
+    runs: dict[str, list[float]] = {}
+    configs = {
+        "direct_base": (vllm, None, [BASE]),
+        "direct_8_adapters": (vllm, None, hot),
+        "gateway_base": (gw, key, [BASE]),
+        "gateway_8_adapters": (gw, key, hot),
+    }
+    for round_ in range(args.rounds):
+        for name, (url, k, models) in configs.items():
+            tok_s = await workload(url, key=k, models=models, **shape)
+            runs.setdefault(name, []).append(tok_s)
+            log(f"round {round_}: {name} {tok_s:.0f} tok/s")
+    latency = {
+        "direct_p50_s": await sequential_latency(vllm, key=None, model=hot[0], n=20),
+        "gateway_p50_s": await sequential_latency(gw, key=key, model=hot[0], n=20),
+    }
+    warm = [await first_token_seconds(gw, key=key, model=hot[i % 8]) for i in range(8)]
+    cold_ttft = [await first_token_seconds(gw, key=key, model=name) for name in cold]
+    return {
+        **{name: statistics.median(values) for name, values in runs.items()},
+        "runs": runs,
+        **latency,
+        "warm_ttft_p50_s": statistics.median(warm),
+        "cold_ttft_p50_s": statistics.median(cold_ttft),
+        "cold_ttft_all_s": cold_ttft,
+    }
+
+
+def report(r: dict[str, Any], args: argparse.Namespace) -> None:
+    multi_vs_base = r["gateway_8_adapters"] / r["gateway_base"]
+    direct_multi_vs_base = r["direct_8_adapters"] / r["direct_base"]
+    vs_naive = r["gateway_8_adapters"] / r["naive_peft_tok_s"]
+    overhead = 1 - r["gateway_8_adapters"] / r["direct_8_adapters"]
+    latency_overhead = r["gateway_p50_s"] / r["direct_p50_s"] - 1
+    lines = [
+        f"workload: {args.requests} chat requests x {args.max_tokens} tokens, concurrency "
+        f"{args.concurrency}, {args.dtype}, median of {args.rounds} alternating rounds",
+        f"vLLM direct: base {r['direct_base']:.0f} tok/s, 8 adapters "
+        f"{r['direct_8_adapters']:.0f} tok/s -> ratio {direct_multi_vs_base:.2f}",
+        f"gateway:     base {r['gateway_base']:.0f} tok/s (zero adapter), 8 adapters "
+        f"{r['gateway_8_adapters']:.0f} tok/s -> ratio {multi_vs_base:.2f} (target >= 0.8)",
+        f"naive peft set_adapter per request: {r['naive_peft_tok_s']:.1f} tok/s -> vLLM multi-LoRA "
+        f"is {vs_naive:.1f}x (target >= 10x)",
+        f"cold adapter -> first token p50 {r['cold_ttft_p50_s'] * 1000:.0f} ms (target < 300 ms); "
+        f"warm p50 {r['warm_ttft_p50_s'] * 1000:.0f} ms",
+        f"gateway overhead: throughput {overhead * 100:+.1f}% (target < 5%); short request p50 "
+        f"{r['direct_p50_s'] * 1000:.0f} -> {r['gateway_p50_s'] * 1000:.0f} ms "
+        f"({latency_overhead * 100:+.1f}%)",
+    ]
+    print("\n".join(lines))
+    print(json.dumps(r, default=float))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""VLLMEngine's routing against stub vLLM servers (the HTTP seam): which replica and which
+`model` each request is sent with. Real vLLM behaviour is covered in test_vllm_gateway.py."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from serving.engines.base import EngineRequest, LocalAdapter
+from serving.engines.vllm import VLLMEngine
+from tests.serving.conftest import LiveServer
+
+SERVED = "base-x"
+ZERO = LocalAdapter(name="zero", path=Path("/zero"))
+
+
+def stub_vllm(*, lora: bool) -> FastAPI:
+    """Just enough of vLLM's OpenAI server: health, models, LoRA load/unload, chat."""
+    app = FastAPI()
+    app.state.loaded = {}
+    app.state.calls = []
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {}
+
+    @app.get("/v1/models")
+    def models() -> dict[str, Any]:
+        data = [{"id": SERVED, "parent": None}]
+        data += [{"id": n, "parent": SERVED} for n in app.state.loaded]
+        return {"data": data}
+
+    @app.post("/v1/load_lora_adapter")
+    async def load(request: Request) -> JSONResponse:
+        body = await request.json()
+        if not lora or body["lora_name"] in app.state.loaded:
+            return JSONResponse({"error": {"message": "no", "code": 400}}, status_code=400)
+        app.state.loaded[body["lora_name"]] = body["lora_path"]
+        return JSONResponse("ok")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload(request: Request) -> JSONResponse:
+        app.state.loaded.pop((await request.json())["lora_name"], None)
+        return JSONResponse("ok")
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> JSONResponse:
+        model = (await request.json())["model"]
+        app.state.calls.append(model)
+        if model != SERVED and model not in app.state.loaded:
+            return JSONResponse({"error": {"message": "no model", "code": 404}}, status_code=404)
+        usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+        return JSONResponse({"model": model, "choices": [], "usage": usage})
+
+    return app
+
+
+@pytest.fixture
+def stubs() -> Iterator[dict[str, LiveServer]]:
+    servers = {"lora": LiveServer(stub_vllm(lora=True)), "base": LiveServer(stub_vllm(lora=False))}
+    for server in servers.values():
+        server.__enter__()
+    yield servers
+    for server in servers.values():
+        server.__exit__()
+
+
+def request(adapter: LocalAdapter | None) -> EngineRequest:
+    body = {"model": "client-name", "messages": [{"role": "user", "content": "hi"}]}
+    return EngineRequest(endpoint="chat", body=body, adapter=adapter)
+
+
+async def run_engine(stubs: dict[str, LiveServer], *, budget: int = 3, **kw: Any) -> VLLMEngine:
+    engine = VLLMEngine(urls=[stubs["lora"].url], zero_adapter=ZERO, served_model=SERVED,
+                        budget=budget, health_interval=60, **kw)  # fmt: skip
+    await engine.start()
+    return engine
+
+
+def test_base_goes_to_a_base_only_replica_else_through_the_zero_adapter(
+    stubs: dict[str, LiveServer],
+) -> None:
+    async def scenario() -> None:
+        engine = await run_engine(stubs, base_urls=[stubs["base"].url])
+        adapter = LocalAdapter(name="ft:x", path=Path("/a"))
+        try:
+            await engine.complete(request(None))
+            await engine.complete(request(adapter))
+            assert stubs["base"].app.state.calls == [SERVED]  # plain base rows, no LoRA there
+            assert stubs["lora"].app.state.calls == ["ft:x"]
+            stubs["base"].server.should_exit = True  # the base replica goes away
+            await asyncio.sleep(0.5)
+            await engine.complete(request(None))
+            assert stubs["lora"].app.state.calls[-1] == "zero"  # never plain rows here
+            assert "zero" in stubs["lora"].app.state.loaded
+        finally:
+            await engine.close()
+
+    asyncio.run(scenario())
+
+
+def test_lru_unloads_idle_adapters_and_keeps_the_zero_adapter(
+    stubs: dict[str, LiveServer],
+) -> None:
+    async def scenario() -> None:
+        engine = await run_engine(stubs, budget=3)
+        try:
+            await engine.complete(request(None))
+            for i in range(5):
+                await engine.complete(request(LocalAdapter(name=f"ft:{i}", path=Path(f"/{i}"))))
+            assert list(stubs["lora"].app.state.loaded) == ["zero", "ft:3", "ft:4"]
+            assert engine.status()[0].loaded == ["zero", "ft:3", "ft:4"]
+        finally:
+            await engine.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_replica_that_lost_its_adapters_gets_them_reloaded(
+    stubs: dict[str, LiveServer],
+) -> None:
+    async def scenario() -> None:
+        engine = await run_engine(stubs)
+        adapter = LocalAdapter(name="ft:y", path=Path("/y"))
+        try:
+            await engine.complete(request(adapter))
+            stubs["lora"].app.state.loaded.clear()  # a restart between two health checks
+            response = await engine.complete(request(adapter))
+            assert response["model"] == "ft:y" and "ft:y" in stubs["lora"].app.state.loaded
+        finally:
+            await engine.close()
+
+    asyncio.run(scenario())
