@@ -350,6 +350,8 @@ def run_demo(
         support=support or EXAMPLES / "support-acme.jsonl",
         code=code or EXAMPLES / "code-quokka.jsonl",
     )
+    # SIGTERM should stop the platform too, as Ctrl-C does: exit through `finally`.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     platform = Platform(settings, port=_free_port(), log=settings.home / "demo" / "up.log")
     demo.url = platform.url
     step = "starting the platform"
