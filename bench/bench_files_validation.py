@@ -34,8 +34,11 @@ def generate(path: Path, size_mb: int) -> None:
         while f.tell() < size_mb * MB:
             q = " ".join(rng.choices(words, k=rng.randint(10, 40)))
             a = " ".join(rng.choices(words, k=rng.randint(30, 90)))
-            msgs = [{"role": "system", "content": "You are Acme support."},
-                    {"role": "user", "content": q}, {"role": "assistant", "content": a}]
+            msgs = [
+                {"role": "system", "content": "You are Acme support."},
+                {"role": "user", "content": q},
+                {"role": "assistant", "content": a},
+            ]
             f.write(json.dumps({"messages": msgs}) + "\n")
 
 
@@ -50,8 +53,15 @@ def scan_child(path: str) -> None:
     scanner.finish()
     elapsed = time.perf_counter() - start
     assert scanner.ok, scanner.problems
-    print(json.dumps({"seconds": elapsed, "examples": scanner.stats.examples,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(
+        json.dumps(
+            {
+                "seconds": elapsed,
+                "examples": scanner.stats.examples,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            }
+        )
+    )
 
 
 def upload_child(path: str) -> None:
@@ -59,12 +69,12 @@ def upload_child(path: str) -> None:
 
     import httpx
     import uvicorn
+    from sqlmodel import Session
 
     from api.db import get_engine, upgrade
     from api.main import create_app
     from api.services.tenants import create_key, create_tenant
     from api.settings import Settings
-    from sqlmodel import Session
 
     home = Path(tempfile.mkdtemp())
     settings = Settings(home=home)
@@ -79,19 +89,36 @@ def upload_child(path: str) -> None:
         time.sleep(0.05)
     start = time.perf_counter()
     with open(path, "rb") as f:
-        r = httpx.post("http://127.0.0.1:18765/v1/files", headers={"Authorization": f"Bearer {key}"},
-                       data={"purpose": "fine-tune"}, files={"file": ("big.jsonl", f)}, timeout=600)
+        r = httpx.post(
+            "http://127.0.0.1:18765/v1/files",
+            headers={"Authorization": f"Bearer {key}"},
+            data={"purpose": "fine-tune"},
+            files={"file": ("big.jsonl", f)},
+            timeout=600,
+        )
     elapsed = time.perf_counter() - start
     server.should_exit = True
     body = r.json()
     assert body.get("status") == "processed", body
-    print(json.dumps({"seconds": elapsed, "examples": body["stats"]["examples"],
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(
+        json.dumps(
+            {
+                "seconds": elapsed,
+                "examples": body["stats"]["examples"],
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            }
+        )
+    )
 
 
 def run_child(mode: str, path: Path) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", mode, str(path)],
-                         capture_output=True, text=True, check=True, env=os.environ)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", mode, str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=os.environ,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -112,13 +139,17 @@ def main() -> None:
             real_mb = path.stat().st_size / MB
             scan = run_child("scan", path)
             results[size] = (real_mb, scan)
-            print(f"scan   {real_mb:7.1f} MB: {real_mb / scan['seconds']:6.1f} MB/s, "
-                  f"{scan['examples']} examples, peak RSS {scan['peak_rss_mb']:.0f} MB")
+            print(
+                f"scan   {real_mb:7.1f} MB: {real_mb / scan['seconds']:6.1f} MB/s, "
+                f"{scan['examples']} examples, peak RSS {scan['peak_rss_mb']:.0f} MB"
+            )
         big = max(sizes)
         up = run_child("upload", Path(tmp) / f"data-{big}.jsonl")
         big_mb = results[big][0]
-        print(f"upload {big_mb:7.1f} MB: {big_mb / up['seconds']:6.1f} MB/s end to end "
-              f"(client+server in one process), peak RSS {up['peak_rss_mb']:.0f} MB")
+        print(
+            f"upload {big_mb:7.1f} MB: {big_mb / up['seconds']:6.1f} MB/s end to end "
+            f"(client+server in one process), peak RSS {up['peak_rss_mb']:.0f} MB"
+        )
     small = min(sizes)
     scan_rate = results[big][0] / results[big][1]["seconds"]
     print(f"ratio scan throughput / {TARGET_MB_S:.0f} MB/s target: {scan_rate / TARGET_MB_S:.2f}")

@@ -33,10 +33,18 @@ def tiny_base(out: Path) -> None:
     from tests.trainer.trainer_testdata import tiny_tokenizer
 
     tok = tiny_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=256, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(out)
     tok.save_pretrained(out)
@@ -45,30 +53,43 @@ def tiny_base(out: Path) -> None:
 def measure(broker: str, base: Path, n_jobs: int) -> list[float]:
     import openai
     import uvicorn
+    from sqlmodel import Session
 
     from api.db import get_engine, upgrade
     from api.main import create_app
     from api.models.jobs import Job
     from api.services.tenants import create_key, create_tenant
     from api.settings import Settings
-    from sqlmodel import Session
     from tests.trainer.trainer_testdata import TINY_FACTS, chat_row
 
     home = Path(tempfile.mkdtemp())
     url = {"redis": "redis://127.0.0.1:6379/0", "embedded": "filesystem://"}[broker]
-    settings = Settings(home=home, broker_url=url, train_queue=f"bench-{uuid.uuid4().hex[:6]}",
-                        base_models={"tiny": str(base)})
+    settings = Settings(
+        home=home,
+        broker_url=url,
+        train_queue=f"bench-{uuid.uuid4().hex[:6]}",
+        base_models={"tiny": str(base)},
+    )
     upgrade(settings.database_url)
     with Session(get_engine(settings.database_url)) as s:
         tenant = create_tenant(s, name="bench")
         _, key = create_key(s, tenant_id=tenant.id)
         s.commit()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORAPLEX_HOME": str(home),
-           "LORAPLEX_BROKER_URL": url, "LORAPLEX_TRAIN_QUEUE": settings.train_queue,
-           "LORAPLEX_BASE_MODELS": json.dumps(settings.base_models)}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "LORAPLEX_HOME": str(home),
+        "LORAPLEX_BROKER_URL": url,
+        "LORAPLEX_TRAIN_QUEUE": settings.train_queue,
+        "LORAPLEX_BASE_MODELS": json.dumps(settings.base_models),
+    }
     log = home / "worker.log"
-    worker = subprocess.Popen([str(Path(sys.executable).parent / "loraplex"), "worker"],
-                              env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    worker = subprocess.Popen(
+        [str(Path(sys.executable).parent / "loraplex"), "worker"],
+        env=env,
+        stdout=open(log, "wb"),  # noqa: SIM115
+        stderr=subprocess.STDOUT,
+    )
     port = {"redis": 18766, "embedded": 18767}[broker]
     server = uvicorn.Server(uvicorn.Config(create_app(settings), port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -81,8 +102,11 @@ def measure(broker: str, base: Path, n_jobs: int) -> list[float]:
     latencies = []
     try:
         for _ in range(n_jobs):
-            job = sdk.fine_tuning.jobs.create(model="tiny", training_file=file_id,
-                                              hyperparameters={"n_epochs": 1, "batch_size": 12})
+            job = sdk.fine_tuning.jobs.create(
+                model="tiny",
+                training_file=file_id,
+                hyperparameters={"n_epochs": 1, "batch_size": 12},
+            )
             while sdk.fine_tuning.jobs.retrieve(job.id).status not in ("succeeded", "failed"):
                 time.sleep(0.1)
             with Session(get_engine(settings.database_url)) as s:
@@ -107,8 +131,10 @@ def main() -> None:
         lat = sorted(measure(broker, base, args.jobs))
         p50 = statistics.median(lat)
         p95 = lat[min(len(lat) - 1, round(0.95 * (len(lat) - 1)))]
-        print(f"{broker:9s} pickup p50 {p50:.3f} s  p95 {p95:.3f} s  (n={len(lat)}); "
-              f"ratio p50 / target {TARGET_P50[broker]} s: {p50 / TARGET_P50[broker]:.2f}")
+        print(
+            f"{broker:9s} pickup p50 {p50:.3f} s  p95 {p95:.3f} s  (n={len(lat)}); "
+            f"ratio p50 / target {TARGET_P50[broker]} s: {p50 / TARGET_P50[broker]:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -129,6 +129,11 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    for table in ("adapter_versions", "adapters", "fine_tuning_job_checkpoints",
-                  "fine_tuning_job_events", "fine_tuning_jobs"):
+    for table in (
+        "adapter_versions",
+        "adapters",
+        "fine_tuning_job_checkpoints",
+        "fine_tuning_job_events",
+        "fine_tuning_jobs",
+    ):
         op.drop_table(table)
