@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     serving_retry_after: int = Field(10, ge=1)
     # The in-process transformers engine: requests arriving together share one generate().
     serving_max_batch_size: int = Field(8, ge=1)
+    # Its torch threads; unset: torch's default. On a busy small box, 1 can be 50x faster
+    # than 2 contended OpenMP threads (docs/benchmarks.md, serving).
+    serving_torch_threads: int | None = Field(None, ge=1)
     serving_cache_dir: Path | None = Field(None, description="Verified adapters; default home.")
     log_level: str = "INFO"
 

@@ -140,6 +140,18 @@ def wait_http(url: str, *, timeout: float, proc: subprocess.Popen[bytes] | None 
 # Measurements -----------------------------------------------------------------------------
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its descendants so far (from /proc)."""
+    total = 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except (OSError, IndexError):
+        return total
+    return total + sum(cpu_seconds(int(c)) for c in children)
+
+
 async def workload(
     url: str, *, key: str | None, models: list[str], requests: int, max_tokens: int,
     concurrency: int,
@@ -196,32 +208,48 @@ async def sequential_latency(url: str, *, key: str | None, model: str, n: int) -
     return statistics.median(times)
 
 
-def naive_peft(base_dir: Path, adapters: list[Path], *, requests: int, max_tokens: int,
-               dtype: str) -> float:  # fmt: skip
-    """transformers + peft, `set_adapter` per request, one request at a time: tokens/s."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+class NaivePeft:
+    """transformers + peft, `set_adapter` per request, one request at a time, at its best
+    settings here: fp32 (bf16 generation through peft was slower still) and one torch thread
+    (on this shared 2-core box two OpenMP threads made a forward 50x slower: 3.5 s vs 0.07 s)."""
 
-    torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model: Any = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch_dtype)
-    model = PeftModel.from_pretrained(model, str(adapters[0]), adapter_name="a0")
-    for i, path in enumerate(adapters[1:], start=1):
-        model.load_adapter(str(path), adapter_name=f"a{i}")
-    model.eval()
-    tokens = 0
-    started = time.perf_counter()
-    for i in range(requests):
-        model.set_adapter(f"a{i % len(adapters)}")
-        messages = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)  # fmt: skip
-        with torch.inference_mode():
-            out = model.generate(**ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
-                                 do_sample=False)  # fmt: skip
-        tokens += out.shape[1] - ids["input_ids"].shape[1]
-    return tokens / (time.perf_counter() - started)
+    def __init__(self, base_dir: Path, adapters: list[Path]) -> None:
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        torch.set_num_threads(1)
+        self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        model: Any = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        model = PeftModel.from_pretrained(model, str(adapters[0]), adapter_name="a0")
+        for i, path in enumerate(adapters[1:], start=1):
+            model.load_adapter(str(path), adapter_name=f"a{i}")
+        self.model = model.eval()
+        self.count = len(adapters)
+        self.tokens = 0
+        self.seconds = 0.0
+        self.served = 0
+
+    def run(self, requests: int, *, max_tokens: int) -> None:
+        started = time.perf_counter()
+        for _ in range(requests):
+            i = self.served
+            self.served += 1
+            self.model.set_adapter(f"a{i % self.count}")
+            messages = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+            ids = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )
+            with self.torch.inference_mode():
+                out = self.model.generate(**ids, max_new_tokens=max_tokens,
+                                          min_new_tokens=max_tokens, do_sample=False)  # fmt: skip
+            self.tokens += out.shape[1] - ids["input_ids"].shape[1]
+        self.seconds += time.perf_counter() - started
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.seconds
 
 
 # Main -------------------------------------------------------------------------------------
@@ -233,7 +261,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per pair")
-    parser.add_argument("--naive-requests", type=int, default=8)
+    parser.add_argument("--naive-requests", type=int, default=10, help="over all rounds")
     parser.add_argument("--cold", type=int, default=8, help="cold adapters to time")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--home", type=Path, default=ROOT / ".loraplex", help="model cache")
@@ -281,22 +309,25 @@ def main() -> None:
         )  # fmt: skip
         gw = f"http://127.0.0.1:{gateway_port}"
         wait_http(f"{gw}/healthz", timeout=60, proc=gateway)
-        results = asyncio.run(measure(args, replica.url, gw, key, hot_names, cold_names))
+        assert replica.proc is not None
+        pids = {"gateway": gateway.pid, "vllm": replica.proc.pid}
+        naive = NaivePeft(base_dir, hot)
+        results = asyncio.run(
+            measure(args, replica.url, gw, key, hot_names, cold_names, pids, naive)
+        )
     finally:
         if gateway is not None:
             gateway.send_signal(signal.SIGTERM)
             gateway.wait(30)
         replica.stop()
-    results["naive_peft_tok_s"] = naive_peft(
-        base_dir, hot, requests=args.naive_requests, max_tokens=args.max_tokens, dtype="float32"
-    )
     report(results, args)
     shutil.rmtree(work, ignore_errors=True)
 
 
 async def measure(
-    args: argparse.Namespace, vllm: str, gw: str, key: str, hot: list[str], cold: list[str]
-) -> dict[str, Any]:
+    args: argparse.Namespace, vllm: str, gw: str, key: str, hot: list[str], cold: list[str],
+    pids: dict[str, int], naive: NaivePeft,
+) -> dict[str, Any]:  # fmt: skip
     shape = {"requests": args.requests, "max_tokens": args.max_tokens,
              "concurrency": args.concurrency}  # fmt: skip
     # Warm up: the gateway fetches and loads the 8 hot adapters (and its zero adapter).
@@ -308,11 +339,19 @@ async def measure(
         "gateway_base": (gw, key, [BASE]),
         "gateway_8_adapters": (gw, key, hot),
     }
+    cpu: dict[str, float] = {"gateway": 0.0, "vllm": 0.0}
     for round_ in range(args.rounds):
         for name, (url, k, models) in configs.items():
+            before = {p: cpu_seconds(pid) for p, pid in pids.items()}
             tok_s = await workload(url, key=k, models=models, **shape)
+            if name == "gateway_8_adapters":
+                for p, pid in pids.items():
+                    cpu[p] += cpu_seconds(pid) - before[p]
             runs.setdefault(name, []).append(tok_s)
             log(f"round {round_}: {name} {tok_s:.0f} tok/s")
+        # The naive baseline in the same rounds (vLLM idle meanwhile): same noise, side by side.
+        naive.run(max(1, args.naive_requests // args.rounds), max_tokens=args.max_tokens)
+        log(f"round {round_}: naive peft {naive.tok_s:.1f} tok/s so far")
     latency = {
         "direct_p50_s": await sequential_latency(vllm, key=None, model=hot[0], n=20),
         "gateway_p50_s": await sequential_latency(gw, key=key, model=hot[0], n=20),
@@ -322,6 +361,10 @@ async def measure(
     return {
         **{name: statistics.median(values) for name, values in runs.items()},
         "runs": runs,
+        "naive_peft_tok_s": naive.tok_s,
+        # CPU the gateway spends per request vs what vLLM spends: its real cost, free of noise.
+        "gateway_cpu_ms_per_request": cpu["gateway"] * 1000 / (args.rounds * args.requests),
+        "gateway_cpu_share": cpu["gateway"] / max(cpu["vllm"], 1e-9),
         **latency,
         "warm_ttft_p50_s": statistics.median(warm),
         "cold_ttft_p50_s": statistics.median(cold_ttft),
@@ -346,9 +389,10 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> None:
         f"is {vs_naive:.1f}x (target >= 10x)",
         f"cold adapter -> first token p50 {r['cold_ttft_p50_s'] * 1000:.0f} ms (target < 300 ms); "
         f"warm p50 {r['warm_ttft_p50_s'] * 1000:.0f} ms",
-        f"gateway overhead: throughput {overhead * 100:+.1f}% (target < 5%); short request p50 "
-        f"{r['direct_p50_s'] * 1000:.0f} -> {r['gateway_p50_s'] * 1000:.0f} ms "
-        f"({latency_overhead * 100:+.1f}%)",
+        f"gateway overhead: throughput {overhead * 100:.1f}% lower (target < 5%); "
+        f"short request p50 {r['direct_p50_s'] * 1000:.0f} -> {r['gateway_p50_s'] * 1000:.0f} ms "
+        f"({latency_overhead * 100:+.1f}%); gateway CPU {r['gateway_cpu_ms_per_request']:.1f} ms"
+        f"/request = {r['gateway_cpu_share'] * 100:.1f}% of vLLM's CPU on the same requests",
     ]
     print("\n".join(lines))
     print(json.dumps(r, default=float))

@@ -10,6 +10,8 @@ The response's `model` is the version id that answered (or the base name) and th
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -60,14 +62,26 @@ class Gateway:
         self.cache = cache
         self.metrics = metrics
         self.usage = UsageWriter(settings.database_url)
+        self._observer: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.engine.start()
         await self.usage.start()
+        self._observer = asyncio.create_task(self._observe_replicas())
 
     async def close(self) -> None:
+        if self._observer is not None:
+            self._observer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._observer
         await self.engine.close()
         await self.usage.close()
+
+    async def _observe_replicas(self, interval: float = 2.0) -> None:
+        """Keep the per-replica gauges current between requests too."""
+        while True:
+            self.metrics.observe_replicas(self.engine.status())
+            await asyncio.sleep(interval)
 
     async def target(self, session: Session, *, tenant_id: str, model: str) -> Target:
         resolution = await run_in_threadpool(

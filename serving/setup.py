@@ -54,6 +54,7 @@ def build_engine(
             dtype="bfloat16" if settings.serving_dtype == "bfloat16" else "float32",
             budget=settings.serving_max_cpu_loras,
             max_batch_size=settings.serving_max_batch_size,
+            threads=settings.serving_torch_threads,
         )
         return EngineSetup(engine=engine, replicas=[])
     from serving.engines.vllm import VLLMEngine

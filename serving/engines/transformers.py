@@ -74,6 +74,7 @@ class TransformersEngine(Engine):
         budget: int = 16,
         max_batch_size: int = 8,
         batch_window: float = 0.01,
+        threads: int | None = None,
     ) -> None:
         self.load_base = load_base
         self.dtype = dtype
@@ -82,6 +83,7 @@ class TransformersEngine(Engine):
         # After the first request, wait this long for companions: a batch of 8 costs about
         # as much as one on CPU (ML-NOTES: 150 vs 25 tok/s), so a few ms buy a lot.
         self.batch_window = batch_window
+        self.threads = threads
         self.loaded: OrderedDict[str, None] = OrderedDict()
         self._pending: deque[Job] = deque()
         self._wake = threading.Condition()
@@ -93,6 +95,7 @@ class TransformersEngine(Engine):
         self.largest_batch = 0  # rows in the biggest generate() so far (observability)
         self.model: Any = None
         self.tokenizer: Any = None
+        self.request_tokenizer: Any = None
 
     async def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="transformers-engine", daemon=True)
@@ -126,7 +129,7 @@ class TransformersEngine(Engine):
         if not self._ready.is_set() or self._failed is not None:
             raise no_replica(5)
         check_supported(request.body)
-        prompts = prompt_token_ids(self.tokenizer, request.endpoint, request.body)
+        prompts = prompt_token_ids(self.request_tokenizer, request.endpoint, request.body)
         default = DEFAULT_CHAT_TOKENS if request.endpoint == "chat" else DEFAULT_COMPLETION_TOKENS
         asked = request.body.get("max_completion_tokens") or request.body.get("max_tokens")
         context = int(getattr(self.model.config, "max_position_embeddings", 2048))
@@ -219,9 +222,14 @@ class TransformersEngine(Engine):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        if self.threads:
+            torch.set_num_threads(self.threads)  # process-wide: this engine owns torch here
         base_dir = self.load_base()
         dtype = torch.bfloat16 if self.dtype == "bfloat16" else torch.float32
         self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        # A second copy for the event loop: a Rust tokenizer used from two threads at once
+        # can fail with "Already borrowed".
+        self.request_tokenizer = AutoTokenizer.from_pretrained(base_dir)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token

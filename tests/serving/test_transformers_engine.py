@@ -23,7 +23,11 @@ pytestmark = pytest.mark.timeout(300)
 @pytest.fixture(scope="module")
 def gateway(serving_settings: Settings, tenants: dict[str, TenantKey]) -> Iterator[LiveServer]:
     settings = serving_settings.model_copy(
-        update={"serving_engine": "transformers", "serving_max_batch_size": 16}
+        update={
+            "serving_engine": "transformers",
+            "serving_max_batch_size": 16,
+            "serving_torch_threads": 1,  # tiny matmuls: threads only contend
+        }
     )
     with LiveServer(create_gateway_app(settings)) as server:
         app = server.app
