@@ -8,36 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from .trainer_testdata import TINY_FACTS, chat_row, tiny_tokenizer, write_jsonl
+from .trainer_testdata import TINY_FACTS, chat_row, write_jsonl
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")
-def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer, 64-wide Llama with a ChatML tokenizer, saved as a local HF directory."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = tiny_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+def tiny_base(tiny_llama: Path) -> Path:
+    """The suite's tiny Llama (tests/conftest.py), under the name these tests use."""
+    return tiny_llama
 
 
 @pytest.fixture(autouse=True)
