@@ -59,9 +59,15 @@ def choose_replica(
     return least_loaded
 
 
-def eviction_order(replica: Replica, *, budget: int, pinned: set[str]) -> list[str]:
-    """Adapters to unload (LRU first) so that one more fits within `budget`."""
-    excess = len(replica.loaded) + 1 - budget
+def eviction_order(
+    replica: Replica, *, budget: int, pinned: set[str], incoming: int = 1
+) -> list[str]:
+    """Adapters to unload (LRU first) so that `incoming` more fit within `budget`.
+
+    Adapters in use are never chosen: with more distinct adapters in flight than the budget,
+    a replica holds more for a while (vLLM copes) and is trimmed back as requests finish.
+    """
+    excess = len(replica.loaded) + incoming - budget
     if excess <= 0:
         return []
     idle = [n for n in replica.loaded if n not in pinned and replica.in_use[n] == 0]

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from serving.engines.base import Engine, EngineRequest, ReplicaStatus
+from serving.engines.responses import stream_chunks, whole_response
 from serving.engines.textgen import (
     DEFAULT_CHAT_TOKENS,
     DEFAULT_COMPLETION_TOKENS,
@@ -31,7 +32,6 @@ from serving.engines.textgen import (
 from serving.errors import EngineError, InvalidRequest, no_replica
 
 log = logging.getLogger(__name__)
-BASE_ROW = "__base__"  # peft's name for "no adapter" in a mixed batch
 REPLICA_NAME = "in-process"
 
 
@@ -42,6 +42,7 @@ class Job:
     limit: int
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue[tuple[Any, ...]] = field(default_factory=asyncio.Queue)
+    response_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
     def n(self) -> int:
@@ -161,11 +162,11 @@ class TransformersEngine(Engine):
             elif event[0] == "error":
                 raise event[1]
             elif event[0] == "done":
-                return _whole_response(job, texts, reasons, usage=event[1])
+                return whole_response(job, texts, reasons, usage=event[1])
 
     async def open_stream(self, request: EngineRequest) -> AsyncIterator[dict[str, Any]]:
         job = self._submit(request)
-        return _stream_chunks(job)
+        return stream_chunks(job)
 
     # The engine thread -------------------------------------------------------------------
 
@@ -272,69 +273,3 @@ class TransformersEngine(Engine):
         with torch.inference_mode():
             self.model.generate(**kwargs)
         streamer.finish()
-
-
-def _choice_text_key(job: Job) -> str:
-    return "message" if job.request.endpoint == "chat" else "text"
-
-
-def _envelope(job: Job, *, chunk: bool) -> dict[str, Any]:
-    chat = job.request.endpoint == "chat"
-    kind = ("chat.completion.chunk" if chunk else "chat.completion") if chat else "text_completion"
-    return {
-        "id": getattr(job, "_id", None) or _set_id(job),
-        "object": kind,
-        "created": int(time.time()),
-        "model": job.request.body["model"],
-    }
-
-
-def _set_id(job: Job) -> str:
-    prefix = "chatcmpl-" if job.request.endpoint == "chat" else "cmpl-"
-    job_id = prefix + uuid.uuid4().hex
-    job._id = job_id  # type: ignore[attr-defined]
-    return job_id
-
-
-def _whole_response(
-    job: Job, texts: dict[int, list[str]], reasons: dict[int, str], *, usage: dict[str, int]
-) -> dict[str, Any]:
-    choices = []
-    for index in range(len(job.prompts) * job.n):
-        text = "".join(texts.get(index, []))
-        choice: dict[str, Any] = {"index": index, "finish_reason": reasons.get(index, "length")}
-        if job.request.endpoint == "chat":
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice |= {"text": text, "logprobs": None}
-        choices.append(choice)
-    return {**_envelope(job, chunk=False), "choices": choices, "usage": usage}
-
-
-async def _stream_chunks(job: Job) -> AsyncIterator[dict[str, Any]]:
-    chat = job.request.endpoint == "chat"
-    started: set[int] = set()
-    while True:
-        event = await job.events.get()
-        kind = event[0]
-        if kind == "error":
-            error = event[1]
-            yield {"error": {"message": error.message, "type": error.type, "param": None,
-                             "code": error.code}}  # fmt: skip
-            return
-        if kind == "done":
-            yield {**_envelope(job, chunk=True), "choices": [], "usage": event[1]}
-            return
-        index = event[1]
-        choice: dict[str, Any] = {"index": index, "finish_reason": None}
-        if kind == "finish":
-            choice["finish_reason"] = event[2]
-        if chat:
-            delta: dict[str, Any] = {} if kind == "finish" else {"content": event[2]}
-            if index not in started:
-                delta["role"] = "assistant"
-            choice["delta"] = delta
-        else:
-            choice |= {"text": event[2] if kind == "delta" else "", "logprobs": None}
-        started.add(index)
-        yield {**_envelope(job, chunk=True), "choices": [choice]}

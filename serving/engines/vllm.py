@@ -65,6 +65,7 @@ class VLLMEngine(Engine):
         self.on_event = on_event or (lambda _: None)
         self._client: httpx.AsyncClient | None = None
         self._health_task: asyncio.Task[None] | None = None
+        self._trims: set[asyncio.Task[None]] = set()
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -80,6 +81,8 @@ class VLLMEngine(Engine):
         self._health_task = asyncio.create_task(self._health_loop())
 
     async def close(self) -> None:
+        for task in list(self._trims):
+            task.cancel()
         if self._health_task is not None:
             self._health_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -239,6 +242,22 @@ class VLLMEngine(Engine):
     def _release(self, replica: Replica, name: str) -> None:
         replica.inflight -= 1
         replica.in_use[name] -= 1
+        if len(replica.loaded) > self.budget and replica.healthy:
+            task = asyncio.get_running_loop().create_task(self._trim(replica))
+            self._trims.add(task)
+            task.add_done_callback(self._trims.discard)
+
+    async def _trim(self, replica: Replica) -> None:
+        """Back within budget once the requests that forced a replica over it are done."""
+        try:
+            async with replica.lock:
+                pinned = {self.zero_adapter.name}
+                for victim in eviction_order(
+                    replica, budget=self.budget, pinned=pinned, incoming=0
+                ):
+                    await self._unload(replica, victim)
+        except httpx.HTTPError:
+            log.warning("could not trim adapters on %s", replica.url)
 
     async def complete(self, request: EngineRequest) -> dict[str, Any]:
         replica, name, response = await self._send(request, stream=False)

@@ -97,3 +97,11 @@ def test_zero_adapter_is_a_valid_all_zero_peft_adapter(tmp_path: Path) -> None:
 
 def test_lora_rank_rounds_up_to_one_vllm_accepts() -> None:
     assert [vllm_lora_rank(r) for r in (1, 8, 9, 64, 100, 999)] == [1, 8, 16, 64, 128, 512]
+
+
+def test_trimming_after_a_burst_unloads_only_idle_adapters() -> None:
+    replica = Replica("a", healthy=True)
+    for name in ("zero", "a", "b", "c", "d", "e"):
+        replica.touch(name)
+    replica.in_use["e"] = 1
+    assert eviction_order(replica, budget=4, pinned={"zero"}, incoming=0) == ["a", "b"]

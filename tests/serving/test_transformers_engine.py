@@ -4,18 +4,22 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
+from sqlmodel import Session
 
+from api.db import get_engine
+from api.models.adapters import Adapter
 from api.settings import Settings
 from serving.app import create_gateway_app
 from serving.engines.transformers import TransformersEngine
 from tests.conftest import bearer
 from tests.serving.conftest import LiveServer, Reference, clean, wait_for
-from tests.serving.servingdata import BASE, QUESTIONS, TenantKey
+from tests.serving.servingdata import BASE, QUESTIONS, TenantKey, register, variant
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -134,3 +138,38 @@ def test_unsupported_parameter_is_a_400(gateway: LiveServer, tenants: dict[str, 
     too_long = chat(gateway.url, tenants["a"].key, "helper", "hi", max_tokens=10_000)
     assert too_long.status_code == 400
     assert too_long.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_a_canary_share_is_served_and_labelled(
+    gateway: LiveServer,
+    serving_settings: Settings,
+    tenants: dict[str, TenantKey],
+    adapters: dict,
+    reference: Reference,
+    tmp_path: Path,
+) -> None:
+    tenant = tenants["a"]
+    canary = register(
+        serving_settings, tenant=tenant, suffix="helper",
+        adapter_dir=variant(adapters["b"], tmp_path / "canary", scale=1.0), stage="staging",
+    )  # fmt: skip
+    with Session(get_engine(serving_settings.database_url)) as session:
+        line = session.get(Adapter, canary.adapter_id)
+        assert line is not None
+        line.canary_version_id, line.canary_percent = canary.id, 100
+        session.add(line)
+        session.commit()
+    try:
+        response = chat(gateway.url, tenant.key, "helper", QUESTIONS[3])
+        assert response.headers["x-loraplex-model-version"] == canary.fine_tuned_model
+        assert response.headers["x-loraplex-canary"] == "true"
+        assert answer(response) == reference.chat(adapters["b"], QUESTIONS[3])
+    finally:
+        with Session(get_engine(serving_settings.database_url)) as session:
+            line = session.get(Adapter, canary.adapter_id)
+            assert line is not None
+            line.canary_version_id, line.canary_percent = None, 0
+            session.add(line)
+            session.commit()
+    production = chat(gateway.url, tenant.key, "helper", QUESTIONS[3])
+    assert production.headers["x-loraplex-canary"] == "false"
