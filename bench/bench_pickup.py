@@ -27,27 +27,9 @@ TARGET_P50 = {"redis": 0.5, "embedded": 2.0}
 
 
 def tiny_base(out: Path) -> None:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.trainer.trainer_testdata import save_tiny_llama
 
-    from tests.trainer.trainer_testdata import tiny_tokenizer
-
-    tok = tiny_tokenizer()
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
+    save_tiny_llama(out)
 
 
 def measure(broker: str, base: Path, n_jobs: int) -> list[float]:

@@ -140,27 +140,6 @@ def stored_files(settings: Settings) -> list[Path]:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer, 64-wide Llama with a ChatML tokenizer: a base model trained in seconds."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.trainer.trainer_testdata import save_tiny_llama
 
-    from tests.trainer.trainer_testdata import tiny_tokenizer
-
-    out = tmp_path_factory.mktemp("tiny-llama-base")
-    tokenizer = tiny_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-base"))

@@ -20,7 +20,7 @@ from api.services import registry
 from api.services.jobs import fine_tuned_model_name
 from api.settings import Settings
 from api.storage import ArtifactStore
-from tests.trainer.trainer_testdata import TINY_FACTS, chat_row, tiny_tokenizer, write_jsonl
+from tests.trainer.trainer_testdata import TINY_FACTS, chat_row, save_tiny_llama, write_jsonl
 
 BASE = "tiny-serve"
 # Two tenants' training sets: different facts, so their adapters answer differently.
@@ -31,28 +31,7 @@ QUESTIONS = [q for q, _ in TINY_FACTS[:3] + TINY_FACTS[6:9]]
 
 def build_tiny_base(out: Path) -> Path:
     """A 2-layer Llama, head_dim 64 (vLLM's CPU attention needs a supported head size)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = tiny_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=64,
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return save_tiny_llama(out, hidden_size=128, intermediate_size=256, heads=2, kv_heads=1)
 
 
 def train_adapter(base_dir: Path, facts: list[tuple[str, str]], out: Path) -> Path:
