@@ -254,6 +254,10 @@ class Demo:
             self.console.print(f"[bold]4.[/] admin promoted {t.suffix} v{newest} to production")
 
     def ask(self) -> None:
+        self.console.print(
+            "[bold]5.[/] asking each tenant's questions to the base model and "
+            "to the tenant's adapter by name"
+        )
         for t in self.tenants:
             client = self.sdk(t.key)
             for system, question, expected in t.questions:
