@@ -160,14 +160,21 @@ def test_per_tenant_limit_keeps_the_second_job_queued(sdk, start_worker, setting
     start_worker()  # two workers, but the tenant may run one job at a time
     file_id = upload(sdk)
     a = sdk.fine_tuning.jobs.create(
-        model=TINY, training_file=file_id, method=hp(n_epochs=10, batch_size=1, method="lora")
+        model=TINY, training_file=file_id, method=hp(n_epochs=30, batch_size=1, method="lora")
     )
     b = sdk.fine_tuning.jobs.create(
         model=TINY, training_file=file_id, method=hp(n_epochs=2, batch_size=4, method="lora")
     )
     wait_for_status(sdk, a.id, {"running"})
-    time.sleep(2)
-    assert sdk.fine_tuning.jobs.retrieve(b.id).status == "queued"
+    checks = 0
+    while True:  # b is read before a: if a is still running after, b must still be waiting
+        status_b = sdk.fine_tuning.jobs.retrieve(b.id).status
+        if sdk.fine_tuning.jobs.retrieve(a.id).status != "running":
+            break
+        assert status_b == "queued"
+        checks += 1
+        time.sleep(0.2)
+    assert checks > 0
     done_a = wait_for_status(sdk, a.id, {"succeeded", "failed"})
     done_b = wait_for_status(sdk, b.id, {"succeeded", "failed"})
     assert done_a.status == done_b.status == "succeeded"
