@@ -115,6 +115,30 @@ def _commit(session: Session) -> None:
         ) from e
 
 
+def _audit_and_commit(
+    session: Session,
+    *,
+    actor: Principal,
+    action: str,
+    adapter: Adapter,
+    before: dict[str, Any],
+    reason: str | None,
+) -> None:
+    """Record an adapter-level admin action with its before/after, then commit both."""
+    audit.record(
+        session,
+        actor=actor,
+        action=action,
+        target_type="adapter",
+        target_id=adapter.id,
+        tenant_id=adapter.tenant_id,
+        before=before,
+        after=adapter_state(adapter, session),
+        reason=reason,
+    )
+    _commit(session)
+
+
 def _set_stage(session: Session, adapter: Adapter, version: AdapterVersion, stage: str) -> None:
     """Move one version; a new production version archives the old one."""
     if stage == "production":
@@ -216,18 +240,9 @@ def rollback(
         )
     before = adapter_state(adapter, session)
     _set_stage(session, adapter, previous, "production")
-    audit.record(
-        session,
-        actor=actor,
-        action="rollback",
-        target_type="adapter",
-        target_id=adapter.id,
-        tenant_id=adapter.tenant_id,
-        before=before,
-        after=adapter_state(adapter, session),
-        reason=reason,
+    _audit_and_commit(
+        session, actor=actor, action="rollback", adapter=adapter, before=before, reason=reason
     )
-    _commit(session)
     return previous
 
 
@@ -263,18 +278,9 @@ def set_canary(
     before = adapter_state(adapter, session)
     adapter.canary_version_id, adapter.canary_percent = version.id, percent
     session.add(adapter)
-    audit.record(
-        session,
-        actor=actor,
-        action="canary.set",
-        target_type="adapter",
-        target_id=adapter.id,
-        tenant_id=adapter.tenant_id,
-        before=before,
-        after=adapter_state(adapter, session),
-        reason=reason,
+    _audit_and_commit(
+        session, actor=actor, action="canary.set", adapter=adapter, before=before, reason=reason
     )
-    _commit(session)
     return adapter
 
 
@@ -290,18 +296,10 @@ def finish_canary(
     adapter.canary_version_id, adapter.canary_percent = None, 0
     if promote:
         _set_stage(session, adapter, canary, "production")
-    audit.record(
-        session,
-        actor=actor,
-        action="canary.promote" if promote else "canary.abort",
-        target_type="adapter",
-        target_id=adapter.id,
-        tenant_id=adapter.tenant_id,
-        before=before,
-        after=adapter_state(adapter, session),
-        reason=reason,
+    action = "canary.promote" if promote else "canary.abort"
+    _audit_and_commit(
+        session, actor=actor, action=action, adapter=adapter, before=before, reason=reason
     )
-    _commit(session)
     return adapter
 
 
