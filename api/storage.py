@@ -54,7 +54,7 @@ class ArtifactStore:
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/")
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
-        if self.fs.protocol in ("file", ("file", "local")) or "file" in self.fs.protocol:
+        if "file" in self.fs.protocol:  # a str or a tuple of aliases, by fsspec version
             Path(self.root).mkdir(parents=True, exist_ok=True)
 
     def _path(self, key: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal, TypeVar
 
 from sqlalchemy import and_, or_
-from sqlmodel import Session, select
+from sqlmodel import Session
 from sqlmodel.sql.expression import SelectOfScalar
 
 from api.errors import InvalidRequest
@@ -49,6 +49,3 @@ def list_body(data: list[Any], has_more: bool) -> dict[str, Any]:
         body["first_id"] = data[0]["id"]
         body["last_id"] = data[-1]["id"]
     return body
-
-
-__all__ = ["Order", "list_body", "page", "select"]

@@ -7,6 +7,7 @@ import sys
 
 from fastapi.testclient import TestClient
 
+from api.main import create_app
 from api.settings import Settings
 from tests.conftest import bearer, new_admin_key, new_tenant
 
@@ -32,16 +33,10 @@ def test_health_ready_and_metrics(client: TestClient) -> None:
 
 def test_readyz_reports_an_unreachable_database(tmp_path) -> None:
     settings = Settings(home=tmp_path, database_url="postgresql+psycopg://nobody@127.0.0.1:1/x")
-    with TestClient(create_app_for(settings)) as c:
+    with TestClient(create_app(settings)) as c:
         r = c.get("/readyz")
     assert r.status_code == 503
     assert r.json()["error"]["code"] == "service_unavailable"
-
-
-def create_app_for(settings: Settings):
-    from api.main import create_app
-
-    return create_app(settings)
 
 
 def _assert_error(r, status: int, code: str | None = None) -> dict:
@@ -101,7 +96,7 @@ def test_malformed_json_is_400(client: TestClient, settings: Settings) -> None:
 
 def test_oversize_body_is_413(tmp_path, db_url: str) -> None:
     settings = Settings(home=tmp_path, database_url=db_url, max_json_body_bytes=1000)
-    with TestClient(create_app_for(settings)) as c:
+    with TestClient(create_app(settings)) as c:
         admin = new_admin_key(settings)
         r = c.post("/v1/admin/tenants", json={"name": "x" * 5000}, headers=bearer(admin))
         _assert_error(r, 413, "payload_too_large")
