@@ -71,10 +71,10 @@ def get_tenant_id(principal: PrincipalDep) -> str:
 TenantDep = Annotated[str, Depends(get_tenant_id)]
 
 
-def get_admin(principal: PrincipalDep) -> Principal:
-    # Admin routes are invisible to tenant keys: 404, as for any unknown route.
+def get_admin(request: Request, principal: PrincipalDep) -> Principal:
+    # Admin routes are invisible to tenant keys: the very 404 of an unknown route.
     if not principal.is_admin:
-        raise NotFound("Unknown request URL.")
+        raise NotFound(f"Unknown request URL: {request.method} {request.url.path}.")
     return principal
 
 

@@ -29,7 +29,7 @@ def job_public(job: Job) -> dict[str, Any]:
         "fine_tuned_model": job.fine_tuned_model,
         "finished_at": unix(job.finished_at),
         "hyperparameters": {
-            k: hp[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")
+            k: hp.get(k, "auto") for k in ("n_epochs", "batch_size", "learning_rate_multiplier")
         },
         "model": job.model,
         "organization_id": job.tenant_id,
