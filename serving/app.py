@@ -126,7 +126,11 @@ class ServingRuntime:
         gateway = Gateway(
             settings=self.settings,
             engine=setup.engine,
-            cache=AdapterCache(store=ArtifactStore(self.settings.storage_url), root=cache_root),
+            cache=AdapterCache(
+                store=ArtifactStore(self.settings.storage_url),
+                root=cache_root,
+                on_event=_counter(self.metrics),
+            ),
             metrics=self.metrics,
         )
         await gateway.start()

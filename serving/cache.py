@@ -1,16 +1,25 @@
 """The local adapter cache: fetch a version's files from the artifact store, verify, keep.
 
-A version is immutable, so a directory that was verified once stays valid: it is assembled in
-a temporary folder, every file's sha256 and size checked against the registry row, and only
-then renamed into `<root>/<version id>`. A mismatch (bytes altered in the store, a missing
-file) refuses the version and leaves nothing behind; it is never handed to an engine.
+Nothing reaches an engine unless its bytes match the registry row (sha256 and size per file):
+- a version is assembled in a temporary folder, every file checked, and only then renamed
+  into `<root>/<version id>` (files read-only); a mismatch in the store (bytes altered,
+  truncated, a file missing) refuses the version and leaves nothing behind;
+- the cached copy is not trusted blindly: the first time this process hands one out (it may
+  be left from an earlier run, or altered on disk since), every file is hashed again, and
+  afterwards a cheap fingerprint of its files (size, mtime, inode) is compared on each
+  request, any change triggering a full re-hash. A copy that fails is replaced by a fresh
+  fetch from the store (event `cache_repair`); only a bad store copy refuses the version.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import logging
+import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +28,21 @@ from api.storage import ArtifactStore, StorageError
 from serving.engines.base import LocalAdapter
 from serving.errors import AdapterIntegrityError
 
+log = logging.getLogger(__name__)
 REQUIRED = ("adapter_config.json", "adapter_model.safetensors")
+# (relative path, size, mtime_ns, inode) of every file: changes whenever a file is rewritten.
+Fingerprint = tuple[tuple[str, int, int, int], ...]
 
 
 class AdapterCache:
-    def __init__(self, *, store: ArtifactStore, root: Path) -> None:
+    def __init__(
+        self, *, store: ArtifactStore, root: Path, on_event: Callable[[str], None] | None = None
+    ) -> None:
         self.store = store
         self.root = root
+        self.on_event = on_event or (lambda event: None)
         self._locks: dict[str, asyncio.Lock] = {}
+        self._verified: dict[str, Fingerprint] = {}  # version id -> fingerprint when hashed
 
     def path_of(self, version_id: str) -> Path:
         return self.root / version_id
@@ -34,14 +50,37 @@ class AdapterCache:
     async def ensure(self, version: AdapterVersion) -> tuple[LocalAdapter, bool]:
         """The version as a verified local directory; says whether it was fetched now."""
         target = self.path_of(version.id)
-        if target.is_dir():
-            return LocalAdapter(name=version.fine_tuned_model, path=target), False
+        adapter = LocalAdapter(name=version.fine_tuned_model, path=target)
+        if self._still_verified(version.id, target):
+            return adapter, False
         lock = self._locks.setdefault(version.id, asyncio.Lock())
-        async with lock:  # concurrent first requests fetch once
-            fetched = not target.is_dir()
-            if fetched:
-                await asyncio.to_thread(self._fetch, version, target)
-        return LocalAdapter(name=version.fine_tuned_model, path=target), fetched
+        async with lock:  # concurrent first requests fetch (or re-hash) once
+            fetched = await asyncio.to_thread(self._prepare, version, target)
+        return adapter, fetched
+
+    def _still_verified(self, version_id: str, target: Path) -> bool:
+        known = self._verified.get(version_id)
+        return bool(known) and known == fingerprint(target)
+
+    def _prepare(self, version: AdapterVersion, target: Path) -> bool:
+        if self._still_verified(version.id, target):
+            return False  # a concurrent request has just done it
+        self._verified.pop(version.id, None)
+        if target.is_dir():
+            problems = local_problems(version, target)
+            if not problems:
+                self._verified[version.id] = fingerprint(target)
+                return False
+            log.warning(
+                "cached copy of adapter version %s fails verification (%s); fetching it "
+                "again from the artifact store",
+                version.fine_tuned_model,
+                "; ".join(problems),
+            )
+            self.on_event("cache_repair")
+        self._fetch(version, target)
+        self._verified[version.id] = fingerprint(target)
+        return True
 
     def _fetch(self, version: AdapterVersion, target: Path) -> None:
         files: dict[str, Any] = dict(version.files or {})
@@ -49,15 +88,18 @@ class AdapterCache:
         if missing:
             raise AdapterIntegrityError(
                 f"Adapter version {version.fine_tuned_model} is incomplete in the registry "
-                f"(missing {', '.join(missing)}); it cannot be served."
+                f"(missing {', '.join(missing)}); it cannot be served.",
+                reason="incomplete",
             )
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{version.id}.", dir=self.root))
         try:
             for rel, expected in sorted(files.items()):
                 self._fetch_file(version, rel, expected, tmp)
+            for path in _files(tmp):
+                path.chmod(0o444)  # verified bytes: nothing here rewrites them by accident
             tmp.chmod(0o755)  # replicas may run as another user
-            tmp.rename(target)
+            _replace(target, tmp)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -66,18 +108,81 @@ class AdapterCache:
     ) -> None:
         local = tmp / rel
         if not local.resolve().is_relative_to(tmp.resolve()):
-            raise AdapterIntegrityError(f"Adapter file path {rel!r} escapes its directory.")
+            raise AdapterIntegrityError(
+                f"Adapter file path {rel!r} escapes its directory.", reason="unsafe_path"
+            )
         try:
             digest = self.store.get_file(f"{version.storage_prefix}/{rel}", local)
         except (FileNotFoundError, StorageError) as e:
             raise AdapterIntegrityError(
                 f"Adapter version {version.fine_tuned_model}: cannot read {rel} from the "
-                f"artifact store ({type(e).__name__}); it cannot be served."
+                f"artifact store ({type(e).__name__}); it cannot be served.",
+                reason="unreadable",
             ) from e
-        if digest != expected.get("sha256") or local.stat().st_size != expected.get("size"):
+        problem = mismatch(rel, digest=digest, size=local.stat().st_size, expected=expected)
+        if problem:
             raise AdapterIntegrityError(
-                f"Adapter version {version.fine_tuned_model} failed verification: {rel} has "
-                f"sha256 {digest[:12]}..., the registry expects "
-                f"{str(expected.get('sha256'))[:12]}.... The stored bytes were altered; "
-                "refusing to serve it."
+                f"Adapter version {version.fine_tuned_model} failed verification: {problem}. "
+                "The stored bytes were altered; refusing to serve it.",
+                reason="altered",
             )
+
+
+def mismatch(rel: str, *, digest: str, size: int, expected: dict[str, Any]) -> str | None:
+    """Why a file's bytes are not the registry's, or None when they are."""
+    if size != expected.get("size"):
+        return f"{rel} has {size} bytes, the registry expects {expected.get('size')}"
+    if digest != expected.get("sha256"):
+        return (
+            f"{rel} has sha256 {digest[:12]}..., the registry expects "
+            f"{str(expected.get('sha256'))[:12]}..."
+        )
+    return None
+
+
+def local_problems(version: AdapterVersion, directory: Path) -> list[str]:
+    """Every way a local copy differs from the registry row (missing, extra, altered files)."""
+    expected: dict[str, Any] = dict(version.files or {})
+    present = {p.relative_to(directory).as_posix() for p in _files(directory)}
+    problems = [f"{rel} is missing" for rel in sorted(expected.keys() - present)]
+    problems += [f"{rel} is not in the registry" for rel in sorted(present - expected.keys())]
+    for rel in sorted(expected.keys() & present):
+        path = directory / rel
+        if path.is_symlink():
+            problems.append(f"{rel} is a symbolic link")
+            continue
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        problem = mismatch(rel, digest=digest, size=path.stat().st_size, expected=expected[rel])
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def fingerprint(directory: Path) -> Fingerprint:
+    """Cheap identity of a directory's files (no reads); empty when it does not exist."""
+    if not directory.is_dir():
+        return ()
+    entries = []
+    for path in _files(directory):
+        st = path.stat()
+        entries.append((path.relative_to(directory).as_posix(), st.st_size, st.st_mtime_ns,
+                        st.st_ino))  # fmt: skip
+    return tuple(sorted(entries))
+
+
+def _files(directory: Path) -> list[Path]:
+    return [p for p in directory.rglob("*") if p.is_file() or p.is_symlink()]
+
+
+def _replace(target: Path, fresh: Path) -> None:
+    """Put `fresh` at `target`; an old copy there is moved aside first, then deleted, so the
+    path is never half-written."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old.{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+        fresh.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        fresh.rename(target)

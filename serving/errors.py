@@ -5,7 +5,9 @@
     │   └── UnsupportedParameter  400  the in-process engine cannot honour a parameter
     ├── NotFound                  404  (api)  `model_not_found`
     ├── ServiceUnavailable        503  (api)  no replica up: Retry-After set
-    ├── AdapterIntegrityError     500  a stored adapter's bytes do not match the registry
+    ├── AdapterIntegrityError     500  a stored adapter's bytes do not match the registry;
+    │                                  `reason` (incomplete, unreadable, altered, unsafe_path)
+    │                                  labels the refusal metric
     └── EngineError               500  an engine failed on a valid request
 
 `upstream_error` turns a vLLM error body (integer `code`) into the OpenAI shape, keeping a
@@ -27,10 +29,14 @@ class UnsupportedParameter(InvalidRequest):
 
 
 class AdapterIntegrityError(LoraplexError):
+    """The server's own copy is bad, not the request: a 5xx, but one the SDK must not resend
+    (a corrupt adapter stays corrupt), and never a 4xx that would blame the caller."""
+
     default_code = "adapter_integrity_error"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, reason: str) -> None:
         super().__init__(message, headers=NO_RETRY)
+        self.reason = reason
 
 
 class EngineError(LoraplexError):

@@ -28,6 +28,7 @@ from api.services.resolver import Resolution, resolve_model
 from api.settings import Settings
 from serving.cache import AdapterCache
 from serving.engines.base import Engine, EngineRequest, LocalAdapter
+from serving.errors import AdapterIntegrityError
 from serving.metrics import GatewayMetrics
 from serving.schemas import Endpoint, SamplingRequest
 from serving.usage import UsageWriter
@@ -96,7 +97,13 @@ class Gateway:
             )
         if resolution.version is None:
             return Target(resolution=resolution, adapter=None)
-        adapter, fetched = await self.cache.ensure(resolution.version)
+        try:
+            adapter, fetched = await self.cache.ensure(resolution.version)
+        except AdapterIntegrityError as e:
+            log.error("refused adapter version %s (%s): %s",
+                      resolution.version.fine_tuned_model, e.reason, e.message)  # fmt: skip
+            self.metrics.adapter_refusals.labels(e.reason).inc()
+            raise
         if fetched:
             self.metrics.adapter_loads.labels("fetch").inc()
         return Target(resolution=resolution, adapter=adapter)

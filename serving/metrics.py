@@ -51,8 +51,14 @@ class GatewayMetrics:
         )
         self.adapter_loads = Counter(
             "loraplex_serving_adapter_loads_total",
-            "Adapter fetches (cache) and loads/unloads (replicas).",
+            "Adapter fetches and repairs (cache), loads/unloads (replicas).",
             ["event"],
+            registry=registry,
+        )
+        self.adapter_refusals = Counter(
+            "loraplex_serving_adapter_refusals_total",
+            "Requests refused because an adapter version failed verification, by reason.",
+            ["reason"],
             registry=registry,
         )
         self.loaded_adapters = Gauge(

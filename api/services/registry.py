@@ -7,6 +7,7 @@ adapter the serving pool could not load is registered as `rejected`, with the re
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from api.models.jobs import Job
 from api.storage import ArtifactStore, StoredObject
 
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
+MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
 
 
 def adapter_name(job: Job) -> str:
@@ -25,18 +27,82 @@ def adapter_name(job: Job) -> str:
 
 
 def compatibility_problems(
-    adapter_config: dict[str, Any], *, base_model: str, max_rank: int, files: set[str]
+    adapter_config: dict[str, Any],
+    *,
+    base_model: str,
+    max_rank: int,
+    files: set[str],
+    shapes: dict[str, list[int]] | None = None,
 ) -> list[str]:
+    """Why the serving pool could not (or must not) serve this adapter; empty when it can.
+
+    `shapes` (tensor name -> shape, from the weights file) is checked against the config, so
+    a config that understates the rank of its weights is caught here, not in an engine.
+    """
     problems = [f"missing {name}" for name in REQUIRED_FILES if name not in files]
-    rank = int(adapter_config.get("r", 0))
-    if rank > max_rank:
-        problems.append(f"rank {rank} exceeds the serving pool's max LoRA rank {max_rank}")
+    declared = _declared_ranks(adapter_config)
+    if max(declared) > max_rank:
+        problems.append(f"rank {max(declared)} exceeds the serving pool's max LoRA rank {max_rank}")
+    if shapes is not None:
+        problems += _weight_problems(shapes, declared=declared, max_rank=max_rank)
     if adapter_config.get("modules_to_save"):
         problems.append("modules_to_save is set; vLLM cannot serve such adapters")
-    declared = adapter_config.get("base_model_name_or_path")
-    if declared != base_model:
-        problems.append(f"trained on base {declared!r}, not {base_model!r}")
+    trained_on = adapter_config.get("base_model_name_or_path")
+    if trained_on != base_model:
+        problems.append(f"trained on base {trained_on!r}, not {base_model!r}")
     return problems
+
+
+def _declared_ranks(adapter_config: dict[str, Any]) -> set[int]:
+    pattern = adapter_config.get("rank_pattern") or {}
+    return {int(adapter_config.get("r", 0)), *(int(r) for r in pattern.values())}
+
+
+def _weight_problems(
+    shapes: dict[str, list[int]], *, declared: set[int], max_rank: int
+) -> list[str]:
+    # peft stores lora_A as (rank, in_features) and lora_B as (out_features, rank).
+    ranks = {s[0] for k, s in shapes.items() if ".lora_A." in k and s}
+    ranks |= {s[-1] for k, s in shapes.items() if ".lora_B." in k and s}
+    if not ranks:
+        return ["adapter_model.safetensors holds no LoRA weights"]
+    problems = []
+    if max(ranks) > max_rank:
+        problems.append(
+            f"the weights have rank {max(ranks)}, above the serving pool's max LoRA rank {max_rank}"
+        )
+    if not ranks <= declared:
+        problems.append(
+            f"adapter_config.json declares rank(s) {sorted(declared)} but the weights have "
+            f"rank(s) {sorted(ranks)}"
+        )
+    return problems
+
+
+def safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape from a safetensors file's header (no torch, no tensor reads).
+
+    The format is an 8-byte little-endian header length, then that many bytes of JSON.
+    Raises ValueError for a file that is not safetensors (truncated, another format).
+    """
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise ValueError("shorter than a safetensors header")
+        (length,) = struct.unpack("<Q", head)
+        if length > min(MAX_HEADER_BYTES, path.stat().st_size - 8):
+            raise ValueError(f"header length {length} does not fit the file")
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError("the header is not JSON") from e
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    return {
+        name: [int(n) for n in info.get("shape", [])]
+        for name, info in header.items()
+        if name != "__metadata__" and isinstance(info, dict)
+    }
 
 
 def _modules(value: Any) -> list[str]:
@@ -96,8 +162,15 @@ def register_version(
     if existing is not None:
         return existing
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    problems = compatibility_problems(
-        config, base_model=job.model, max_rank=max_rank, files=set(stored)
+    problems, shapes = [], None
+    try:
+        shapes = safetensors_shapes(adapter_dir / "adapter_model.safetensors")
+    except FileNotFoundError:
+        pass  # reported as a missing file below
+    except ValueError as e:
+        problems.append(f"adapter_model.safetensors is not a valid safetensors file ({e})")
+    problems += compatibility_problems(
+        config, base_model=job.model, max_rank=max_rank, files=set(stored), shapes=shapes
     )
     adapter = _get_or_create_adapter(session, job=job)
     for _ in range(5):

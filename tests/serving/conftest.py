@@ -4,11 +4,12 @@ peft reference answers; vLLM replicas and a live gateway shared by the whole ses
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ from fastapi import FastAPI
 
 from api.db import get_engine, upgrade
 from api.settings import Settings
-from tests.conftest import new_tenant
+from serving.app import create_gateway_app
+from tests.conftest import bearer, new_tenant
 from tests.serving.servingdata import (
     BASE,
     FACTS_A,
@@ -161,6 +163,47 @@ class LiveServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(30)
+
+
+@contextlib.contextmanager
+def live_gateway(settings: Settings, *, timeout: float = 120) -> Iterator[LiveServer]:
+    """The gateway alone on a live server, once its engine answers."""
+    with LiveServer(create_gateway_app(settings)) as server:
+        app = server.app
+        wait_for(
+            lambda: getattr(app.state, "gateway", None) and app.state.gateway.engine.ready(),
+            timeout=timeout,
+            what=f"{settings.serving_engine} engine",
+        )
+        yield server
+
+
+@pytest.fixture(scope="session")
+def transformers_gateway(
+    serving_settings: Settings, tenants: dict[str, TenantKey]
+) -> Iterator[LiveServer]:
+    """The gateway over the in-process transformers engine: the cheap one, where the point
+    is the gateway's own behaviour."""
+    settings = serving_settings.model_copy(
+        update={
+            "serving_engine": "transformers",
+            "serving_max_batch_size": 16,
+            "serving_torch_threads": 1,  # tiny matmuls: threads only contend
+        }
+    )
+    with live_gateway(settings) as server:
+        yield server
+
+
+def chat(url: str, key: str, model: str, question: str, **extra: Any) -> httpx.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": question}]}
+    body |= {"max_tokens": 12, "temperature": 0} | extra
+    return httpx.post(f"{url}/v1/chat/completions", json=body, headers=bearer(key), timeout=120)
+
+
+def answer(response: httpx.Response) -> str:
+    assert response.status_code == 200, response.text
+    return clean(response.json()["choices"][0]["message"]["content"])
 
 
 def wait_for(check: Callable[[], object], *, timeout: float, what: str) -> None:

@@ -84,11 +84,17 @@ def register(
     suffix: str,
     adapter_dir: Path,
     stage: str = "production",
+    config_patch: dict[str, Any] | None = None,
 ) -> AdapterVersion:
-    """What a succeeded job does: name the base, upload, register; then promote if asked."""
+    """What a succeeded job does: name the base, upload, register; then promote if asked.
+
+    `config_patch` edits adapter_config.json first; a version the registry rejects is
+    returned as it is (stage `rejected`), not promoted.
+    """
     config_path = adapter_dir / "adapter_config.json"
     config: dict[str, Any] = json.loads(config_path.read_text())
     config["base_model_name_or_path"] = BASE
+    config |= config_patch or {}
     config_path.write_text(json.dumps(config, indent=2))
     store = ArtifactStore(settings.storage_url)
     with Session(get_engine(settings.database_url), expire_on_commit=False) as session:
@@ -118,7 +124,9 @@ def register(
             lineage={},
             max_rank=settings.max_lora_rank,
         )
-        assert version.stage == "candidate", version.stage_reason
-        version.stage = stage
+        if version.stage == "rejected":
+            assert config_patch is not None, version.stage_reason
+        else:
+            version.stage = stage
         session.commit()
         return version

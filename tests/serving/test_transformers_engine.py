@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import httpx
 import openai
 import pytest
 from sqlmodel import Session
@@ -15,43 +13,16 @@ from sqlmodel import Session
 from api.db import get_engine
 from api.models.adapters import Adapter
 from api.settings import Settings
-from serving.app import create_gateway_app
 from serving.engines.transformers import TransformersEngine
-from tests.conftest import bearer
-from tests.serving.conftest import LiveServer, Reference, clean, wait_for
+from tests.serving.conftest import LiveServer, Reference, answer, chat
 from tests.serving.servingdata import BASE, QUESTIONS, TenantKey, register, variant
 
 pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
-def gateway(serving_settings: Settings, tenants: dict[str, TenantKey]) -> Iterator[LiveServer]:
-    settings = serving_settings.model_copy(
-        update={
-            "serving_engine": "transformers",
-            "serving_max_batch_size": 16,
-            "serving_torch_threads": 1,  # tiny matmuls: threads only contend
-        }
-    )
-    with LiveServer(create_gateway_app(settings)) as server:
-        app = server.app
-        wait_for(
-            lambda: getattr(app.state, "gateway", None) and app.state.gateway.engine.ready(),
-            timeout=120,
-            what="transformers engine",
-        )
-        yield server
-
-
-def chat(url: str, key: str, model: str, question: str, **extra: Any) -> httpx.Response:
-    body = {"model": model, "messages": [{"role": "user", "content": question}]}
-    body |= {"max_tokens": 12, "temperature": 0} | extra
-    return httpx.post(f"{url}/v1/chat/completions", json=body, headers=bearer(key), timeout=120)
-
-
-def answer(response: httpx.Response) -> str:
-    assert response.status_code == 200, response.text
-    return clean(response.json()["choices"][0]["message"]["content"])
+def gateway(transformers_gateway: LiveServer) -> LiveServer:
+    return transformers_gateway
 
 
 def test_each_tenant_gets_its_own_adapter_and_the_base_differs(

@@ -24,10 +24,18 @@ from api.db import get_engine
 from api.services.usage import usage_summary
 from api.settings import Settings
 from api.storage import ArtifactStore
-from serving.app import create_gateway_app
 from serving.replicas import ReplicaProcess, plan_replicas
-from tests.conftest import bearer, new_tenant
-from tests.serving.conftest import LiveServer, Reference, clean, free_port, healthy, wait_for
+from tests.conftest import new_tenant
+from tests.serving.conftest import (
+    LiveServer,
+    Reference,
+    answer,
+    chat,
+    free_port,
+    healthy,
+    live_gateway,
+    wait_for,
+)
 from tests.serving.servingdata import BASE, QUESTIONS, TenantKey, register, variant
 
 pytestmark = [
@@ -65,25 +73,8 @@ def gateway(
     settings = serving_settings.model_copy(
         update={"serving_engine": "vllm", "serving_replicas": [r.url for r in replicas]}
     )
-    with LiveServer(create_gateway_app(settings)) as server:
-        app = server.app
-        wait_for(
-            lambda: getattr(app.state, "gateway", None) and app.state.gateway.engine.ready(),
-            timeout=60,
-            what="gateway sees a replica",
-        )
+    with live_gateway(settings, timeout=60) as server:
         yield server
-
-
-def chat(url: str, key: str, model: str, question: str, **extra: Any) -> httpx.Response:
-    body = {"model": model, "messages": [{"role": "user", "content": question}]}
-    body |= {"max_tokens": 12, "temperature": 0} | extra
-    return httpx.post(f"{url}/v1/chat/completions", json=body, headers=bearer(key), timeout=120)
-
-
-def answer(response: httpx.Response) -> str:
-    assert response.status_code == 200, response.text
-    return clean(response.json()["choices"][0]["message"]["content"])
 
 
 def held(replica: ReplicaProcess) -> set[str]:
