@@ -31,6 +31,7 @@ MIN_EXAMPLES = 10  # OpenAI's rule for a fine-tune
 MAX_REPORTED_PROBLEMS = 20
 CHARS_PER_TOKEN = 4  # rough estimate, good enough for sizing; the trainer counts exactly
 UTF8_BOM = b"\xef\xbb\xbf"
+HEAD_BYTES = 4  # enough to tell a UTF-8 BOM, UTF-16/32 and compressed files apart
 # An example this long is a mistake (training truncates at a few thousand tokens), and the
 # cap bounds what validation holds in memory.
 MAX_LINE_BYTES = 8 * 1024 * 1024
@@ -76,6 +77,14 @@ def _non_empty_string(value: Any, what: str) -> str:
         raise InvalidExample(f"{what} must be a string, got {type(value).__name__}")
     if not value.strip():
         raise InvalidExample(f"{what} must not be empty")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate escape such as "\ud800"
+            raise InvalidExample(
+                f"{what} is not valid Unicode: lone surrogate {value[e.start]!r} "
+                f"at character {e.start}"
+            ) from None
     return value
 
 
@@ -159,8 +168,40 @@ def parse_line(raw: bytes) -> Example | None:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
+        if text.strip() in ("{", "["):
+            raise InvalidExample(
+                f"invalid JSON: a line holding only {text.strip()!r}; this looks like "
+                "pretty-printed JSON, but JSONL needs each example on one line"
+            ) from e
         raise InvalidExample(f"invalid JSON: {e.msg} (column {e.colno})") from e
+    except RecursionError:
+        raise InvalidExample("invalid JSON: nested too deeply") from None
+    except ValueError as e:  # an integer over Python's digit limit
+        raise InvalidExample(f"invalid JSON: {str(e).split(';')[0]}") from None
     return normalize_record(obj)
+
+
+# Leading bytes of files that are not UTF-8 text, and what to tell the uploader.
+NOT_UTF8_TEXT = (
+    (b"\xff\xfe", "file is UTF-16 or UTF-32 (little-endian byte-order mark); save it as UTF-8"),
+    (b"\xfe\xff", "file is UTF-16 (big-endian byte-order mark); save it as UTF-8"),
+    (b"\x00\x00\xfe\xff", "file is UTF-32 (big-endian byte-order mark); save it as UTF-8"),
+    (b"\x1f\x8b", "file is gzip-compressed; upload the uncompressed .jsonl"),
+    (b"PK\x03\x04", "file is a zip archive; upload the .jsonl inside it"),
+    (b"BZh", "file is bzip2-compressed; upload the uncompressed .jsonl"),
+    (b"\xfd7zXZ", "file is xz-compressed; upload the uncompressed .jsonl"),
+    (b"%PDF", "file is a PDF, not JSON Lines"),
+)
+
+
+def sniff_not_text(head: bytes) -> str | None:
+    """Why a file that starts with `head` (4+ bytes when the file has them) is no JSONL."""
+    for magic, why in NOT_UTF8_TEXT:
+        if head.startswith(magic):
+            return why
+    if len(head) >= 2 and (head[0] == 0) != (head[1] == 0):
+        return "file looks like UTF-16 without a byte-order mark (NUL bytes); save it as UTF-8"
+    return None
 
 
 @dataclass
@@ -207,12 +248,17 @@ class DatasetScanner:
         self._pending_len = 0
         self._overlong = False
         self._line_no = 0
-        self._head = b""  # the first bytes, held until a BOM can be ruled out
+        self._head = b""  # the first bytes, held until the encoding can be told
+        self._refused = False  # not text at all: one problem said, the rest ignored
 
     def feed(self, chunk: bytes) -> None:
-        if self._line_no == 0 and len(self._head) < len(UTF8_BOM):
+        if self._refused:
+            return
+        if self._line_no == 0 and len(self._head) < HEAD_BYTES:
             self._head += chunk
-            if len(self._head) < len(UTF8_BOM):
+            if len(self._head) < HEAD_BYTES:
+                return
+            if self._refuse_if_not_text():
                 return
             chunk = self._head.removeprefix(UTF8_BOM)
             self._line_no = 1
@@ -224,7 +270,9 @@ class DatasetScanner:
         self._append(chunk[start:])
 
     def finish(self) -> None:
-        if self._line_no == 0:  # fewer bytes than a BOM
+        if self._refused or (self._line_no == 0 and self._refuse_if_not_text()):
+            return
+        if self._line_no == 0:  # a file shorter than HEAD_BYTES
             self._line_no = 1
             self._append(self._head.removeprefix(UTF8_BOM))
         if self._pending_len or self._overlong:
@@ -235,6 +283,13 @@ class DatasetScanner:
     @property
     def ok(self) -> bool:
         return self.n_problems == 0
+
+    def _refuse_if_not_text(self) -> bool:
+        why = sniff_not_text(self._head)
+        if why is not None:
+            self._refused = True
+            self._problem(why, line_no=None)
+        return self._refused
 
     def _append(self, piece: bytes) -> None:
         if not piece or self._overlong:
