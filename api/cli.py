@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -28,9 +27,15 @@ PortOpt = Annotated[int, typer.Option(help="Port to listen on.")]
 
 
 def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # One line per replica health probe drowns everything else.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    from api.logs import configure_logging
+
+    configure_logging(level)
+
+
+def _uvicorn_log_config() -> dict[str, Any]:
+    from api.logs import uvicorn_log_config
+
+    return uvicorn_log_config()
 
 
 def _fail(message: str) -> None:
@@ -98,7 +103,14 @@ def api(host: HostOpt = "127.0.0.1", port: PortOpt = 8000) -> None:
 
     _upgrade()
     _configure_logging(get_settings().log_level)
-    uvicorn.run("api.main:create_app", factory=True, host=host, port=port)
+    uvicorn.run(
+        "api.main:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        log_config=_uvicorn_log_config(),
+        log_level=get_settings().log_level.lower(),
+    )
 
 
 def _not_yet(what: str) -> None:
@@ -160,7 +172,11 @@ def serve(host: HostOpt = "127.0.0.1", port: PortOpt = 8001) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sys.exit(0))
     uvicorn.run(
-        create_gateway_app(settings), host=host, port=port, log_level=settings.log_level.lower()
+        create_gateway_app(settings),
+        host=host,
+        port=port,
+        log_config=_uvicorn_log_config(),
+        log_level=settings.log_level.lower(),
     )
 
 
@@ -207,6 +223,7 @@ def up(host: HostOpt = "127.0.0.1", port: PortOpt = 8000) -> None:
             create_app(settings, with_gateway=True),
             host=host,
             port=port,
+            log_config=_uvicorn_log_config(),
             log_level=settings.log_level.lower(),
         )
     finally:

@@ -1,0 +1,55 @@
+"""Logging for every Loraplex process: one format, and API keys redacted on the way out.
+
+Keys travel in Authorization headers, which nothing logs; but a client that puts one in a
+URL (`?api_key=...`) or a body would have it written by uvicorn's access log or an error
+message. Every handler gets `RedactSecrets`, so no log line ever holds a whole key.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+from typing import Any
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# An API key (api.services.tenants.KEY_PREFIX + url-safe base64). Four characters stay:
+# enough to tell keys apart in a log, far less than the public prefix admin listings show.
+KEY_PATTERN = re.compile(r"(lpx-[A-Za-z0-9_-]{4})[A-Za-z0-9_-]{8,}")
+
+
+def redact(text: str) -> str:
+    return KEY_PATTERN.sub(r"\1…[redacted]", text)
+
+
+class RedactSecrets(logging.Filter):
+    """Rewrites a record's message and arguments so that no API key survives."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = redact(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
+        elif isinstance(record.args, dict):
+            args = record.args.items()
+            record.args = {k: redact(v) if isinstance(v, str) else v for k, v in args}
+        return True
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level, format=FORMAT)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactSecrets())
+    # One line per replica health probe drowns everything else.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def uvicorn_log_config() -> dict[str, Any]:
+    """uvicorn's own logging config, with every handler redacting keys."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["filters"] = {"redact_secrets": {"()": RedactSecrets}}
+    for handler in config["handlers"].values():
+        handler["filters"] = ["redact_secrets"]
+    return config
