@@ -13,6 +13,7 @@
 
 Services raise these; `install_error_handlers` maps them, plus FastAPI's validation errors,
 unknown routes and anything unexpected, to `{"error": {message, type, param, code}}`.
+`error_responses` documents them for a route's `responses=` (and api.openapi for all routes).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -162,3 +164,30 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(Exception, _on_unexpected)
+
+
+class ErrorObject(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every 4xx and 5xx answer, as the OpenAI SDK reads it."""
+
+    error: ErrorObject
+
+
+ERROR_MEANINGS = {
+    400: "Invalid request: a parameter or the body is malformed or not allowed.",
+    401: "No API key, an unknown or revoked one, or the wrong kind of key for this route.",
+    404: "Not found for this key: unknown ids, another tenant's objects, /v1/admin to tenants.",
+    409: "The object's current state does not allow this action.",
+    413: "The request body is over its limit.",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """`responses=` entries documenting these statuses in the OpenAI error shape."""
+    return {s: {"model": ErrorResponse, "description": ERROR_MEANINGS[s]} for s in statuses}

@@ -7,6 +7,7 @@ from prometheus_client import CollectorRegistry
 
 from api.errors import install_error_handlers
 from api.middleware import BodyLimitMiddleware, MetricsMiddleware
+from api.openapi import document_app
 from api.routes import adapters, admin, admin_registry, files, health, jobs, models
 from api.settings import Settings, get_settings
 
@@ -24,6 +25,7 @@ def create_app(settings: Settings | None = None, *, with_gateway: bool = False) 
     app.state.settings = settings
     app.state.registry = CollectorRegistry()
     install_error_handlers(app)
+    document_app(app)
     app.include_router(health.router)
     app.include_router(files.router)
     app.include_router(jobs.router)

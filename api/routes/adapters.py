@@ -14,7 +14,7 @@ from sqlmodel import Session, col, select
 
 from api.db import unix
 from api.deps import SessionDep, StoreDep, TenantDep
-from api.errors import LoraplexError, NotFound
+from api.errors import ErrorResponse, LoraplexError, NotFound, error_responses
 from api.models.adapters import Adapter, AdapterVersion
 from api.services.promotion import verify_version
 from api.storage import ArtifactStore
@@ -93,7 +93,7 @@ def list_adapters(tenant_id: TenantDep, session: SessionDep) -> dict[str, Any]:
     return {"object": "list", "data": data, "has_more": False}
 
 
-@router.get("/adapters/{name}")
+@router.get("/adapters/{name}", responses=error_responses(404))
 def retrieve_adapter(name: str, tenant_id: TenantDep, session: SessionDep) -> dict[str, Any]:
     adapter = get_adapter(session, tenant_id=tenant_id, name=name)
     return adapter_public(adapter, versions_of(session, adapter))
@@ -114,7 +114,27 @@ def _tar_stream(store: ArtifactStore, version: AdapterVersion) -> Iterator[bytes
     yield buffer.getvalue()
 
 
-@router.get("/adapters/{name}/versions/{number}/files")
+@router.get(
+    "/adapters/{name}/versions/{number}/files",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "An uncompressed tar of the version's files.",
+            "content": {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}},
+            "headers": {
+                "X-Loraplex-Files-Sha256": {
+                    "description": "JSON object: each file's path to its sha256, hex.",
+                    "schema": {"type": "string"},
+                }
+            },
+        },
+        **error_responses(404),
+        422: {
+            "model": ErrorResponse,
+            "description": "The stored files failed their integrity check.",
+        },
+    },
+)
 def download_version(
     name: str, number: int, tenant_id: TenantDep, session: SessionDep, store: StoreDep
 ) -> StreamingResponse:

@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 
 from api.db import unix
 from api.deps import AdminDep, SessionDep
+from api.errors import error_responses
 from api.models.tenants import ApiKey, Tenant
 from api.services import audit, tenants
 
@@ -53,7 +54,7 @@ def list_tenants(_: AdminDep, session: SessionDep) -> dict[str, Any]:
     return {"object": "list", "data": [tenant_public(t) for t in rows], "has_more": False}
 
 
-@router.post("/tenants")
+@router.post("/tenants", responses=error_responses(409))
 def create_tenant(body: TenantCreate, admin: AdminDep, session: SessionDep) -> dict[str, Any]:
     """Create a tenant and its first key; the key is returned once, here."""
     tenant = tenants.create_tenant(session, name=body.name)

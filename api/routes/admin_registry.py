@@ -10,6 +10,7 @@ from sqlmodel import col, select
 
 from api.db import unix
 from api.deps import AdminDep, SessionDep, SettingsDep, StoreDep
+from api.errors import error_responses
 from api.models.adapters import Adapter
 from api.models.audit import AuditEntry
 from api.routes.adapters import adapter_public, versions_of
@@ -18,6 +19,8 @@ from api.services.pagination import list_body
 from api.services.usage import usage_summary
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
+# The adapter's stages or canary do not allow the move, or another admin moved it first.
+STATE = error_responses(409)
 Limit = Annotated[int, Query(ge=1, le=1000)]
 
 
@@ -63,7 +66,7 @@ def get_adapter(adapter_id: str, _: AdminDep, session: SessionDep) -> dict[str, 
     return _adapter_body(session, adapter_id)
 
 
-@router.post("/adapters/{adapter_id}/versions/{number}/promote")
+@router.post("/adapters/{adapter_id}/versions/{number}/promote", responses=STATE)
 def promote_version(
     adapter_id: str,
     number: int,
@@ -85,13 +88,13 @@ def promote_version(
     return _adapter_body(session, adapter_id)
 
 
-@router.post("/adapters/{adapter_id}/rollback")
+@router.post("/adapters/{adapter_id}/rollback", responses=STATE)
 def rollback(adapter_id: str, body: Reason, admin: AdminDep, session: SessionDep) -> dict[str, Any]:
     promotion.rollback(session, actor=admin, adapter_id=adapter_id, reason=body.reason)
     return _adapter_body(session, adapter_id)
 
 
-@router.post("/adapters/{adapter_id}/canary")
+@router.post("/adapters/{adapter_id}/canary", responses=STATE)
 def set_canary(
     adapter_id: str, body: Canary, admin: AdminDep, session: SessionDep
 ) -> dict[str, Any]:
@@ -106,7 +109,7 @@ def set_canary(
     return _adapter_body(session, adapter_id)
 
 
-@router.post("/adapters/{adapter_id}/canary/promote")
+@router.post("/adapters/{adapter_id}/canary/promote", responses=STATE)
 def promote_canary(
     adapter_id: str, body: Reason, admin: AdminDep, session: SessionDep
 ) -> dict[str, Any]:
@@ -116,7 +119,7 @@ def promote_canary(
     return _adapter_body(session, adapter_id)
 
 
-@router.post("/adapters/{adapter_id}/canary/abort")
+@router.post("/adapters/{adapter_id}/canary/abort", responses=STATE)
 def abort_canary(
     adapter_id: str, body: Reason, admin: AdminDep, session: SessionDep
 ) -> dict[str, Any]:
@@ -144,7 +147,7 @@ def verify(
     }
 
 
-@router.delete("/adapters/{adapter_id}/versions/{number}")
+@router.delete("/adapters/{adapter_id}/versions/{number}", responses=STATE)
 def delete_version(
     adapter_id: str, number: int, admin: AdminDep, session: SessionDep, store: StoreDep
 ) -> dict[str, Any]:

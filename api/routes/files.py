@@ -10,13 +10,15 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
-from api.errors import InvalidRequest
+from api.errors import InvalidRequest, error_responses
 from api.multipart import read_upload_form
 from api.services import files
 from api.services.files import Upload
 from api.services.pagination import Order, list_body
 
 router = APIRouter(prefix="/v1", tags=["files"])
+NOT_FOUND = error_responses(404)
+BINARY = {"type": "string", "format": "binary"}
 
 _UPLOAD_SCHEMA = {
     "requestBody": {
@@ -27,17 +29,33 @@ _UPLOAD_SCHEMA = {
                     "type": "object",
                     "required": ["file", "purpose"],
                     "properties": {
-                        "file": {"type": "string", "format": "binary"},
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "JSONL, one chat example per line; its filename "
+                            "(in the part's Content-Disposition) must end in '.jsonl'.",
+                        },
                         "purpose": {"type": "string", "enum": list(files.UPLOAD_PURPOSES)},
                     },
-                }
+                },
+                # Where OpenAPI puts what the part's own headers must say: the name.
+                "encoding": {
+                    "file": {
+                        "headers": {
+                            "Content-Disposition": {
+                                "schema": {"type": "string"},
+                                "example": 'form-data; name="file"; filename="train.jsonl"',
+                            }
+                        }
+                    }
+                },
             }
         },
     }
 }
 
 
-@router.post("/files", openapi_extra=_UPLOAD_SCHEMA)
+@router.post("/files", openapi_extra=_UPLOAD_SCHEMA, responses=error_responses(400))
 async def create_file(
     request: Request,
     tenant_id: TenantDep,
@@ -77,12 +95,28 @@ def list_files(
     return list_body([files.file_public(r) for r in rows], has_more)
 
 
-@router.get("/files/{file_id}")
+@router.get("/files/{file_id}", responses=NOT_FOUND)
 def retrieve_file(file_id: str, tenant_id: TenantDep, session: SessionDep) -> dict[str, Any]:
     return files.file_public(files.get_file(session, tenant_id=tenant_id, file_id=file_id))
 
 
-@router.get("/files/{file_id}/content")
+@router.get(
+    "/files/{file_id}/content",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "The file's bytes as uploaded.",
+            "content": {"application/octet-stream": {"schema": BINARY}},
+            "headers": {
+                "X-Loraplex-Sha256": {
+                    "description": "sha256 of the content, hex.",
+                    "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                }
+            },
+        },
+        **NOT_FOUND,
+    },
+)
 def file_content(
     file_id: str, tenant_id: TenantDep, session: SessionDep, store: StoreDep
 ) -> StreamingResponse:
@@ -98,7 +132,7 @@ def file_content(
     )
 
 
-@router.delete("/files/{file_id}")
+@router.delete("/files/{file_id}", responses=NOT_FOUND)
 def delete_file(
     file_id: str, tenant_id: TenantDep, session: SessionDep, store: StoreDep
 ) -> dict[str, Any]:

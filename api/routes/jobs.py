@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query, Request
 
 from api.db import unix
 from api.deps import SessionDep, SettingsDep, TenantDep
+from api.errors import error_responses
 from api.models.jobs import Job, JobCheckpoint, JobEvent
 from api.services import jobs
 from api.services.jobs import JobRequest
@@ -17,6 +18,7 @@ from api.services.pagination import list_body
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/fine_tuning", tags=["fine-tuning"])
 Limit = Annotated[int, Query(ge=1, le=1000)]
+NOT_FOUND = error_responses(404)
 
 
 def job_public(job: Job) -> dict[str, Any]:
@@ -117,21 +119,21 @@ def list_jobs(
     return list_body([job_public(j) for j in rows], has_more)
 
 
-@router.get("/jobs/{fine_tuning_job_id}")
+@router.get("/jobs/{fine_tuning_job_id}", responses=NOT_FOUND)
 def retrieve_job(
     fine_tuning_job_id: str, tenant_id: TenantDep, session: SessionDep
 ) -> dict[str, Any]:
     return job_public(jobs.get_job(session, tenant_id=tenant_id, job_id=fine_tuning_job_id))
 
 
-@router.post("/jobs/{fine_tuning_job_id}/cancel")
+@router.post("/jobs/{fine_tuning_job_id}/cancel", responses=NOT_FOUND)
 def cancel_job(
     fine_tuning_job_id: str, tenant_id: TenantDep, session: SessionDep
 ) -> dict[str, Any]:
     return job_public(jobs.cancel_job(session, tenant_id=tenant_id, job_id=fine_tuning_job_id))
 
 
-@router.get("/jobs/{fine_tuning_job_id}/events")
+@router.get("/jobs/{fine_tuning_job_id}/events", responses=NOT_FOUND)
 def list_events(
     fine_tuning_job_id: str,
     tenant_id: TenantDep,
@@ -145,7 +147,7 @@ def list_events(
     return list_body([event_public(e) for e in rows], has_more)
 
 
-@router.get("/jobs/{fine_tuning_job_id}/checkpoints")
+@router.get("/jobs/{fine_tuning_job_id}/checkpoints", responses=NOT_FOUND)
 def list_checkpoints(
     fine_tuning_job_id: str,
     tenant_id: TenantDep,

@@ -13,6 +13,7 @@ from sqlmodel import Session, col, select
 
 from api.db import unix
 from api.deps import SessionDep, SettingsDep, TenantDep
+from api.errors import error_responses
 from api.models.adapters import Adapter, AdapterVersion
 from api.services.resolver import SERVABLE_BY_ID, model_not_found
 from api.settings import Settings
@@ -67,7 +68,7 @@ def list_models(tenant_id: TenantDep, session: SessionDep, settings: SettingsDep
     return {"object": "list", "data": data, "has_more": False}
 
 
-@router.get("/models/{model_id:path}")
+@router.get("/models/{model_id:path}", responses=error_responses(404))
 def get_model(
     model_id: str, tenant_id: TenantDep, session: SessionDep, settings: SettingsDep
 ) -> dict[str, Any]:
