@@ -88,14 +88,31 @@ def production_version(session: Session, adapter: Adapter) -> AdapterVersion | N
     ).first()
 
 
+def _probe_rate(metrics: dict[str, Any], key: str) -> float | None:
+    rate = ((metrics.get(key) or {}).get("train") or {}).get("rate")
+    return float(rate) if rate is not None else None
+
+
 def gate_problems(version: AdapterVersion) -> list[str]:
-    """The promotion gate: production needs a lower eval loss or a better probe score."""
+    """The promotion gate: production needs a lower eval loss or a better probe score, and
+    never a probe score, as served, below the base model's.
+
+    A QLoRA adapter is trained on a 4-bit base but served on the full-precision one; the
+    trainer measures the probe both ways, and the gate reads the served figure
+    (`exact_match_unquantized`) wherever it exists.
+    """
     m = version.metrics or {}
+    probe_before = _probe_rate(m, "exact_match_before")
+    served = _probe_rate(m, "exact_match_unquantized")
+    probe_after = served if served is not None else _probe_rate(m, "exact_match_after")
+    if served is not None and probe_before is not None and served < probe_before:
+        return [
+            f"as served (on the unquantized base) the exact-match probe is {served}, "
+            f"below the base model's {probe_before}"
+        ]
     before, after = m.get("eval_loss_before"), m.get("eval_loss_after")
     if before is not None and after is not None and after < before:
         return []
-    probe_before = ((m.get("exact_match_before") or {}).get("train") or {}).get("rate")
-    probe_after = ((m.get("exact_match_after") or {}).get("train") or {}).get("rate")
     if probe_before is not None and probe_after is not None and probe_after > probe_before:
         return []
     return [

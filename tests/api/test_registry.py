@@ -214,11 +214,31 @@ def test_promotion_gate(tmp_path, db_url, tiny_llama, tiny_adapter) -> None:
         suffix="gated",
         metrics={"eval_loss_before": 1.0, "eval_loss_after": 0.4},
     )
+    probe = {"exact_match_before": {"train": {"rate": 0.1, "n": 10}}}
+    served_worse = add_version(
+        settings,
+        tiny_adapter,
+        tenant_id=tenant_id,
+        suffix="gated",
+        metrics={  # better on the 4-bit base it trained on, worse as served: refused
+            "eval_loss_before": 1.0,
+            "eval_loss_after": 0.4,
+            **probe,
+            "exact_match_after": {"train": {"rate": 0.9, "n": 10}},
+            "exact_match_unquantized": {"train": {"rate": 0.0, "n": 10}},
+        },
+    )
     admin = new_admin_key(settings)
     base = f"/v1/admin/adapters/{worse.adapter_id}/versions"
     with TestClient(create_app(settings)) as c:
         r = c.post(f"{base}/1/promote", json={"stage": "production"}, headers=bearer(admin))
         assert r.status_code == 409 and r.json()["error"]["code"] == "promotion_gate_failed"
+        r = c.post(
+            f"{base}/{served_worse.version}/promote",
+            json={"stage": "production"},
+            headers=bearer(admin),
+        )
+        assert r.status_code == 409 and "as served" in r.json()["error"]["message"]
         r = c.post(
             f"{base}/{better.version}/promote", json={"stage": "production"}, headers=bearer(admin)
         )
