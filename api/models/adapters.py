@@ -12,6 +12,8 @@ from api.db import utcnow
 from api.models.tenants import new_id
 
 STAGES = ("candidate", "staging", "production", "archived", "rejected")
+# Version numbers are a 32-bit INTEGER column on PostgreSQL; a bigger one is no version.
+MAX_VERSION = 2**31 - 1
 
 
 class Adapter(SQLModel, table=True):

@@ -6,20 +6,22 @@ import io
 import json
 import tarfile
 from collections.abc import Iterator
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Path
 from fastapi.responses import StreamingResponse
 from sqlmodel import Session, col, select
 
 from api.db import unix
 from api.deps import SessionDep, StoreDep, TenantDep
 from api.errors import ErrorResponse, LoraplexError, NotFound, error_responses
-from api.models.adapters import Adapter, AdapterVersion
+from api.models.adapters import MAX_VERSION, Adapter, AdapterVersion
 from api.services.promotion import verify_version
 from api.storage import ArtifactStore
 
 router = APIRouter(prefix="/v1", tags=["adapters"])
+# Bounded so an out-of-range number is a 400, not a database overflow.
+VersionNumber = Annotated[int, Path(ge=1, le=MAX_VERSION, description="The version number.")]
 
 
 class ArtifactCorrupted(LoraplexError):
@@ -136,7 +138,7 @@ def _tar_stream(store: ArtifactStore, version: AdapterVersion) -> Iterator[bytes
     },
 )
 def download_version(
-    name: str, number: int, tenant_id: TenantDep, session: SessionDep, store: StoreDep
+    name: str, number: VersionNumber, tenant_id: TenantDep, session: SessionDep, store: StoreDep
 ) -> StreamingResponse:
     """The version's files as a tar; each file's sha256 in `X-Loraplex-Files-Sha256`."""
     adapter = get_adapter(session, tenant_id=tenant_id, name=name)

@@ -11,9 +11,9 @@ from sqlmodel import col, select
 from api.db import unix
 from api.deps import AdminDep, SessionDep, SettingsDep, StoreDep
 from api.errors import error_responses
-from api.models.adapters import Adapter
+from api.models.adapters import MAX_VERSION, Adapter
 from api.models.audit import AuditEntry
-from api.routes.adapters import adapter_public, versions_of
+from api.routes.adapters import VersionNumber, adapter_public, versions_of
 from api.services import audit, promotion
 from api.services.pagination import list_body
 from api.services.usage import usage_summary
@@ -35,7 +35,7 @@ class Promote(BaseModel):
 
 
 class Canary(BaseModel):
-    version: int = Field(ge=1)
+    version: int = Field(ge=1, le=MAX_VERSION)
     percent: int = Field(ge=1, le=100, description="Share of by-name traffic, e.g. 5, 25, 50.")
     reason: str | None = Field(None, max_length=2000)
 
@@ -69,7 +69,7 @@ def get_adapter(adapter_id: str, _: AdminDep, session: SessionDep) -> dict[str, 
 @router.post("/adapters/{adapter_id}/versions/{number}/promote", responses=STATE)
 def promote_version(
     adapter_id: str,
-    number: int,
+    number: VersionNumber,
     body: Promote,
     admin: AdminDep,
     session: SessionDep,
@@ -131,7 +131,7 @@ def abort_canary(
 
 @router.post("/adapters/{adapter_id}/versions/{number}/verify")
 def verify(
-    adapter_id: str, number: int, admin: AdminDep, session: SessionDep, store: StoreDep
+    adapter_id: str, number: VersionNumber, admin: AdminDep, session: SessionDep, store: StoreDep
 ) -> dict[str, Any]:
     """Re-hash the stored files; a mismatch rejects the version for good."""
     adapter = promotion.lock_adapter(session, adapter_id)
@@ -149,7 +149,7 @@ def verify(
 
 @router.delete("/adapters/{adapter_id}/versions/{number}", responses=STATE)
 def delete_version(
-    adapter_id: str, number: int, admin: AdminDep, session: SessionDep, store: StoreDep
+    adapter_id: str, number: VersionNumber, admin: AdminDep, session: SessionDep, store: StoreDep
 ) -> dict[str, Any]:
     promotion.delete_version(session, store, actor=admin, adapter_id=adapter_id, number=number)
     return {

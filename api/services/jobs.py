@@ -12,6 +12,7 @@ import secrets
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import JsonDict
 from sqlmodel import Session, col, select
 
 from api.db import utcnow
@@ -31,11 +32,39 @@ OPENAI_HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
 ALIASES = {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
 # Trainer fields a tenant may set; base model, seed and device come from elsewhere.
 TUNABLE = frozenset(TrainConfig.model_fields) - {"base_model", "seed", "device"}
+MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
+
+
+def _hyperparameters_schema() -> JsonDict:
+    """What `build_config` accepts, for the OpenAPI schema: the trainer's own field schemas.
+
+    Ranges checked across fields (e.g. n_epochs 1-100, a scheduler without warmup) are the
+    trainer's to report; they come back as 400 naming the field.
+    """
+    fields = TrainConfig.model_json_schema()["properties"]
+    names = {**{name: name for name in TUNABLE}, **ALIASES}
+    properties = {key: fields[name] for key, name in sorted(names.items())}
+    return {"properties": properties, "additionalProperties": False}
+
+
+# Documented here, checked by the service (which words the errors as OpenAI does).
+DOCUMENTED: dict[str, JsonDict] = {
+    "suffix": {"pattern": SUFFIX_RE.pattern},
+    "metadata": {
+        "maxProperties": MAX_METADATA_PAIRS,
+        "propertyNames": {"minLength": 1, "maxLength": MAX_METADATA_KEY},
+        "additionalProperties": {"type": "string", "maxLength": MAX_METADATA_VALUE},
+    },
+    "hyperparameters": _hyperparameters_schema(),
+    "integrations": {"maxItems": 0},
+}
 
 
 class SupervisedMethod(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+    hyperparameters: dict[str, Any] = Field(
+        default_factory=dict, json_schema_extra=DOCUMENTED["hyperparameters"]
+    )
 
 
 class Method(BaseModel):
@@ -51,12 +80,22 @@ class JobRequest(BaseModel):
     model: str = Field(min_length=1, description="A registered base model name.")
     training_file: str = Field(min_length=1)
     validation_file: str | None = None
-    suffix: str | None = Field(None, description="The adapter's name: 1-64 of [a-z0-9-].")
+    suffix: str | None = Field(
+        None,
+        description="The adapter's name: 1-64 of [a-z0-9-].",
+        json_schema_extra=DOCUMENTED["suffix"],
+    )
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
-    metadata: dict[str, str] | None = None
+    metadata: dict[str, str] | None = Field(None, json_schema_extra=DOCUMENTED["metadata"])
     method: Method | None = None
-    hyperparameters: dict[str, Any] | None = Field(None, description="Deprecated; use method.")
-    integrations: list[dict[str, Any]] | None = None
+    hyperparameters: dict[str, Any] | None = Field(
+        None,
+        description="Deprecated; use method.",
+        json_schema_extra=DOCUMENTED["hyperparameters"],
+    )
+    integrations: list[dict[str, Any]] | None = Field(
+        None, description="Not supported.", json_schema_extra=DOCUMENTED["integrations"]
+    )
 
 
 def _fail(message: str, *, param: str, code: str = "invalid_value") -> InvalidRequest:
@@ -67,12 +106,14 @@ def _check_suffix_and_metadata(req: JobRequest) -> None:
     if req.suffix is not None and not SUFFIX_RE.match(req.suffix):
         raise _fail("suffix must be 1-64 characters of a-z, 0-9 and '-'", param="suffix")
     meta = req.metadata or {}
-    if len(meta) > 16:
-        raise _fail("metadata may hold at most 16 pairs", param="metadata")
+    if len(meta) > MAX_METADATA_PAIRS:
+        raise _fail(f"metadata may hold at most {MAX_METADATA_PAIRS} pairs", param="metadata")
     for key, value in meta.items():
-        if not 0 < len(key) <= 64 or len(value) > 512:
+        if not 0 < len(key) <= MAX_METADATA_KEY or len(value) > MAX_METADATA_VALUE:
             raise _fail(
-                "metadata keys are 1-64 characters, values at most 512", param=f"metadata.{key}"
+                f"metadata keys are 1-{MAX_METADATA_KEY} characters, values at most "
+                f"{MAX_METADATA_VALUE}",
+                param=f"metadata.{key}",
             )
     if req.integrations:
         raise _fail("integrations are not supported", param="integrations")
