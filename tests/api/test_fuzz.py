@@ -1,0 +1,201 @@
+"""Schemathesis fuzz of the control plane against its own /openapi.json (issue #9).
+
+Every operation of the control plane's schema (the app without the serving gateway, whose
+chat/completions need an engine) is called over ASGI with generated valid and invalid
+input: a tenant key on tenant routes, an admin key on /v1/admin, and one case in four the
+other key. Every response must be documented (status, content type, headers, body), none a
+5xx; schema-valid input must be accepted; keyed routes must refuse no key and a bad one.
+Ids in paths, cursors and job bodies are often swapped for real rows (a processed file, a
+queued job, a registered adapter version, a spare key), so routes reach their found
+branches as well as their 404. POST /v1/files (our own streaming multipart parser) is
+fuzzed too: its schema gives the parts and the `.jsonl` filename.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import schemathesis
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from schemathesis import Case
+from schemathesis.core.parameters import ParameterLocation
+from sqlmodel import Session
+
+from api.db import get_engine
+from api.main import create_app
+from api.services import tenants
+from api.settings import Settings
+from serving.zero_adapter import zero_adapter_files
+from tests.api.conftest import TINY, add_version
+from tests.conftest import bearer, new_admin_key, new_tenant
+from tests.trainer.trainer_testdata import chat_row
+
+
+@dataclass
+class Seeded:
+    app: FastAPI
+    tenant_key: str
+    admin_key: str
+    real: dict[str, Any]  # parameter or body field -> a real row's id
+    cursors: dict[str, str]  # list path -> a real `after`
+
+
+def _adapter_dir(folder: Path) -> Path:
+    """A small valid LoRA adapter (all zeros, rank 1), written without torch."""
+    folder.mkdir(parents=True)
+    shape = {"hidden_size": 8, "num_attention_heads": 2, "num_hidden_layers": 1}
+    for name, data in zero_adapter_files(shape, base_name=TINY).items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
+@pytest.fixture
+def seeded(settings: Settings) -> Seeded:
+    tenant_id, tenant_key = new_tenant(settings)
+    admin_key = new_admin_key(settings)
+    app = create_app(settings)
+    rows = "".join(json.dumps(chat_row(f"q{i}?", f"a{i}.")) + "\n" for i in range(12))
+    with TestClient(app) as client:
+        upload = client.post(
+            "/v1/files",
+            headers=bearer(tenant_key),
+            files={"file": ("train.jsonl", rows.encode())},
+            data={"purpose": "fine-tune"},
+        )
+        assert upload.json()["status"] == "processed", upload.text
+        file_id = upload.json()["id"]
+        job = client.post(
+            "/v1/fine_tuning/jobs",
+            headers=bearer(tenant_key),
+            json={"model": settings.base_model, "training_file": file_id},
+        )
+        assert job.status_code == 200, job.text
+    adapter = _adapter_dir(settings.home / "adapter")
+    version = add_version(settings, adapter, tenant_id=tenant_id, suffix="fuzzed")
+    with Session(get_engine(settings.database_url), expire_on_commit=False) as s:
+        spare_key, _ = tenants.create_key(s, tenant_id=tenant_id, name="spare")
+        s.commit()
+    job_id = job.json()["id"]
+    real = {
+        "file_id": file_id,
+        "training_file": file_id,
+        "validation_file": file_id,
+        "fine_tuning_job_id": job_id,
+        "model_id": settings.base_model,
+        "model": settings.base_model,
+        "name": "fuzzed",
+        "number": 1,
+        "adapter_id": version.adapter_id,
+        "tenant_id": tenant_id,
+        "key_id": spare_key.id,
+    }
+    cursors = {"/v1/files": file_id, "/v1/fine_tuning/jobs": job_id}
+    return Seeded(app=app, tenant_key=tenant_key, admin_key=admin_key, real=real, cursors=cursors)
+
+
+# The schema is read at collection time from an app that never touches its database; the
+# calls go to the seeded app of each test. (schemathesis' lazy `from_fixture` loader pokes at
+# pytest internals that pytest 9.2 no longer has.)
+schema = schemathesis.openapi.from_asgi(
+    "/openapi.json", create_app(Settings(home=Path("/nonexistent/loraplex-fuzz")))
+)
+# The test sends a real key itself (tenant or admin by route): schemathesis must not count a
+# generated Authorization header as the invalid part of a request the key then makes valid.
+# `ignored_auth` still probes every keyed route without a key and with a bad one.
+schema.config.generation.update(with_security_parameters=False)
+
+
+# Schema-valid input that the schema cannot describe and the API rightly refuses with 400
+# (as OpenAI does), by the error's (param, code); code None: any code. Every other 400 to
+# schema-valid input is still a failure.
+REFUSED_BEYOND_SCHEMA = {
+    # Stored data and row state: the schema cannot say "an id that exists".
+    ("after", None),  # a cursor must be the id of an object the list holds
+    ("model", "model_not_available"),  # a registered base model
+    ("training_file", None),  # an uploaded, processed file of this tenant
+    ("validation_file", None),
+    ("fine_tuning_job_id", "job_not_cancellable"),  # cancelling a finished job
+    # Across fields: hyperparameters in `method` or at the top level, not both.
+    ("hyperparameters", "invalid_value"),
+}
+# The trainer's range and cross-field rules (n_epochs 1-100, no warmup with a constant
+# schedule, ...), reported against the hyperparameter they concern. Their keys and types are
+# in the schema, so only these rules are let through.
+TRAINER_RULES = ("method.supervised.hyperparameters.", "hyperparameters.")
+
+
+def positive_data_acceptance_beyond_schema(ctx: Any, response: Any, case: Case) -> None:
+    """schemathesis' `positive_data_acceptance`, less the 400s above."""
+    if response.status_code == 400:
+        error = json.loads(response.content)["error"]
+        param = error["param"] or ""
+        if {(param, None), (param, error["code"])} & REFUSED_BEYOND_SCHEMA:
+            return
+        if param.startswith(TRAINER_RULES) and error["code"] == "invalid_value":
+            return
+    schemathesis.checks.positive_data_acceptance(ctx, response, case)
+
+
+def _use_real_ids(case: Case, seeded: Seeded) -> None:
+    """Point the case's ids at real rows, except where invalid input is what it tests."""
+    real = {**seeded.real, "after": seeded.cursors.get(case.path)}
+    for location, values in [
+        (ParameterLocation.PATH, case.path_parameters),
+        (ParameterLocation.QUERY, case.query),
+        (ParameterLocation.BODY, case.body if isinstance(case.body, dict) else None),
+    ]:
+        if not values or (case.meta is not None and case.meta.is_negative_at(location)):
+            continue
+        for name in values:
+            if real.get(name) is not None:
+                values[name] = real[name]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+# One case in four swaps the keys: a tenant key on /v1/admin (404) or an admin key on a
+# tenant route (401); both must be documented answers too.
+@schema.given(real_ids=st.booleans(), swap_keys=st.sampled_from([False, False, False, True]))
+@schema.parametrize()
+@settings(
+    max_examples=25,
+    derandomize=True,
+    deadline=None,
+    database=None,
+    # One seeded database per operation, shared by its examples on purpose: what one example
+    # created or deleted is state for the next to meet.
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+def test_api_conforms_to_its_schema(
+    case: Case, real_ids: bool, swap_keys: bool, seeded: Seeded
+) -> None:
+    if real_ids:
+        _use_real_ids(case, seeded)
+    admin = case.path.startswith("/v1/admin") != swap_keys
+    key = seeded.admin_key if admin else seeded.tenant_key
+    case.call_and_validate(
+        headers=bearer(key),
+        app=seeded.app,
+        excluded_checks=[schemathesis.checks.positive_data_acceptance],
+        additional_checks=[positive_data_acceptance_beyond_schema],
+    )
+
+
+def test_schema_documents_errors_in_the_openai_shape() -> None:
+    """No FastAPI 422 body left; each error status is the OpenAI error; keyed routes say so."""
+    error = {"$ref": "#/components/schemas/ErrorResponse"}
+    for path, operations in schema.raw_schema["paths"].items():
+        for method, operation in operations.items():
+            responses = operation["responses"]
+            assert {"401", "413"} <= set(responses), (method, path)
+            assert operation["security"] == [{"bearer": []}], (method, path)
+            for status, response in responses.items():
+                if int(status) >= 400:
+                    assert response["content"] == {"application/json": {"schema": error}}
+    assert "HTTPValidationError" not in schema.raw_schema["components"]["schemas"]
