@@ -50,7 +50,15 @@ def _bearer(request: Request) -> str:
 
 
 def get_principal(request: Request, session: SessionDep) -> Principal:
-    principal = authenticate(session, raw_key=_bearer(request))
+    try:
+        principal = authenticate(session, raw_key=_bearer(request))
+    finally:
+        # Give the pooled connection back now: the route runs after another thread-pool hop,
+        # and a burst of requests each holding a connection while waiting for a worker
+        # thread, with every worker thread waiting for a connection, deadlocks until the
+        # pool's timeout (seen with 64 concurrent completions). The session reconnects when
+        # the route uses it.
+        session.close()
     request.state.principal = principal
     return principal
 

@@ -86,7 +86,7 @@ class Gateway:
 
     async def target(self, session: Session, *, tenant_id: str, model: str) -> Target:
         resolution = await run_in_threadpool(
-            resolve_model, session, self.settings, tenant_id=tenant_id, model=model
+            resolve_and_release, session, self.settings, tenant_id=tenant_id, model=model
         )
         if resolution.base_model != self.settings.base_model:
             raise InvalidRequest(
@@ -163,6 +163,23 @@ class Gateway:
     async def drain(self) -> None:
         """Write pending usage rows now (tests, shutdown)."""
         await self.usage.flush()
+
+
+def resolve_and_release(
+    session: Session, settings: Settings, *, tenant_id: str, model: str
+) -> Resolution:
+    """`resolve_model`, then hand the session's connection back to the pool.
+
+    The request's session would otherwise hold a pooled connection (its open transaction)
+    until the response ends: for the whole generation, minutes at worst. With more requests
+    in flight than the pool has connections (15 on SQLite, 20 on PostgreSQL), the rest would
+    wait, capping concurrency below the engine's batch size, and after the pool's 30 s
+    timeout fail with an unhandled 500. The resolved rows stay readable, detached.
+    """
+    try:
+        return resolve_model(session, settings, tenant_id=tenant_id, model=model)
+    finally:
+        session.close()
 
 
 @dataclass
