@@ -7,6 +7,7 @@ a half-written object and a failed write leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import posixpath
 import uuid
@@ -83,12 +84,21 @@ class ArtifactStore:
             return self.put_stream(key, iter(lambda: f.read(CHUNK), b""))
 
     def put_dir(self, prefix: str, local_dir: str | Path) -> dict[str, StoredObject]:
-        """Upload every file under `local_dir`; returns relative path -> stored object."""
+        """Upload every file under `local_dir`; returns relative path -> stored object.
+
+        All or nothing: when one file fails (a full disk), those already written are removed.
+        """
         local_dir = Path(local_dir)
-        stored = {}
-        for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
-            rel = path.relative_to(local_dir).as_posix()
-            stored[rel] = self.put_file(f"{prefix.strip('/')}/{rel}", path)
+        stored: dict[str, StoredObject] = {}
+        try:
+            for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+                rel = path.relative_to(local_dir).as_posix()
+                stored[rel] = self.put_file(f"{prefix.strip('/')}/{rel}", path)
+        except BaseException:
+            for obj in stored.values():
+                with contextlib.suppress(OSError):
+                    self.fs.rm(self._path(obj.key))
+            raise
         return stored
 
     def open(self, key: str) -> IO[bytes]:
@@ -186,13 +196,13 @@ class AtomicWrite:
 
     def abort(self) -> None:
         """Drop the partial object; safe to call more than once."""
-        try:
+        # Closing flushes, which fails again on a full disk: the temp object goes regardless.
+        with contextlib.suppress(OSError):
             if self._handle is not None:
                 self._handle.close()
+        with contextlib.suppress(OSError):
             if self.store.fs.exists(self.temp):
                 self.store.fs.rm(self.temp)
-        except OSError:
-            pass
 
     def __enter__(self) -> ObjectWriter:
         return self.open()
@@ -200,8 +210,10 @@ class AtomicWrite:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is None:
             self.commit()
-        else:
-            self.abort()
+            return
+        self.abort()
+        if isinstance(exc, OSError):  # a write in the block failed (a full disk, EIO)
+            raise StorageError(f"cannot write {self.key}: {exc}") from exc
 
 
 def get_store(url: str) -> ArtifactStore:

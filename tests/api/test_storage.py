@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import resource
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,21 @@ def test_keys_cannot_escape_the_root(tmp_path: Path) -> None:
     store = ArtifactStore(f"file://{tmp_path}")
     with pytest.raises(StorageError):
         store.put_stream("../outside", iter([b"x"]))
+
+
+def test_a_write_error_midway_through_put_dir_leaves_nothing(tmp_path: Path) -> None:
+    limit = 64 * 1024
+    local = tmp_path / "adapter"
+    local.mkdir()
+    (local / "adapter_config.json").write_bytes(b"{}")
+    (local / "adapter_model.safetensors").write_bytes(b"x" * (4 * limit))
+    store = ArtifactStore(f"file://{tmp_path / 'art'}")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    # CPython ignores SIGXFSZ: a write past the limit fails with EFBIG, as on a full disk.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        with pytest.raises(StorageError, match=r"adapter_model\.safetensors: .*File too large"):
+            store.put_dir("adapters/t/a/job", local)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert [p for p in (tmp_path / "art").rglob("*") if p.is_file()] == []
