@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 from sqlmodel import Session, create_engine
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
@@ -28,6 +29,13 @@ def aware(ts: datetime) -> datetime:
 def unix(ts: datetime | None) -> int | None:
     """A timestamp column as OpenAI's unix seconds (SQLite hands back naive UTC)."""
     return None if ts is None else int(aware(ts).timestamp())
+
+
+def connection_lost(error: BaseException) -> bool:
+    """The database connection broke (a server restart, a failover, a killed backend): the
+    same work may succeed on a fresh connection. The pool pre-pings each checkout, so a
+    retry gets a live one."""
+    return isinstance(error, DBAPIError) and bool(error.connection_invalidated)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _: Any) -> None:

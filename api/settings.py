@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     heartbeat_interval: float = Field(5.0, gt=0, description="Seconds between job heartbeats.")
     # A running job with no heartbeat for this long lost its worker: re-queue or fail it.
     heartbeat_timeout: float = Field(90.0, gt=0)
+    # A job still queued this long after its last message is sent again when the broker holds
+    # fewer messages than its queue has jobs (lost: a Redis restart without persistence).
+    redispatch_after: float = Field(300.0, gt=0)
     max_job_attempts: int = Field(3, ge=1, description="Runs before a lost job is failed.")
     max_running_jobs_per_tenant: int = Field(2, ge=1)
     # Longer than any training run, or Redis redelivers a long job while it still runs.

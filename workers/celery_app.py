@@ -72,3 +72,23 @@ def celery_for(settings: Settings) -> Celery:
 def enqueue_training(settings: Settings, job_id: str, *, queue: str) -> None:
     """Send the job to a worker. Call only after the job row is committed."""
     celery_for(settings).send_task(TRAIN_TASK, args=[job_id], queue=queue)
+
+
+def waiting_messages(settings: Settings, queue: str) -> int:
+    """Messages waiting in `queue` on the broker (not those a worker holds)."""
+    with celery_for(settings).connection_for_write() as conn:
+        channel = conn.channel()
+        try:
+            return int(channel.queue_declare(queue=queue, passive=True).message_count)
+        except conn.channel_errors:  # no such queue (Redis drops empty ones): nothing waits
+            return 0
+        finally:
+            channel.close()
+
+
+def held_messages() -> int:
+    """Messages this worker process holds: received and not finished, so in neither the
+    broker's count nor (until the task claims its job) the database's `running`."""
+    from celery.worker import state
+
+    return len(state.reserved_requests)

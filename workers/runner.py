@@ -13,13 +13,15 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlmodel import Session
+from sqlmodel import Session, select
 
-from api.db import get_engine, utcnow
+from api.db import connection_lost, get_engine, utcnow
+from api.models.adapters import AdapterVersion
 from api.models.files import File
 from api.models.jobs import TERMINAL, Job
 from api.models.tenants import Tenant
@@ -28,7 +30,7 @@ from api.services.files import store_result_file
 from api.services.job_runs import Claim, LeaseLost
 from api.services.jobs import add_event, fine_tuned_model_name
 from api.settings import Settings
-from api.storage import ArtifactStore, StorageError
+from api.storage import ArtifactStore, StorageError, StoredObject
 
 if TYPE_CHECKING:
     from trainer.callbacks import Checkpoint, Progress
@@ -40,6 +42,10 @@ log = logging.getLogger(__name__)
 DONE, SKIPPED, DEFERRED, LOST = "done", "skipped", "deferred", "lost"
 EVENTS_PER_RUN = 50  # metrics events per run, whatever its length
 CANCEL_POLL_SECONDS = 0.25
+# Waits before retrying work whose database connection dropped: a few seconds in all,
+# about a PostgreSQL restart or failover.
+DB_RETRY_DELAYS = (0.2, 1.0, 3.0)
+T = TypeVar("T")
 
 
 class JobContext:
@@ -70,15 +76,29 @@ class JobContext:
         while not self._stop.wait(self.settings.heartbeat_interval):
             self.beat()
 
-    def beat(self, **values: Any) -> None:
+    def transaction(self, work: Callable[[Session], T]) -> T:
+        """Run `work` on the job's session, alone (the heartbeat thread shares it). A dropped
+        connection rolls it back and runs it again on a fresh one: `work` must be safe to
+        repeat, and commits what it writes."""
         with self._lock:
-            try:
-                job_runs.heartbeat(self.session, self.claim, **values)
-            except LeaseLost:
-                self.lost.set()
-            except Exception:  # a database blip: the next beat retries
-                self.session.rollback()
-                log.warning("heartbeat failed for %s", self.claim.job_id, exc_info=True)
+            for delay in (*DB_RETRY_DELAYS, None):
+                try:
+                    return work(self.session)
+                except BaseException as e:
+                    self.session.rollback()
+                    if delay is None or not connection_lost(e):
+                        raise
+                    log.warning("job %s: database connection lost; retrying", self.claim.job_id)
+                    time.sleep(delay)
+            raise AssertionError("unreachable")
+
+    def beat(self, **values: Any) -> None:
+        try:
+            self.transaction(lambda session: job_runs.heartbeat(session, self.claim, **values))
+        except LeaseLost:
+            self.lost.set()
+        except Exception:  # the database is away for longer: the next beat tries again
+            log.warning("heartbeat failed for %s", self.claim.job_id, exc_info=True)
 
     def should_cancel(self) -> bool:
         """Asked after every step: the job may have been cancelled or handed elsewhere.
@@ -106,15 +126,12 @@ class JobContext:
             "tokens_per_second": p.tokens_per_second,
             "eta_seconds": p.eta_seconds,
         }
-        with self._lock:
-            add_event(
-                self.session,
-                self.claim.job_id,
-                f"Step {p.step}/{p.total_steps}: training loss={loss}",
-                type="metrics",
-                data=data,
+        message = f"Step {p.step}/{p.total_steps}: training loss={loss}"
+        self.transaction(
+            lambda session: _commit_event(
+                session, self.claim.job_id, message, type="metrics", data=data
             )
-            self.session.commit()
+        )
         finish = None
         if p.eta_seconds is not None:
             finish = datetime.fromtimestamp(time.time() + p.eta_seconds, tz=UTC)
@@ -123,24 +140,26 @@ class JobContext:
     def on_checkpoint(self, ckpt: Checkpoint) -> None:
         prefix = f"jobs/{self.claim.job_id}/checkpoints/step-{ckpt.step}"
         self.store.put_dir(prefix, ckpt.path)
-        with self._lock:
-            try:
-                job_runs.record_checkpoint(
-                    self.session,
-                    self.claim,
-                    step=ckpt.step,
-                    prefix=prefix,
-                    metrics=dict(ckpt.metrics),
+        try:
+            self.transaction(
+                lambda session: job_runs.record_checkpoint(
+                    session, self.claim, step=ckpt.step, prefix=prefix, metrics=dict(ckpt.metrics)
                 )
-            except LeaseLost:
-                self.lost.set()
+            )
+        except LeaseLost:
+            self.lost.set()
 
 
-def _fetch_file(session: Session, store: ArtifactStore, file_id: str, dest: Path) -> Path:
-    row = session.get(File, file_id)
+def _commit_event(session: Session, job_id: str, message: str, **fields: Any) -> None:
+    add_event(session, job_id, message, **fields)
+    session.commit()
+
+
+def _fetch_file(ctx: JobContext, file_id: str, dest: Path) -> Path:
+    row = ctx.transaction(lambda session: session.get(File, file_id))
     if row is None:
         raise StorageError(f"{file_id} was deleted")
-    if store.get_file(row.storage_key, dest) != row.sha256:
+    if ctx.store.get_file(row.storage_key, dest) != row.sha256:
         raise StorageError(f"{file_id}: stored bytes do not match their sha256")
     return dest
 
@@ -176,20 +195,19 @@ def _training_config(job: Job, settings: Settings) -> Any:
 def _train(job: Job, ctx: JobContext, *, workdir: Path) -> TrainResult:
     from trainer.recipe import train
 
-    session, store = ctx.session, ctx.store
-    data = _fetch_file(session, store, job.training_file, workdir / "train.jsonl")
+    # Reads go through ctx.transaction too: the heartbeat thread shares the session.
+    data = _fetch_file(ctx, job.training_file, workdir / "train.jsonl")
     valid = None
     if job.validation_file:
-        valid = _fetch_file(session, store, job.validation_file, workdir / "valid.jsonl")
+        valid = _fetch_file(ctx, job.validation_file, workdir / "valid.jsonl")
     resume = None
-    latest = job_runs.latest_checkpoint(session, job_id=job.id)
+    latest = ctx.transaction(lambda session: job_runs.latest_checkpoint(session, job_id=job.id))
     if latest is not None:
         resume = workdir / "resume"
         shutil.rmtree(resume, ignore_errors=True)
-        store.get_dir(latest.storage_prefix, resume)
-        with ctx._lock:
-            add_event(session, job.id, f"Resuming from checkpoint at step {latest.step_number}")
-            session.commit()
+        ctx.store.get_dir(latest.storage_prefix, resume)
+        message = f"Resuming from checkpoint at step {latest.step_number}"
+        ctx.transaction(lambda session: _commit_event(session, job.id, message))
     return train(
         _training_config(job, ctx.settings),
         data_path=data,
@@ -243,46 +261,73 @@ def _set_base_name(adapter_dir: Path, base_name: str) -> None:
     path.write_text(json.dumps(config, indent=2))
 
 
+def _register(
+    session: Session,
+    ctx: JobContext,
+    result: TrainResult,
+    *,
+    prefix: str,
+    stored: dict[str, StoredObject],
+    csv_keys: list[str],
+) -> None:
+    """The version, the results file and `succeeded`: one transaction."""
+    job = job_runs.owned_job(session, ctx.claim)
+    tenant = session.get(Tenant, job.tenant_id)
+    assert tenant is not None
+    name = fine_tuned_model_name(job, tenant)
+    registry.register_version(
+        session,
+        job=job,
+        fine_tuned_model=name,
+        prefix=prefix,
+        stored=stored,
+        adapter_dir=result.out_dir,
+        metrics=_version_metrics(result.metrics),
+        lineage=_lineage(session, job, result),
+        max_rank=ctx.settings.max_lora_rank,
+    )
+    csv_file = store_result_file(
+        session,
+        ctx.store,
+        tenant_id=job.tenant_id,
+        filename=f"{job.id}-results.csv",
+        data=_results_csv(result.metrics),
+    )
+    csv_keys.append(csv_file.storage_key)
+    job.status, job.lease, job.finished_at = "succeeded", None, utcnow()
+    job.fine_tuned_model, job.trained_tokens = name, result.trained_tokens
+    job.result_files = [csv_file.id]
+    add_event(session, job.id, f"New fine-tuned model created: {name}")
+    add_event(session, job.id, "The job has successfully completed")
+    session.commit()
+
+
+def _has_version(session: Session, job_id: str) -> bool:
+    return (
+        session.exec(select(AdapterVersion.id).where(AdapterVersion.job_id == job_id)).first()
+        is not None
+    )
+
+
 def _succeed(job_id: str, ctx: JobContext, result: TrainResult) -> None:
-    session, store, settings = ctx.session, ctx.store, ctx.settings
-    job = session.get(Job, job_id, populate_existing=True)
+    job = ctx.transaction(lambda session: session.get(Job, job_id, populate_existing=True))
     assert job is not None
     _set_base_name(result.out_dir, job.model)
-    prefix, stored = registry.upload_adapter(store, job=job, adapter_dir=result.out_dir)
-    with ctx._lock:
-        try:
-            job = job_runs.owned_job(session, ctx.claim)
-            tenant = session.get(Tenant, job.tenant_id)
-            assert tenant is not None
-            name = fine_tuned_model_name(job, tenant)
-            registry.register_version(
-                session,
-                job=job,
-                fine_tuned_model=name,
-                prefix=prefix,
-                stored=stored,
-                adapter_dir=result.out_dir,
-                metrics=_version_metrics(result.metrics),
-                lineage=_lineage(session, job, result),
-                max_rank=settings.max_lora_rank,
+    # All or nothing: a failed upload (a full disk) leaves none of the adapter's files.
+    prefix, stored = registry.upload_adapter(ctx.store, job=job, adapter_dir=result.out_dir)
+    csv_keys: list[str] = []
+    try:
+        ctx.transaction(
+            lambda session: _register(
+                session, ctx, result, prefix=prefix, stored=stored, csv_keys=csv_keys
             )
-            csv_file = store_result_file(
-                session,
-                store,
-                tenant_id=job.tenant_id,
-                filename=f"{job.id}-results.csv",
-                data=_results_csv(result.metrics),
-            )
-            job.status, job.lease, job.finished_at = "succeeded", None, utcnow()
-            job.fine_tuned_model, job.trained_tokens = name, result.trained_tokens
-            job.result_files = [csv_file.id]
-            add_event(session, job.id, f"New fine-tuned model created: {name}")
-            add_event(session, job.id, "The job has successfully completed")
-            session.commit()
-        except BaseException:
-            session.rollback()
-            store.delete(prefix)  # no half-registered version: bytes go with the row
-            raise
+        )
+    except BaseException:
+        if ctx.transaction(lambda session: _has_version(session, job_id)):
+            return  # the commit went through though its connection dropped before the reply
+        for key in (prefix, *csv_keys):
+            ctx.store.delete(key)  # no half-registered version: bytes go with the row
+        raise
 
 
 def _fail_from(ctx: JobContext, error: BaseException) -> None:
@@ -311,10 +356,12 @@ def _fail_from(ctx: JobContext, error: BaseException) -> None:
         if isinstance(error, cls):
             code, param, message = c, p, str(error)
             break
-    with ctx._lock:
-        ctx.session.rollback()
-        with contextlib.suppress(LeaseLost):
-            job_runs.fail(ctx.session, ctx.claim, code=code, message=message, param=param)
+    with contextlib.suppress(LeaseLost):
+        ctx.transaction(
+            lambda session: job_runs.fail(
+                session, ctx.claim, code=code, message=message, param=param
+            )
+        )
 
 
 def _start(session: Session, settings: Settings, job_id: str, worker: str) -> Claim | str:
@@ -324,6 +371,8 @@ def _start(session: Session, settings: Settings, job_id: str, worker: str) -> Cl
     if job.status == "queued" and job_runs.tenant_at_limit(
         session, job=job, limit=settings.max_running_jobs_per_tenant
     ):
+        job.dispatched_at = utcnow()  # the task sends itself again: that is a dispatch
+        session.commit()
         return DEFERRED
     claim = job_runs.claim(
         session, job_id=job_id, worker=worker, stale_after=settings.heartbeat_timeout
@@ -356,6 +405,11 @@ def run_training_job(job_id: str, *, settings: Settings, worker: str) -> str:
             log.info("job %s stopped: cancelled or handed to another worker", job_id)
             return LOST
         except Exception as e:
+            if connection_lost(e):
+                # The database stayed away through every retry: the job keeps its row as
+                # `running`, and once its heartbeats stop the reaper re-queues it to resume.
+                log.exception("job %s: database unreachable; leaving it to the reaper", job_id)
+                return LOST
             log.exception("job %s failed", job_id)
             _fail_from(ctx, e)
             return DONE

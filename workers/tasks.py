@@ -8,15 +8,25 @@ import socket
 import threading
 
 from celery import Task, shared_task
+from celery.exceptions import Reject
+from celery.signals import worker_shutting_down
 
-from api.db import get_engine
+from api.db import connection_lost, get_engine
 from api.services import job_runs
 from api.settings import Settings, get_settings
-from workers.celery_app import TRAIN_TASK, enqueue_training
+from workers.celery_app import TRAIN_TASK, enqueue_training, held_messages, waiting_messages
 
 log = logging.getLogger(__name__)
 # A tenant at its running-jobs limit: look again this much later.
 DEFER_SECONDS = 5
+# Set once the worker is asked to stop. A stopping solo worker still takes one more message
+# (celery's loop drains once after the flag): it hands that one back instead of training.
+STOPPING = threading.Event()
+
+
+@worker_shutting_down.connect
+def _on_shutting_down(**_: object) -> None:
+    STOPPING.set()
 
 
 @shared_task(
@@ -25,17 +35,41 @@ DEFER_SECONDS = 5
 def train_job(self: Task, job_id: str) -> str:
     from workers.runner import DEFERRED, run_training_job
 
+    if STOPPING.is_set():
+        raise Reject("the worker is stopping", requeue=True)
     worker = f"{socket.gethostname()}:{os.getpid()}"
-    outcome = run_training_job(job_id, settings=get_settings(), worker=worker)
+    try:
+        outcome = run_training_job(job_id, settings=get_settings(), worker=worker)
+    except Exception as e:
+        if connection_lost(e):  # before the job was ours to run: try again shortly
+            raise self.retry(countdown=DEFER_SECONDS, exc=e) from e
+        raise
     log.info("job %s: %s", job_id, outcome)
     if outcome == DEFERRED:
         raise self.retry(countdown=DEFER_SECONDS)
     return outcome
 
 
-def sweep(settings: Settings) -> None:
-    """Re-queue jobs whose worker died and re-send jobs queued with no message in flight.
-    Sending a job twice is harmless: only one run can claim it."""
+def redispatch(settings: Settings, *, older_than: float) -> None:
+    """Send again the jobs of this worker's queues still queued `older_than` seconds after
+    their last message, where the broker holds fewer messages than the queue has jobs: a
+    broker that lost its messages (a restart without persistence) would strand them. A
+    healthy backlog is left alone; a duplicate is harmless (only one run claims a job)."""
+    from sqlmodel import Session
+
+    with Session(get_engine(settings.database_url)) as session:
+        queued = job_runs.queued_counts(session, queues=settings.queues)
+        held = held_messages()  # the reaper runs inside the worker
+        short = [q for q, n in queued.items() if waiting_messages(settings, q) + held < n]
+        due = job_runs.take_due_for_dispatch(session, queues=short, older_than=older_than)
+    for job_id, queue in due:
+        enqueue_training(settings, job_id, queue=queue)
+    if due:
+        log.warning("the broker lost %d queued job(s); sent them again", len(due))
+
+
+def sweep(settings: Settings, *, redispatch_after: float) -> None:
+    """Re-queue jobs whose worker died, then send the jobs whose message is overdue."""
     from sqlmodel import Session
 
     with Session(get_engine(settings.database_url)) as session:
@@ -44,24 +78,21 @@ def sweep(settings: Settings) -> None:
         )
     for job_id in requeued:
         log.warning("job %s lost its worker; re-queued", job_id)
-        enqueue_training(settings, job_id, queue=settings.train_queue)
+    redispatch(settings, older_than=redispatch_after)
 
 
-def start_reaper(settings: Settings, *, resend_queued: bool = True) -> threading.Thread:
-    """A daemon thread in the worker: a start-up sweep, then one every few seconds."""
-    from sqlmodel import Session
+def start_reaper(settings: Settings) -> threading.Thread:
+    """A daemon thread in the worker: a sweep every few seconds. The first, at start-up,
+    re-sends every queued job: the broker may have lost them while no worker ran."""
 
     def loop() -> None:
-        if resend_queued:
-            with Session(get_engine(settings.database_url)) as session:
-                queued = job_runs.queued_job_ids(session, queues=settings.queues)
-            for job_id in queued:
-                enqueue_training(settings, job_id, queue=settings.train_queue)
         interval = max(1.0, min(30.0, settings.heartbeat_timeout / 3))
+        redispatch_after = 0.0
         while True:
             try:
-                sweep(settings)
-            except Exception:
+                sweep(settings, redispatch_after=redispatch_after)
+                redispatch_after = settings.redispatch_after
+            except Exception:  # the database or the broker is down: try again next time
                 log.exception("reaper sweep failed; retrying")
             threading.Event().wait(interval)
 

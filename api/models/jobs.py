@@ -47,6 +47,9 @@ class Job(SQLModel, table=True):
     lease: str | None = Field(default=None, max_length=64)
     worker: str | None = Field(default=None, max_length=256)
     heartbeat_at: datetime | None = None
+    # When a message for this job was last sent to the broker: a job still queued long after
+    # is re-sent, in case the broker lost it (workers.tasks.redispatch).
+    dispatched_at: datetime | None = None
     estimated_finish: datetime | None = None
     created_at: datetime = Field(default_factory=utcnow, index=True)
     started_at: datetime | None = None

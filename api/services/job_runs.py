@@ -132,7 +132,7 @@ def fail(
 
 def requeue_or_fail_stale(session: Session, *, stale_after: float, max_attempts: int) -> list[str]:
     """Jobs whose worker stopped heartbeating: re-queue (to resume) or fail. Returns the ids
-    to enqueue again, after this function has committed."""
+    re-queued; `take_due_for_dispatch` hands them out to be sent again."""
     stale = utcnow() - timedelta(seconds=stale_after)
     jobs = session.exec(
         select(Job).where(Job.status == "running", col(Job.heartbeat_at) < stale)
@@ -151,7 +151,7 @@ def requeue_or_fail_stale(session: Session, *, stale_after: float, max_attempts:
             }
             add_event(session, job.id, job.error["message"], level="error")
         else:
-            job.status = "queued"
+            job.status, job.dispatched_at = "queued", None  # the next dispatch sweep sends it
             requeue.append(job.id)
             add_event(
                 session,
@@ -164,11 +164,37 @@ def requeue_or_fail_stale(session: Session, *, stale_after: float, max_attempts:
     return requeue
 
 
-def queued_job_ids(session: Session, *, queues: list[str]) -> list[str]:
-    return list(
-        session.exec(
-            select(Job.id)
-            .where(Job.status == "queued", col(Job.queue).in_(queues))
-            .order_by(col(Job.created_at))
-        )
+def queued_counts(session: Session, *, queues: list[str]) -> dict[str, int]:
+    """Queue -> how many of its jobs are `queued` (queues with none are left out)."""
+    rows = session.exec(
+        select(Job.queue, func.count())
+        .where(Job.status == "queued", col(Job.queue).in_(queues))
+        .group_by(col(Job.queue))
+    ).all()
+    return {queue: int(n) for queue, n in rows}
+
+
+def take_due_for_dispatch(
+    session: Session, *, queues: list[str], older_than: float
+) -> list[tuple[str, str]]:
+    """Queued jobs whose message was sent more than `older_than` seconds ago (or never),
+    marked as sent now; returns (job id, queue) for the caller to send after this commits.
+
+    One conditional UPDATE: of several workers sweeping at once, one re-sends each job.
+    """
+    if not queues:
+        return []
+    now = utcnow()
+    due = update(Job).where(
+        col(Job.status) == "queued",
+        col(Job.queue).in_(queues),
+        or_(
+            col(Job.dispatched_at).is_(None),
+            col(Job.dispatched_at) < now - timedelta(seconds=older_than),
+        ),
     )
+    rows = session.execute(
+        due.values(dispatched_at=now).returning(col(Job.id), col(Job.queue), col(Job.created_at))
+    ).all()
+    session.commit()
+    return [(job_id, queue) for job_id, queue, _ in sorted(rows, key=lambda r: r[2])]

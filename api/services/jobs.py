@@ -225,7 +225,7 @@ def create_job(session: Session, settings: Settings, *, tenant_id: str, req: Job
     session.add(job)
     add_event(session, job.id, f"Created fine-tuning job: {job.id}")
     add_event(session, job.id, f"Validating training file: {req.training_file}")
-    job.status = "queued"
+    job.status, job.dispatched_at = "queued", utcnow()  # the caller sends it after commit
     add_event(session, job.id, "Files validated, moving job to queued state")
     session.commit()
     return job

@@ -83,3 +83,22 @@ def test_reaper_requeues_then_gives_up(settings: Settings, session: Session) -> 
     assert rows[give_up].status == "failed"  # type: ignore[union-attr]
     assert rows[give_up].error["code"] == "worker_lost"  # type: ignore[index,union-attr]
     assert rows[alive].status == "running"  # type: ignore[union-attr]
+
+
+def test_an_overdue_queued_job_is_handed_out_once_per_period(
+    settings: Settings, session: Session
+) -> None:
+    long_ago = utcnow() - timedelta(seconds=600)
+    overdue = make_job(settings, dispatched_at=long_ago, queue="q")
+    never_sent = make_job(settings, dispatched_at=None, queue="q")
+    make_job(settings, dispatched_at=utcnow(), queue="q")  # just sent: left alone
+    make_job(settings, dispatched_at=long_ago, queue="other")  # another worker class's
+    make_job(settings, dispatched_at=long_ago, queue="q", status="running")
+    assert job_runs.queued_counts(session, queues=["q"]) == {"q": 3}
+
+    due = job_runs.take_due_for_dispatch(session, queues=["q"], older_than=300)
+    assert due == [(overdue, "q"), (never_sent, "q")]
+    # A second worker sweeping at the same time finds nothing left to send.
+    assert job_runs.take_due_for_dispatch(session, queues=["q"], older_than=300) == []
+    # At start-up (older_than=0) every queued job of the queue is sent.
+    assert len(job_runs.take_due_for_dispatch(session, queues=["q"], older_than=0)) == 3
