@@ -9,12 +9,15 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import openai
 import pytest
+from sqlmodel import Session, select
 
+from api.db import get_engine
+from api.models.adapters import AdapterVersion
 from api.settings import Settings
 from tests.conftest import new_tenant
 from tests.trainer.trainer_testdata import TINY_FACTS, chat_row
@@ -62,14 +65,16 @@ def worker_env(settings: Settings) -> dict[str, str]:
         "LORAPLEX_HEARTBEAT_INTERVAL": str(settings.heartbeat_interval),
         "LORAPLEX_HEARTBEAT_TIMEOUT": str(settings.heartbeat_timeout),
         "LORAPLEX_MAX_RUNNING_JOBS_PER_TENANT": str(settings.max_running_jobs_per_tenant),
+        "LORAPLEX_REDISPATCH_AFTER": str(settings.redispatch_after),
     }
 
 
 class Worker:
-    def __init__(self, settings: Settings, log: Path) -> None:
+    def __init__(self, settings: Settings, log: Path, *, wrapper: Sequence[str] = ()) -> None:
+        """`wrapper`: a command that runs the worker command given as its last arguments."""
         self.log = log
         self.proc = subprocess.Popen(
-            [LORAPLEX, "worker"],
+            [*wrapper, LORAPLEX, "worker"],
             env=worker_env(settings),
             stdout=open(log, "ab"),  # noqa: SIM115 (the child keeps it open)
             stderr=subprocess.STDOUT,
@@ -104,8 +109,8 @@ class Worker:
 def start_worker(settings: Settings, tmp_path: Path) -> Iterator[Callable[[], Worker]]:
     started: list[Worker] = []
 
-    def start() -> Worker:
-        worker = Worker(settings, tmp_path / f"worker-{len(started)}.log")
+    def start(*, wrapper: Sequence[str] = ()) -> Worker:
+        worker = Worker(settings, tmp_path / f"worker-{len(started)}.log", wrapper=wrapper)
         started.append(worker)
         worker.wait_ready()
         return worker
@@ -123,6 +128,19 @@ def start_worker(settings: Settings, tmp_path: Path) -> Iterator[Callable[[], Wo
 def sdk(live_url: str, settings: Settings) -> openai.OpenAI:
     _, key = new_tenant(settings, name="support")
     return openai.OpenAI(base_url=f"{live_url}/v1", api_key=key, max_retries=0)
+
+
+def hp(**values: object) -> dict:
+    return {"type": "supervised", "supervised": {"hyperparameters": values}}
+
+
+def versions(settings: Settings, job_id: str) -> list[AdapterVersion]:
+    with Session(get_engine(settings.database_url)) as s:
+        return list(s.exec(select(AdapterVersion).where(AdapterVersion.job_id == job_id)))
+
+
+def upload(sdk: openai.OpenAI) -> str:
+    return sdk.files.create(file=("facts.jsonl", tiny_dataset()), purpose="fine-tune").id
 
 
 def wait_for_status(sdk: openai.OpenAI, job_id: str, statuses: set[str], timeout: float = 180):

@@ -11,27 +11,12 @@ import pytest
 from sqlmodel import Session, select
 
 from api.db import get_engine
-from api.models.adapters import AdapterVersion
 from api.models.jobs import JobCheckpoint
-from api.settings import Settings
 from api.storage import ArtifactStore
-from tests.workers.conftest import BROKEN, TINY, tiny_dataset, wait_for_status
+from tests.workers.conftest import BROKEN, TINY, hp, upload, versions, wait_for_status
 from workers.celery_app import enqueue_training
 
 pytestmark = pytest.mark.timeout(600)
-
-
-def hp(**values: object) -> dict:
-    return {"type": "supervised", "supervised": {"hyperparameters": values}}
-
-
-def versions(settings: Settings, job_id: str) -> list[AdapterVersion]:
-    with Session(get_engine(settings.database_url)) as s:
-        return list(s.exec(select(AdapterVersion).where(AdapterVersion.job_id == job_id)))
-
-
-def upload(sdk: openai.OpenAI) -> str:
-    return sdk.files.create(file=("facts.jsonl", tiny_dataset()), purpose="fine-tune").id
 
 
 @pytest.mark.parametrize("broker_url", ["redis", "rabbitmq", "embedded"], indirect=True)

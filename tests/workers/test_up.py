@@ -1,4 +1,5 @@
-"""`loraplex up`: the whole embedded platform from one command, stopped by one signal."""
+"""`loraplex up`: the whole embedded platform from one command, stopped by one signal and
+started again with its queue intact."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -30,40 +32,68 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in out.stdout.split()]
 
 
-def test_up_trains_a_job_on_the_embedded_default_and_stops_cleanly(
-    tmp_path: Path, tiny_llama: Path
-) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
-    env.update(HF_HUB_OFFLINE="1", LORAPLEX_BASE_MODELS=json.dumps({TINY: str(tiny_llama)}))
-    port = _free_port()
-    log = open(tmp_path / "up.log", "wb")  # noqa: SIM115 (the child keeps it open)
-    proc = subprocess.Popen(
-        [LORAPLEX, "up", "--port", str(port)],
-        cwd=tmp_path,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
+class Up:
+    """`loraplex up` on the embedded default (SQLite, filesystem broker) in `workdir`."""
+
+    def __init__(self, workdir: Path, tiny_llama: Path, **settings: str) -> None:
+        self.workdir = workdir
+        self.port = _free_port()
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
+        self.env.update(
+            HF_HUB_OFFLINE="1", LORAPLEX_BASE_MODELS=json.dumps({TINY: str(tiny_llama)})
+        )
+        self.env.update({f"LORAPLEX_{k.upper()}": v for k, v in settings.items()})
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self, log_name: str) -> subprocess.Popen[bytes]:
+        log = self.workdir / log_name
+        proc = subprocess.Popen(
+            [LORAPLEX, "up", "--port", str(self.port)],
+            cwd=self.workdir,
+            env=self.env,
+            stdout=open(log, "wb"),  # noqa: SIM115 (the child keeps it open)
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 60
         while True:
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                    break
+                if httpx.get(f"{self.url}/readyz").status_code == 200:
+                    return proc
             except httpx.HTTPError:
                 pass
-            assert time.monotonic() < deadline, (tmp_path / "up.log").read_text()
+            assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.3)
+
+    def sdk(self) -> openai.OpenAI:
         created = subprocess.run(
             [LORAPLEX, "admin", "create-tenant", "embedded"],
-            cwd=tmp_path,
-            env=env,
+            cwd=self.workdir,
+            env=self.env,
             capture_output=True,
             text=True,
             check=True,
         )
         key = json.loads(created.stdout)["api_key"]
-        sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0)
+
+    def statuses(self) -> dict[str, str]:
+        """Job id -> status, read from the database while `up` is down."""
+        with sqlite3.connect(self.workdir / ".loraplex" / "loraplex.db") as db:
+            return dict(db.execute("SELECT id, status FROM fine_tuning_jobs").fetchall())
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(60)
+
+
+def test_up_trains_a_job_on_the_embedded_default_and_stops_cleanly(
+    tmp_path: Path, tiny_llama: Path
+) -> None:
+    up = Up(tmp_path, tiny_llama)
+    proc = up.start("up.log")
+    try:
+        sdk = up.sdk()
         file_id = sdk.files.create(file=("t.jsonl", tiny_dataset()), purpose="fine-tune").id
         job = sdk.fine_tuning.jobs.create(
             model=TINY,
@@ -78,7 +108,50 @@ def test_up_trains_a_job_on_the_embedded_default_and_stops_cleanly(
         children = _children(proc.pid)
         assert children, "up runs its worker as a child process"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0
+        assert _stop(proc) == 0
     for pid in children:
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
+
+
+def test_jobs_queued_when_up_stops_finish_once_after_it_starts_again(
+    tmp_path: Path, tiny_llama: Path
+) -> None:
+    # Serving the tiny base in-process keeps the two start-ups light; this is about training.
+    up = Up(
+        tmp_path,
+        tiny_llama,
+        base_model=TINY,
+        serving_engine="transformers",
+        heartbeat_interval="0.5",
+        heartbeat_timeout="4",
+    )
+    proc = up.start("up-1.log")
+    try:
+        sdk = up.sdk()
+        file_id = sdk.files.create(file=("t.jsonl", tiny_dataset()), purpose="fine-tune").id
+        jobs = [
+            sdk.fine_tuning.jobs.create(
+                model=TINY, training_file=file_id, hyperparameters={"n_epochs": 2, "batch_size": 4}
+            ).id
+            for _ in range(2)
+        ]
+    finally:
+        assert _stop(proc) == 0  # one worker: at most one job runs (to its end), one waits
+    queued = [job_id for job_id, status in up.statuses().items() if status == "queued"]
+    assert queued
+
+    proc = up.start("up-2.log")
+    try:
+        for job_id in jobs:
+            done = wait_for_status(sdk, job_id, {"succeeded", "failed"}, timeout=180)
+            assert done.status == "succeeded", done.error
+        with sqlite3.connect(tmp_path / ".loraplex" / "loraplex.db") as db:
+            started = db.execute(
+                "SELECT job_id, count(*) FROM fine_tuning_job_events "
+                "WHERE message LIKE 'Fine-tuning job started%' GROUP BY job_id"
+            ).fetchall()
+            versions = db.execute("SELECT job_id, count(*) FROM adapter_versions GROUP BY job_id")
+            assert dict(versions.fetchall()) == dict.fromkeys(jobs, 1)
+        assert all(dict(started)[job_id] == 1 for job_id in queued)  # each ran once
+    finally:
+        assert _stop(proc) == 0
