@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -29,6 +30,7 @@ from serving.engines.base import Engine
 from serving.errors import no_replica
 from serving.gateway import Gateway
 from serving.metrics import GatewayMetrics
+from serving.replicas import ReplicaProcess, RestartBackoff
 from serving.schemas import ChatCompletionRequest, CompletionRequest
 from serving.setup import EngineSetup, build_engine
 
@@ -116,7 +118,7 @@ class ServingRuntime:
             return
         await self._boot(app, setup)
         if setup.replicas:
-            self._tasks.append(asyncio.create_task(self._supervise(setup)))
+            self._tasks.append(asyncio.create_task(self.supervise(setup)))
 
     async def _boot(self, app: FastAPI, setup: EngineSetup) -> None:
         self.setup = setup
@@ -130,6 +132,9 @@ class ServingRuntime:
                 store=ArtifactStore(self.settings.storage_url),
                 root=cache_root,
                 on_event=_counter(self.metrics),
+                max_adapters=self.settings.serving_cache_max_adapters,
+                max_bytes=int(self.settings.serving_cache_max_gib * (1 << 30)),
+                loaded=lambda: {name for r in setup.engine.status() for name in r.loaded},
             ),
             metrics=self.metrics,
         )
@@ -137,24 +142,35 @@ class ServingRuntime:
         app.state.gateway = gateway
         log.info("serving gateway up: %s engine", setup.engine.kind)
 
-    async def _supervise(self, setup: EngineSetup) -> None:
+    async def supervise(self, setup: EngineSetup) -> None:
         """Restart replicas this gateway started when they die, or never come up within
-        `serving_startup_timeout`; the engine notices and re-syncs what they hold."""
-        started = {id(r): time.monotonic() for r in setup.replicas}
+        `serving_startup_timeout`, with exponential backoff while they keep failing; the
+        engine notices and re-syncs what they hold."""
+        interval = self.settings.serving_health_interval
+        watched = [(r, Supervised(RestartBackoff(base=interval))) for r in setup.replicas]
         while True:
-            await asyncio.sleep(self.settings.serving_health_interval)
+            await asyncio.sleep(interval)
             health = {s.name: s.healthy for s in setup.engine.status()}
-            for replica in setup.replicas:
-                if health.get(replica.url):
-                    started[id(replica)] = time.monotonic()  # up: the clock restarts
-                    continue
-                booting = time.monotonic() - started[id(replica)]
-                if replica.alive() and booting < self.settings.serving_startup_timeout:
-                    continue
-                log.warning("replica on port %s is dead or stuck; restarting it", replica.port)
-                await asyncio.to_thread(replica.stop)
-                replica.start()
-                started[id(replica)] = time.monotonic()
+            for replica, state in watched:
+                await self._check(replica, state, healthy=bool(health.get(replica.url)))
+
+    async def _check(self, replica: ReplicaProcess, state: Supervised, *, healthy: bool) -> None:
+        now, retry = time.monotonic(), state.backoff
+        if healthy:
+            state.started = now  # up: the boot clock restarts
+            retry.healthy()
+            return
+        if retry.due is None:
+            booting = now - state.started < self.settings.serving_startup_timeout
+            if replica.alive() and booting:
+                return
+            delay = retry.failed(now)
+            log.warning("replica on port %s is dead or stuck (failure %d in a row); restarting "
+                        "it in %.1f s", replica.port, retry.failures, delay)  # fmt: skip
+            await asyncio.to_thread(replica.stop)
+        if retry.due is not None and now >= retry.due:
+            replica.start()
+            state.started, retry.due = time.monotonic(), None
 
     async def stop(self, app: FastAPI) -> None:
         for task in self._tasks:
@@ -167,6 +183,14 @@ class ServingRuntime:
             app.state.gateway = None
         for replica in self.setup.replicas if self.setup else []:
             await asyncio.to_thread(replica.stop)
+
+
+@dataclass
+class Supervised:
+    """One started replica as the supervisor sees it."""
+
+    backoff: RestartBackoff
+    started: float = field(default_factory=time.monotonic)  # last (re)start or health
 
 
 async def in_daemon_thread(fn: Callable[[], T]) -> T:

@@ -9,6 +9,11 @@ Nothing reaches an engine unless its bytes match the registry row (sha256 and si
   afterwards a cheap fingerprint of its files (size, mtime, inode) is compared on each
   request, any change triggering a full re-hash. A copy that fails is replaced by a fresh
   fetch from the store (event `cache_repair`); only a bad store copy refuses the version.
+
+The cache is bounded (`serving_cache_max_adapters`, `serving_cache_max_gib`): after each
+fetch, least recently used versions are deleted (event `cache_evict`) until it fits, except
+those a request holds (`ensure` ... `release`) or a replica has loaded (vLLM may read an
+adapter's files again). An evicted version asked for again is fetched and verified again.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+import threading
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -36,27 +43,105 @@ Fingerprint = tuple[tuple[str, int, int, int], ...]
 
 class AdapterCache:
     def __init__(
-        self, *, store: ArtifactStore, root: Path, on_event: Callable[[str], None] | None = None
+        self,
+        *,
+        store: ArtifactStore,
+        root: Path,
+        on_event: Callable[[str], None] | None = None,
+        max_adapters: int | None = None,
+        max_bytes: int | None = None,
+        loaded: Callable[[], set[str]] = set,
     ) -> None:
         self.store = store
         self.root = root
         self.on_event = on_event or (lambda event: None)
+        self.max_adapters = max_adapters
+        self.max_bytes = max_bytes
+        self.loaded = loaded  # names some replica holds: their files are not deleted
         self._locks: dict[str, asyncio.Lock] = {}
         self._verified: dict[str, Fingerprint] = {}  # version id -> fingerprint when hashed
+        # Pruning state, shared with the pruning thread under `_lock`.
+        self._lock = threading.Lock()
+        self._used: OrderedDict[str, str] = OrderedDict()  # version id -> name, LRU first
+        self._pins: Counter[str] = Counter()  # requests using each version now
+        self._seeded = False
 
     def path_of(self, version_id: str) -> Path:
         return self.root / version_id
 
     async def ensure(self, version: AdapterVersion) -> tuple[LocalAdapter, bool]:
-        """The version as a verified local directory; says whether it was fetched now."""
+        """The version as a verified local directory, held (never pruned) until `release`;
+        says whether it was fetched now."""
         target = self.path_of(version.id)
         adapter = LocalAdapter(name=version.fine_tuned_model, path=target)
-        if self._still_verified(version.id, target):
-            return adapter, False
-        lock = self._locks.setdefault(version.id, asyncio.Lock())
-        async with lock:  # concurrent first requests fetch (or re-hash) once
-            fetched = await asyncio.to_thread(self._prepare, version, target)
+        with self._lock:
+            self._pins[version.id] += 1
+            self._used[version.id] = version.fine_tuned_model
+            self._used.move_to_end(version.id)
+        try:
+            if self._still_verified(version.id, target):
+                return adapter, False
+            lock = self._locks.setdefault(version.id, asyncio.Lock())
+            async with lock:  # concurrent first requests fetch (or re-hash) once
+                fetched = await asyncio.to_thread(self._prepare, version, target)
+        except BaseException:
+            self.release(version.id)
+            raise
+        if fetched and (self.max_adapters or self.max_bytes):
+            await asyncio.to_thread(self.prune, keep_names=self.loaded())
         return adapter, fetched
+
+    def release(self, version_id: str) -> None:
+        """A request that `ensure`d this version is done with it."""
+        with self._lock:
+            self._pins[version_id] -= 1
+            if self._pins[version_id] <= 0:
+                del self._pins[version_id]
+
+    def in_use(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._pins)
+
+    def prune(self, *, keep_names: Collection[str] = ()) -> list[str]:
+        """Delete least recently used versions past the bounds (count, bytes), sparing those
+        in use by a request or held by a replica; returns the evicted version ids. The
+        bounds are soft: when everything is spared, the cache stays over them for a while."""
+        with self._lock:
+            self._seed()
+            for vid in [v for v in self._used if not self.path_of(v).is_dir()]:
+                if not self._pins[vid]:
+                    del self._used[vid]  # refused, or deleted by hand: nothing to count
+            sizes = {vid: _size(self.path_of(vid)) for vid in self._used}
+            count, total = len(sizes), sum(sizes.values())
+            evicted = []
+            for vid, name in list(self._used.items()):
+                over = (self.max_adapters is not None and count > self.max_adapters) or (
+                    self.max_bytes is not None and total > self.max_bytes
+                )
+                if not over:
+                    break
+                if self._pins[vid] or name in keep_names:
+                    continue
+                shutil.rmtree(self.path_of(vid), ignore_errors=True)
+                for table in (self._used, self._verified, self._locks, self._pins):
+                    table.pop(vid, None)
+                count, total = count - 1, total - sizes[vid]
+                evicted.append(vid)
+        for vid in evicted:
+            log.info("adapter cache: evicted %s (least recently used, no replica holds it)", vid)
+            self.on_event("cache_evict")
+        return evicted
+
+    def _seed(self) -> None:
+        """Once: versions left on disk by an earlier run are the least recently used, oldest
+        first (their names are unknown here, so no replica's hold can spare them)."""
+        if self._seeded:
+            return
+        self._seeded = True
+        found = [p for p in self.root.glob("adv-*") if p.is_dir() and p.name not in self._used]
+        for path in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
+            self._used[path.name] = ""
+            self._used.move_to_end(path.name, last=False)
 
     def _still_verified(self, version_id: str, target: Path) -> bool:
         known = self._verified.get(version_id)
@@ -169,6 +254,10 @@ def fingerprint(directory: Path) -> Fingerprint:
         entries.append((path.relative_to(directory).as_posix(), st.st_size, st.st_mtime_ns,
                         st.st_ino))  # fmt: skip
     return tuple(sorted(entries))
+
+
+def _size(directory: Path) -> int:
+    return sum(p.stat().st_size for p in _files(directory)) if directory.is_dir() else 0
 
 
 def _files(directory: Path) -> list[Path]:

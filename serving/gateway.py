@@ -130,6 +130,9 @@ class Gateway:
         except LoraplexError as e:
             meter.done(status=e.status_code, usage=None)
             raise
+        except Exception:
+            meter.done(status=500, usage=None)
+            raise
         response["model"] = target.model
         meter.done(status=200, usage=response.get("usage"))
         return JSONResponse(response, headers=target.headers)
@@ -204,6 +207,9 @@ class Meter:
         if self.finished:
             return
         self.finished = True
+        version = self.target.resolution.version
+        if version is not None:
+            self.gateway.cache.release(version.id)  # held since Gateway.target
         elapsed = time.perf_counter() - self.started
         metrics = self.gateway.metrics
         prompt = int((usage or {}).get("prompt_tokens") or 0)
@@ -216,7 +222,6 @@ class Meter:
         if completion and elapsed > 0:
             metrics.tokens_per_second.labels(self.endpoint).observe(completion / elapsed)
         metrics.observe_replicas(self.gateway.engine.status())
-        version = self.target.resolution.version
         self.gateway.usage.add(
             tenant_id=self.tenant_id,
             model=self.target.resolution.requested,

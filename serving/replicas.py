@@ -105,6 +105,31 @@ class ReplicaProcess:
             self.kill()
 
 
+@dataclass
+class RestartBackoff:
+    """When to restart one replica that keeps dying: the first restart at once, then after
+    `base`, 2x, 4x ... up to `cap` seconds while it fails again and again (a bad flag, a
+    model that no longer loads, a full disk), instead of a restart every health check.
+    Reset when the replica passes a health check."""
+
+    base: float
+    cap: float = 60.0
+    failures: int = 0  # restarts since it was last healthy
+    due: float | None = None  # monotonic time the pending restart may happen
+
+    def delay(self) -> float:
+        return 0.0 if self.failures <= 1 else min(self.cap, self.base * 2 ** (self.failures - 2))
+
+    def failed(self, now: float) -> float:
+        """The replica died (or never came up): schedule its restart; returns the delay."""
+        self.failures += 1
+        self.due = now + self.delay()
+        return self.delay()
+
+    def healthy(self) -> None:
+        self.failures, self.due = 0, None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -102,4 +102,5 @@ def test_concurrent_load_over_tenants_is_correct_and_memory_stable(
     # (15 on SQLite): requests must not hold one while they generate.
     assert engine.largest_batch == engine.max_batch_size == 16
     assert engine.status()[0].queue_depth == 0
+    assert transformers_gateway.app.state.gateway.cache.in_use() == {}  # every hold released
     assert after - before < RSS_GROWTH_LIMIT, f"RSS {before >> 20} -> {after >> 20} MiB"
