@@ -12,7 +12,8 @@
     └── ServiceUnavailable      503    a dependency is down; retry later
 
 Services raise these; `install_error_handlers` maps them, plus FastAPI's validation errors,
-unknown routes and anything unexpected, to `{"error": {message, type, param, code}}`.
+unknown routes, values the database refuses (400) and anything unexpected, to
+`{"error": {message, type, param, code}}`.
 `error_responses` documents them for a route's `responses=` (and api.openapi for all routes).
 """
 
@@ -25,6 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -154,6 +156,18 @@ async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
+async def _on_data_error(request: Request, exc: Exception) -> JSONResponse:
+    # The database refused a value, and in a request every value comes from the caller: e.g.
+    # a NUL character, which PostgreSQL text cannot hold. A 5xx would have the SDK resend it.
+    log.info("database refused a value on %s %s: %s", request.method, request.url.path, exc)
+    return render(
+        InvalidRequest(
+            "A value in the request cannot be stored (for example, text with a NUL character).",
+            code="invalid_value",
+        )
+    )
+
+
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return render(LoraplexError("The server had an error while processing your request."))
@@ -163,6 +177,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(LoraplexError, _on_loraplex_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(DataError, _on_data_error)
     app.add_exception_handler(Exception, _on_unexpected)
 
 
