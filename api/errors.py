@@ -36,6 +36,8 @@ class LoraplexError(Exception):
     status_code = 500
     type = "server_error"
     default_code: str | None = None
+    # Sent as `x-should-retry` when set: the openai SDK retries 409 and 5xx unless told not to.
+    should_retry: bool | None = None
 
     def __init__(
         self,
@@ -80,9 +82,13 @@ class NotFound(LoraplexError):
 
 
 class Conflict(LoraplexError):
+    """The request clashes with the object's state. Not retried by SDKs: resending the same
+    request meets the same state (a race lost to another writer passes `headers` itself)."""
+
     status_code = 409
     type = "invalid_request_error"
     default_code = "conflict"
+    should_retry = False
 
 
 class PayloadTooLarge(LoraplexError):
@@ -105,7 +111,8 @@ def error_body(
 
 def render(exc: LoraplexError) -> JSONResponse:
     body = error_body(exc.message, type=exc.type, param=exc.param, code=exc.code)
-    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+    headers = {} if exc.should_retry is None else {"x-should-retry": str(exc.should_retry).lower()}
+    return JSONResponse(body, status_code=exc.status_code, headers=headers | (exc.headers or {}))
 
 
 _HTTP_TYPES = {

@@ -129,6 +129,7 @@ def _commit(session: Session) -> None:
         raise Conflict(
             "Another promotion of this adapter happened at the same time; reload and try again.",
             code="concurrent_promotion",
+            headers={"x-should-retry": "true"},  # a lost race: the retry meets the new state
         ) from e
 
 

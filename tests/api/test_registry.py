@@ -130,6 +130,7 @@ def test_invalid_transitions_are_409_unless_forced(client: TestClient, world) ->
     r = promote(client, world, 1, "production")
     assert r.status_code == 409 and r.json()["error"]["code"] == "invalid_transition"
     assert "force" in r.json()["error"]["message"]
+    assert r.headers["x-should-retry"] == "false"  # the openai SDK would resend a plain 409
     assert promote(client, world, 1, "production", force=True, reason="hotfix").status_code == 200
     entry = client.get(
         "/v1/admin/audit", params={"action": "promote.production"}, headers=bearer(world["admin"])
