@@ -57,6 +57,9 @@ def worker_env(settings: Settings) -> dict[str, str]:
     return {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
+        # The tiny model's matmuls gain nothing from threads, which on a busy box only contend
+        # (tests/trainer/conftest.py): one keeps a worker's job fast whatever else runs.
+        "OMP_NUM_THREADS": "1",
         "LORAPLEX_HOME": str(settings.home),
         "LORAPLEX_DATABASE_URL": settings.database_url,
         "LORAPLEX_BROKER_URL": settings.broker_url,

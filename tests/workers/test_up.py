@@ -35,14 +35,14 @@ def _children(pid: int) -> list[int]:
 class Up:
     """`loraplex up` on the embedded default (SQLite, filesystem broker) in `workdir`."""
 
-    def __init__(self, workdir: Path, tiny_llama: Path, **settings: str) -> None:
+    def __init__(self, workdir: Path, tiny_llama: Path, **env: str) -> None:
         self.workdir = workdir
         self.port = _free_port()
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
         self.env.update(
             HF_HUB_OFFLINE="1", LORAPLEX_BASE_MODELS=json.dumps({TINY: str(tiny_llama)})
         )
-        self.env.update({f"LORAPLEX_{k.upper()}": v for k, v in settings.items()})
+        self.env.update(env)
         self.url = f"http://127.0.0.1:{self.port}"
 
     def start(self, log_name: str) -> subprocess.Popen[bytes]:
@@ -120,10 +120,11 @@ def test_jobs_queued_when_up_stops_finish_once_after_it_starts_again(
     up = Up(
         tmp_path,
         tiny_llama,
-        base_model=TINY,
-        serving_engine="transformers",
-        heartbeat_interval="0.5",
-        heartbeat_timeout="4",
+        OMP_NUM_THREADS="1",  # tiny matmuls: threads only contend (tests/workers/conftest.py)
+        LORAPLEX_BASE_MODEL=TINY,
+        LORAPLEX_SERVING_ENGINE="transformers",
+        LORAPLEX_HEARTBEAT_INTERVAL="0.5",
+        LORAPLEX_HEARTBEAT_TIMEOUT="4",
     )
     proc = up.start("up-1.log")
     try:
