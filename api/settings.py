@@ -77,6 +77,10 @@ class Settings(BaseSettings):
     # than 2 contended OpenMP threads (docs/benchmarks.md, serving).
     serving_torch_threads: int | None = Field(None, ge=1)
     serving_cache_dir: Path | None = Field(None, description="Verified adapters; default home.")
+    # Past either bound the least recently used versions no replica holds are deleted (and
+    # fetched again if asked for): enough for many tenants' adapters of ~10-100 MB each.
+    serving_cache_max_adapters: int = Field(256, ge=1)
+    serving_cache_max_gib: float = Field(20.0, gt=0)
     log_level: str = "INFO"
 
     @model_validator(mode="after")
