@@ -53,16 +53,16 @@ def padded(adapter_dir: Path, out: Path, *, rank: int) -> Path:
 # Registration: a config that lies is rejected and never served --------------------------
 
 
-@pytest.mark.parametrize(
-    "case, patch, why",
-    [
-        ("rank-above-max", {"r": 64, "lora_alpha": 128}, "rank 64 exceeds"),
-        ("rank-pattern-above-max", {"rank_pattern": {"q_proj": 64}}, "rank 64 exceeds"),
-        ("other-base", {"base_model_name_or_path": "other-model"}, "trained on base"),
-        ("understated-rank", {}, "declares rank(s) [8] but the weights have rank(s) [16]"),
-        ("not-safetensors", {}, "not a valid safetensors file"),
-    ],
-)
+LYING_CONFIGS = {  # case: (adapter_config.json patch, the rejection reason it must give)
+    "rank-above-max": ({"r": 64, "lora_alpha": 128}, "rank 64 exceeds"),
+    "rank-pattern-above-max": ({"rank_pattern": {"q_proj": 64}}, "rank 64 exceeds"),
+    "other-base": ({"base_model_name_or_path": "other-model"}, "trained on base"),
+    "understated-rank": ({}, "declares rank(s) [8] but the weights have rank(s) [16]"),
+    "not-safetensors": ({}, "not a valid safetensors file"),
+}
+
+
+@pytest.mark.parametrize("case", LYING_CONFIGS)
 def test_a_version_whose_config_lies_is_rejected_and_never_served(
     transformers_gateway: LiveServer,
     serving_settings: Settings,
@@ -70,9 +70,8 @@ def test_a_version_whose_config_lies_is_rejected_and_never_served(
     adapters: dict,
     tmp_path: Path,
     case: str,
-    patch: dict[str, Any],
-    why: str,
 ) -> None:
+    patch, why = LYING_CONFIGS[case]
     source = adapters["a"]
     if case == "understated-rank":
         source = padded(source, tmp_path / "padded", rank=16)
