@@ -368,17 +368,20 @@ def _start(session: Session, settings: Settings, job_id: str, worker: str) -> Cl
     job = session.get(Job, job_id)
     if job is None or job.status in TERMINAL:
         return SKIPPED
-    if job.status == "queued" and job_runs.tenant_at_limit(
-        session, job=job, limit=settings.max_running_jobs_per_tenant
-    ):
-        job.dispatched_at = utcnow()  # the task sends itself again: that is a dispatch
-        session.commit()
-        return DEFERRED
     claim = job_runs.claim(
-        session, job_id=job_id, worker=worker, stale_after=settings.heartbeat_timeout
+        session,
+        job_id=job_id,
+        worker=worker,
+        stale_after=settings.heartbeat_timeout,
+        tenant_limit=settings.max_running_jobs_per_tenant,
     )
     if claim is None:
-        return SKIPPED
+        job = session.get(Job, job_id, populate_existing=True)
+        if job is None or job.status != "queued":
+            return SKIPPED  # finished, cancelled, or alive on another worker
+        job.dispatched_at = utcnow()  # its tenant is at its limit: the task sends itself again
+        session.commit()
+        return DEFERRED
     add_event(session, job_id, f"Fine-tuning job started (attempt {claim.attempt})")
     session.commit()
     return claim

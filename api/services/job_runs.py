@@ -12,10 +12,12 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import and_, func, or_, update
+from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
 from api.db import aware, utcnow
 from api.models.jobs import Job, JobCheckpoint
+from api.models.tenants import Tenant
 from api.services.jobs import add_event
 
 
@@ -30,29 +32,28 @@ class LeaseLost(Exception):
     """The job was cancelled or handed to another worker while this one ran it."""
 
 
-def tenant_at_limit(session: Session, *, job: Job, limit: int) -> bool:
-    running = session.exec(
-        select(func.count())
-        .select_from(Job)
-        .where(Job.tenant_id == job.tenant_id, Job.status == "running", Job.id != job.id)
-    ).one()
-    return int(running) >= limit
-
-
-def claim(session: Session, *, job_id: str, worker: str, stale_after: float) -> Claim | None:
+def claim(
+    session: Session,
+    *,
+    job_id: str,
+    worker: str,
+    stale_after: float,
+    tenant_limit: int | None = None,
+) -> Claim | None:
     """Take the job if it is queued (or running with a dead worker); None if it is not ours
-    to run: finished, cancelled, or alive on another worker."""
+    to run: finished, cancelled, alive on another worker, or (queued) its tenant already
+    runs `tenant_limit` jobs."""
     now = utcnow()
     lease = secrets.token_hex(8)
     stale = now - timedelta(seconds=stale_after)
+    queued = col(Job.status) == "queued"
+    if tenant_limit is not None:
+        queued = and_(queued, _running_for_tenant(session, job_id) < tenant_limit)
     result = session.execute(
         update(Job)
         .where(
             col(Job.id) == job_id,
-            or_(
-                col(Job.status) == "queued",
-                and_(col(Job.status) == "running", col(Job.heartbeat_at) < stale),
-            ),
+            or_(queued, and_(col(Job.status) == "running", col(Job.heartbeat_at) < stale)),
         )
         .values(
             status="running",
@@ -69,6 +70,23 @@ def claim(session: Session, *, job_id: str, worker: str, stale_after: float) -> 
     job = session.get(Job, job_id, populate_existing=True)
     assert job is not None
     return Claim(job_id=job_id, lease=lease, attempt=job.attempts)
+
+
+def _running_for_tenant(session: Session, job_id: str) -> Any:
+    """The count of the job's tenant's other running jobs, as a subquery of the claim.
+
+    Claims of one tenant's jobs take turns on PostgreSQL (the tenant row's lock, held to the
+    claim's commit); SQLite runs the one UPDATE alone. So two workers cannot both see room.
+    """
+    tenant_id = session.exec(select(Job.tenant_id).where(Job.id == job_id)).first()
+    session.exec(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update()).all()
+    other = aliased(Job)  # not correlated with the UPDATE's own row
+    return (
+        select(func.count())
+        .select_from(other)
+        .where(other.tenant_id == tenant_id, other.status == "running", other.id != job_id)
+        .scalar_subquery()
+    )
 
 
 def heartbeat(session: Session, claim: Claim, **values: Any) -> None:

@@ -16,8 +16,8 @@ from api.settings import Settings
 from tests.conftest import new_tenant
 
 
-def make_job(settings: Settings, **values: object) -> str:
-    tenant_id, _ = new_tenant(settings)
+def make_job(settings: Settings, *, tenant_id: str | None = None, **values: object) -> str:
+    tenant_id = tenant_id or new_tenant(settings)[0]
     with Session(get_engine(settings.database_url)) as s:
         fields: dict = {"status": "queued", **values}
         job = Job(
@@ -39,6 +39,24 @@ def test_only_one_worker_can_claim_a_job(settings: Settings, session: Session) -
     first = job_runs.claim(session, job_id=job_id, worker="a", stale_after=60)
     assert first is not None and first.attempt == 1
     assert job_runs.claim(session, job_id=job_id, worker="b", stale_after=60) is None
+
+
+def test_a_claim_leaves_a_job_queued_while_its_tenant_is_at_its_limit(
+    settings: Settings, session: Session
+) -> None:
+    first = make_job(settings)
+    tenant_id = session.get(Job, first).tenant_id  # type: ignore[union-attr]
+    second = make_job(settings, tenant_id=tenant_id)
+    other_tenant = make_job(settings)
+    claim = job_runs.claim(session, job_id=first, worker="a", stale_after=60, tenant_limit=1)
+    assert claim is not None
+    assert (
+        job_runs.claim(session, job_id=second, worker="b", stale_after=60, tenant_limit=1) is None
+    )
+    assert session.get(Job, second, populate_existing=True).status == "queued"  # type: ignore[union-attr]
+    assert job_runs.claim(session, job_id=other_tenant, worker="b", stale_after=60, tenant_limit=1)
+    job_runs.fail(session, claim, code="x", message="done with it")
+    assert job_runs.claim(session, job_id=second, worker="b", stale_after=60, tenant_limit=1)
 
 
 def test_a_dead_workers_job_can_be_claimed_and_the_old_lease_is_void(
