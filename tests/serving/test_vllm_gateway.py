@@ -303,7 +303,14 @@ def test_a_killed_replica_is_routed_around_then_503_then_recovered(
     replicas[1].start()
     engine = gateway.app.state.gateway.engine
     wait_for(lambda: all(r.healthy for r in engine.replicas), timeout=240, what="second replica")
-    replicas[0].kill()
+    # Killed under load: every request in flight or arriving is answered by the other one.
+    with ThreadPoolExecutor(8) as pool:
+        inflight = [pool.submit(chat, gateway.url, key, "helper", QUESTIONS[0]) for _ in range(16)]
+        time.sleep(0.3)
+        replicas[0].kill()
+        under_kill = [f.result() for f in inflight]
+    assert [r.status_code for r in under_kill] == [200] * 16, [r.text for r in under_kill]
+    assert {answer(r) for r in under_kill} == {expected}
     # The dead replica is noticed on the first failed call (or probe) and skipped.
     assert answer(chat(gateway.url, key, "helper", QUESTIONS[0])) == expected
     replicas[1].kill()
