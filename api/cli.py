@@ -38,6 +38,25 @@ def _uvicorn_log_config() -> dict[str, Any]:
     return uvicorn_log_config()
 
 
+def _exit_if_engine_still_building() -> None:
+    """Stopped while the serving engine was still being built (the base model converting or
+    loading in torch, in a daemon thread): everything else is shut down, so leave at once.
+    Finalising the interpreter under that thread aborts in C++ ("terminate called without an
+    active exception", exit -6). The conversion writes atomically, so nothing is left half."""
+    import logging
+    import sys
+    import threading
+
+    from serving.app import ENGINE_BUILD_THREAD
+
+    if any(t.name == ENGINE_BUILD_THREAD and t.is_alive() for t in threading.enumerate()):
+        logging.getLogger(__name__).info("stopped while the serving engine was still loading")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(1)
@@ -171,13 +190,16 @@ def serve(host: HostOpt = "127.0.0.1", port: PortOpt = 8001) -> None:
     # started), then re-raises the signal to the previous handler: exit normally there.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sys.exit(0))
-    uvicorn.run(
-        create_gateway_app(settings),
-        host=host,
-        port=port,
-        log_config=_uvicorn_log_config(),
-        log_level=settings.log_level.lower(),
-    )
+    try:
+        uvicorn.run(
+            create_gateway_app(settings),
+            host=host,
+            port=port,
+            log_config=_uvicorn_log_config(),
+            log_level=settings.log_level.lower(),
+        )
+    finally:
+        _exit_if_engine_still_building()
 
 
 @app.command()
@@ -228,6 +250,7 @@ def up(host: HostOpt = "127.0.0.1", port: PortOpt = 8000) -> None:
         )
     finally:
         _stop_child()
+        _exit_if_engine_still_building()
 
 
 @app.command()

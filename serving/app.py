@@ -37,6 +37,7 @@ from serving.setup import EngineSetup, build_engine
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["serving"])
 T = TypeVar("T")
+ENGINE_BUILD_THREAD = "serving-engine-build"
 
 
 def get_gateway(request: Request) -> Gateway:
@@ -213,7 +214,7 @@ async def in_daemon_thread(fn: Callable[[], T]) -> T:
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
             loop.call_soon_threadsafe(settle, *outcome)
 
-    threading.Thread(target=target, name="serving-engine-build", daemon=True).start()
+    threading.Thread(target=target, name=ENGINE_BUILD_THREAD, daemon=True).start()
     return await future
 
 
