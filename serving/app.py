@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CollectorRegistry
 
 from api.deps import SessionDep, TenantDep
-from api.errors import install_error_handlers
+from api.errors import ErrorResponse, install_error_handlers
 from api.settings import Settings, get_settings
 from api.storage import ArtifactStore
 from serving.cache import AdapterCache
@@ -51,14 +51,38 @@ def get_gateway(request: Request) -> Gateway:
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 
 
-@router.post("/chat/completions", response_model=None)
+def _serving_responses(kind: str) -> dict[int | str, dict[str, Any]]:
+    """What a completion route answers, for /openapi.json (api.openapi adds 400/401/413)."""
+    return {
+        200: {
+            "description": f"The {kind}; with `stream: true`, server-sent events ending in "
+            "`data: [DONE]`, usage in the last chunk when `stream_options.include_usage`.",
+            "content": {"application/json": {}, "text/event-stream": {}},
+        },
+        404: {"model": ErrorResponse, "description": "No such model for this key (`model`)."},
+        500: {
+            "model": ErrorResponse,
+            "description": "The adapter's stored files failed their integrity check "
+            "(`adapter_integrity_error`, not retried), or the engine failed.",
+        },
+        503: {
+            "model": ErrorResponse,
+            "description": "No replica can take the request now; retry after `Retry-After`.",
+            "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+        },
+    }
+
+
+@router.post(
+    "/chat/completions", response_model=None, responses=_serving_responses("chat completion")
+)
 async def chat_completions(
     body: ChatCompletionRequest, tenant_id: TenantDep, session: SessionDep, gateway: GatewayDep
 ) -> JSONResponse | StreamingResponse:
     return await gateway.handle(endpoint="chat", body=body, session=session, tenant_id=tenant_id)
 
 
-@router.post("/completions", response_model=None)
+@router.post("/completions", response_model=None, responses=_serving_responses("completion"))
 async def completions(
     body: CompletionRequest, tenant_id: TenantDep, session: SessionDep, gateway: GatewayDep
 ) -> JSONResponse | StreamingResponse:
