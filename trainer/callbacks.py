@@ -113,11 +113,14 @@ class CheckpointCallback(TrainerCallback):
 
 
 class CancelCallback(TrainerCallback):
-    """Asks `should_cancel` after every optimizer step; stops the loop on the first yes."""
+    """Asks `should_cancel` after every optimizer step and stops the loop on the first yes;
+    asks `should_pause` too, which stops it after saving a checkpoint of that step."""
 
-    def __init__(self, should_cancel: CancelFn | None) -> None:
+    def __init__(self, should_cancel: CancelFn | None, should_pause: CancelFn | None = None):
         self.should_cancel = should_cancel
+        self.should_pause = should_pause
         self.cancelled_at: int | None = None
+        self.paused_at: int | None = None
 
     def on_step_end(
         self, args: Any, state: TrainerState, control: TrainerControl, **kw: Any
@@ -126,6 +129,14 @@ class CancelCallback(TrainerCallback):
             self.cancelled_at = state.global_step
             control.should_training_stop = True
             control.should_save = False  # a cancelled run is not worth a checkpoint
+        elif (
+            self.should_pause is not None
+            and state.global_step < state.max_steps  # the last step: finish instead
+            and self.should_pause()
+        ):
+            self.paused_at = state.global_step
+            control.should_training_stop = True
+            control.should_save = True  # saved (and on_save called) before the loop stops
 
 
 class EarlyStopping(TrainerCallback):

@@ -6,7 +6,9 @@
     ├── BaseModelError        a base model name/path cannot be resolved or converted
     ├── CheckpointError       a checkpoint to resume from is missing or belongs to another run
     ├── TrainingFailed        training itself broke (e.g. wrong-gradient kernels, NaN loss)
-    └── TrainingCancelled     the caller's `should_cancel` asked to stop (`step`: last step done)
+    ├── TrainingCancelled     the caller's `should_cancel` asked to stop (`step`: last step done)
+    └── TrainingPaused        the caller's `should_pause` asked to stop; a checkpoint of `step`
+                              was saved (and handed to `on_checkpoint`) to resume from
 
 Every error is raised before a model is loaded where that is possible (config, data, base).
 """
@@ -51,4 +53,12 @@ class TrainingCancelled(TrainerError):
 
     def __init__(self, step: int) -> None:
         super().__init__(f"training cancelled after step {step}")
+        self.step = step
+
+
+class TrainingPaused(TrainerError):
+    """Stopped at the caller's request after checkpointing `step`: resume from it later."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"training paused after step {step}, checkpointed")
         self.step = step

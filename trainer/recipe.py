@@ -35,7 +35,7 @@ from trainer.callbacks import (
 )
 from trainer.config import Hyperparameters, TrainConfig
 from trainer.data import packed_row_length, prepare_inputs, tokenize_examples
-from trainer.errors import CheckpointError, TrainingCancelled, TrainingFailed
+from trainer.errors import CheckpointError, TrainingCancelled, TrainingFailed, TrainingPaused
 from trainer.evaluate import measure, probe_as_served
 from trainer.modeling import RuntimePlan, add_lora, choose_plan, load_base_model, load_tokenizer
 from trainer.outputs import build_metrics, write_outputs
@@ -73,13 +73,15 @@ def train(
     on_progress: ProgressFn | None = None,
     on_checkpoint: CheckpointFn | None = None,
     should_cancel: CancelFn | None = None,
+    should_pause: CancelFn | None = None,
     resume_from: Path | None = None,
 ) -> TrainResult:
     """Fine-tune `config.base_model` on `data_path`; write the adapter and metrics to `out_dir`.
 
     `on_progress` gets a `Progress` after every step; `on_checkpoint` gets each `Checkpoint`
     (every `config.checkpoint_interval` steps) and should copy it away before returning;
-    `should_cancel` is asked after every step (True -> `TrainingCancelled`). `resume_from`
+    `should_cancel` is asked after every step (True -> `TrainingCancelled`); so is
+    `should_pause` (True -> a checkpoint of that step, then `TrainingPaused`). `resume_from`
     is a checkpoint directory from the same config and data: the run continues at its step.
     Bad input and the known failure modes raise `TrainerError` subclasses (trainer/errors.py).
     """
@@ -105,7 +107,7 @@ def train(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     progress = ProgressCallback(on_progress)
-    cancel = CancelCallback(should_cancel)
+    cancel = CancelCallback(should_cancel, should_pause)
     stopper = EarlyStopping(config.early_stopping_patience or 0)
     packed_length = packed_row_length(
         [train_data, valid_data],
@@ -144,6 +146,8 @@ def train(
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if cancel.cancelled_at is not None:
         raise TrainingCancelled(cancel.cancelled_at)
+    if cancel.paused_at is not None:
+        raise TrainingPaused(cancel.paused_at)
     after = measure(trainer, tokenizer, inputs, probe_size=config.probe_size)
 
     # The base is named, not a path: skip peft's embedding check (LoRA never touches them).

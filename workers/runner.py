@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Outcomes of `run_training_job`, for the task and for logs.
-DONE, SKIPPED, DEFERRED, LOST = "done", "skipped", "deferred", "lost"
+DONE, SKIPPED, DEFERRED, LOST, HANDED_BACK = "done", "skipped", "deferred", "lost", "handed back"
 EVENTS_PER_RUN = 50  # metrics events per run, whatever its length
 CANCEL_POLL_SECONDS = 0.25
 # Waits before retrying work whose database connection dropped: a few seconds in all,
@@ -51,9 +51,12 @@ T = TypeVar("T")
 class JobContext:
     """What the trainer's callbacks need: the claim, a session of their own, the store."""
 
-    def __init__(self, settings: Settings, claim: Claim) -> None:
+    def __init__(
+        self, settings: Settings, claim: Claim, *, stopping: threading.Event | None = None
+    ) -> None:
         self.settings = settings
         self.claim = claim
+        self.stopping = stopping or threading.Event()
         self.store = ArtifactStore(settings.storage_url)
         self.session = Session(get_engine(settings.database_url), expire_on_commit=False)
         self.lost = threading.Event()
@@ -111,6 +114,11 @@ class JobContext:
             self._last_poll = now
             self.beat()
         return self.lost.is_set()
+
+    def should_pause(self) -> bool:
+        """Asked after every step: the worker is stopping (a deploy, a scale-down), so
+        checkpoint now and hand the job back rather than make the stop wait for the run."""
+        return self.stopping.is_set()
 
     def on_progress(self, p: Progress) -> None:
         every = max(1, p.total_steps // EVENTS_PER_RUN)
@@ -217,6 +225,7 @@ def _train(job: Job, ctx: JobContext, *, workdir: Path) -> TrainResult:
         on_progress=ctx.on_progress,
         on_checkpoint=ctx.on_checkpoint,
         should_cancel=ctx.should_cancel,
+        should_pause=ctx.should_pause,
         resume_from=resume,
     )
 
@@ -387,9 +396,24 @@ def _start(session: Session, settings: Settings, job_id: str, worker: str) -> Cl
     return claim
 
 
-def run_training_job(job_id: str, *, settings: Settings, worker: str) -> str:
-    """Run one job if it is ours to run; returns DONE, SKIPPED, DEFERRED or LOST."""
-    from trainer.errors import TrainingCancelled
+def _hand_back(ctx: JobContext, *, step: int) -> str:
+    from workers.celery_app import enqueue_training
+
+    try:
+        queue = ctx.transaction(lambda session: job_runs.hand_back(session, ctx.claim, step=step))
+    except LeaseLost:
+        return LOST  # cancelled meanwhile: nothing to hand back
+    enqueue_training(ctx.settings, ctx.claim.job_id, queue=queue)
+    log.info("job %s handed back after step %d: the worker is stopping", ctx.claim.job_id, step)
+    return HANDED_BACK
+
+
+def run_training_job(
+    job_id: str, *, settings: Settings, worker: str, stopping: threading.Event | None = None
+) -> str:
+    """Run one job if it is ours to run; returns DONE, SKIPPED, DEFERRED, LOST or
+    HANDED_BACK (`stopping` was set: checkpointed, queued again to resume elsewhere)."""
+    from trainer.errors import TrainingCancelled, TrainingPaused
 
     with Session(get_engine(settings.database_url), expire_on_commit=False) as session:
         claim = _start(session, settings, job_id, worker)
@@ -399,11 +423,13 @@ def run_training_job(job_id: str, *, settings: Settings, worker: str) -> str:
         assert job is not None
     workdir = settings.home / "work" / job_id
     workdir.mkdir(parents=True, exist_ok=True)
-    with JobContext(settings, claim) as ctx:
+    with JobContext(settings, claim, stopping=stopping) as ctx:
         try:
             result = _train(job, ctx, workdir=workdir)
             _succeed(job_id, ctx, result)
             return DONE
+        except TrainingPaused as e:
+            return _hand_back(ctx, step=e.step)
         except (TrainingCancelled, LeaseLost):
             log.info("job %s stopped: cancelled or handed to another worker", job_id)
             return LOST

@@ -39,7 +39,9 @@ def train_job(self: Task, job_id: str) -> str:
         raise Reject("the worker is stopping", requeue=True)
     worker = f"{socket.gethostname()}:{os.getpid()}"
     try:
-        outcome = run_training_job(job_id, settings=get_settings(), worker=worker)
+        outcome = run_training_job(
+            job_id, settings=get_settings(), worker=worker, stopping=STOPPING
+        )
     except Exception as e:
         if connection_lost(e):  # before the job was ours to run: try again shortly
             raise self.retry(countdown=DEFER_SECONDS, exc=e) from e

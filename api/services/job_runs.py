@@ -148,6 +148,24 @@ def fail(
     session.commit()
 
 
+def hand_back(session: Session, claim: Claim, *, step: int) -> str:
+    """A stopping worker returns the job it runs, checkpointed at `step`: queued again (to
+    resume from that checkpoint), and the attempt not counted against it. Returns its queue.
+    LeaseLost if the job is no longer this worker's."""
+    job = owned_job(session, claim)
+    job.status, job.lease, job.worker = "queued", None, None
+    job.attempts = max(0, job.attempts - 1)
+    job.dispatched_at = utcnow()
+    add_event(
+        session,
+        job.id,
+        f"Worker stopping: job handed back after step {step}; it resumes from that checkpoint",
+        level="warn",
+    )
+    session.commit()
+    return job.queue
+
+
 def requeue_or_fail_stale(session: Session, *, stale_after: float, max_attempts: int) -> list[str]:
     """Jobs whose worker stopped heartbeating: re-queue (to resume) or fail. Returns the ids
     re-queued; `take_due_for_dispatch` hands them out to be sent again."""

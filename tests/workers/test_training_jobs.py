@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import signal
 import time
 
 import openai
@@ -174,3 +175,40 @@ def test_per_tenant_limit_keeps_the_second_job_queued(sdk, start_worker, setting
         spans.append((min(started), done.finished_at))
     first, second = sorted(spans)
     assert second[0] >= first[1] - 1  # the second started only once the first had finished
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_sigterm_checkpoints_and_hands_the_job_back(sdk, start_worker, settings) -> None:
+    """A deploy stops a worker mid-run: it checkpoints at once and exits, the job waits
+    queued, and the next worker resumes it from that very step."""
+    first = start_worker()
+    job = sdk.fine_tuning.jobs.create(
+        model=TINY,
+        training_file=upload(sdk),
+        method=hp(n_epochs=30, batch_size=1, method="lora", checkpoint_interval=100_000),
+    )
+    deadline = time.monotonic() + 120
+    while _last_step(sdk, job.id) < 5:
+        assert time.monotonic() < deadline, "training never got going"
+        time.sleep(0.2)
+    first.proc.send_signal(signal.SIGTERM)  # celery's warm shutdown, as systemd or docker do
+    first.proc.wait(60)
+    assert first.proc.returncode == 0
+    handed = sdk.fine_tuning.jobs.retrieve(job.id)
+    assert handed.status == "queued"
+    messages = [e.message for e in sdk.fine_tuning.jobs.list_events(job.id, limit=1000)]
+    back = [m for m in messages if m.startswith("Worker stopping: job handed back after step")]
+    assert len(back) == 1
+    step = int(back[0].split("after step ")[1].split(";")[0])
+    events = sdk.fine_tuning.jobs.list_events(job.id, limit=100)
+    total = next(e.data["total_steps"] for e in events if e.type == "metrics")
+    assert 5 <= step < total // 2  # stopped at once, not at the end of the run
+    assert [c.step_number for c in sdk.fine_tuning.jobs.checkpoints.list(job.id)] == [step]
+
+    start_worker()
+    done = wait_for_status(sdk, job.id, {"succeeded", "failed", "cancelled"}, timeout=300)
+    assert done.status == "succeeded", done.error
+    assert done.model_extra["attempts"] == 1  # a hand-back is not a failed attempt
+    messages = [e.message for e in sdk.fine_tuning.jobs.list_events(job.id, limit=1000)]
+    assert f"Resuming from checkpoint at step {step}" in messages
+    assert len(versions(settings, job.id)) == 1
