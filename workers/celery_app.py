@@ -1,7 +1,8 @@
 """The Celery app, built from the settings: broker, queues, one training task per worker.
 
-The embedded default uses kombu's filesystem transport (no broker server): folders under
-`LORAPLEX_HOME/broker`. Production uses Redis or RabbitMQ.
+The embedded default uses kombu's filesystem transport (no broker server), made safe for
+concurrent processes in `workers.broker_fs`: folders under `LORAPLEX_HOME/broker`.
+Production uses Redis or RabbitMQ.
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ def make_celery(settings: Settings) -> Celery:
         worker_send_task_events=False,
         enable_utc=True,
     )
+    if settings.broker_url.startswith("filesystem"):
+        from workers.broker_fs import TRANSPORT
+
+        app.conf.broker_transport = TRANSPORT  # kombu's, with atomic writes
     return app
 
 
