@@ -210,10 +210,11 @@ def up(host: HostOpt = "127.0.0.1", port: PortOpt = 8000) -> None:
     SIGTERM or Ctrl-C stops every child: uvicorn's shutdown stops the gateway's replicas.
     """
     import signal
-    import subprocess
     import sys
 
     import uvicorn
+
+    from api.worker_process import WorkerProcess
 
     _upgrade()
     settings = get_settings()
@@ -224,15 +225,7 @@ def up(host: HostOpt = "127.0.0.1", port: PortOpt = 8000) -> None:
         if os.path.exists(loraplex)
         else [sys.executable, "-m", "api.cli", "worker"]
     )
-    child = subprocess.Popen(worker_cmd, start_new_session=True)
-
-    def _stop_child() -> None:
-        if child.poll() is None:
-            os.killpg(child.pid, signal.SIGTERM)
-            try:
-                child.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(child.pid, signal.SIGKILL)
+    worker = WorkerProcess(worker_cmd)  # restarted if it dies on its own
 
     # uvicorn shuts down cleanly on SIGTERM/SIGINT, then re-raises the signal to the handler
     # that was there before it: this one, which exits normally so the worker is stopped too.
@@ -249,7 +242,7 @@ def up(host: HostOpt = "127.0.0.1", port: PortOpt = 8000) -> None:
             log_level=settings.log_level.lower(),
         )
     finally:
-        _stop_child()
+        worker.stop()
         _exit_if_engine_still_building()
 
 

@@ -162,3 +162,43 @@ def test_jobs_queued_when_up_stops_finish_once_after_it_starts_again(
             assert dict(started)[job_id] == 1 + dict(handed_back).get(job_id, 0)
     finally:
         assert _stop(proc) == 0
+
+
+def _worker_pids(up_pid: int) -> set[int]:
+    return {
+        pid
+        for pid in _children(up_pid)
+        if "worker" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    }
+
+
+def test_a_worker_that_dies_is_started_again(tmp_path: Path, tiny_llama: Path) -> None:
+    up = Up(
+        tmp_path,
+        tiny_llama,
+        OMP_NUM_THREADS="1",
+        LORAPLEX_BASE_MODEL=TINY,
+        LORAPLEX_SERVING_ENGINE="transformers",
+    )
+    proc = up.start("up.log")
+    try:
+        deadline = time.monotonic() + 30
+        while not (first := _worker_pids(proc.pid)):
+            assert time.monotonic() < deadline, "no worker child"
+            time.sleep(0.2)
+        killed = first.pop()
+        os.kill(killed, signal.SIGKILL)  # as the kernel's OOM killer would
+        deadline = time.monotonic() + 30
+        while not (_worker_pids(proc.pid) - {killed}):
+            assert time.monotonic() < deadline, "the worker was not started again"
+            time.sleep(0.2)
+        assert "the worker exited (code -9); starting it again" in (tmp_path / "up.log").read_text()
+        sdk = up.sdk()
+        file_id = sdk.files.create(file=("t.jsonl", tiny_dataset()), purpose="fine-tune").id
+        job = sdk.fine_tuning.jobs.create(
+            model=TINY, training_file=file_id, hyperparameters={"n_epochs": 2, "batch_size": 4}
+        )
+        done = wait_for_status(sdk, job.id, {"succeeded", "failed"}, timeout=180)
+        assert done.status == "succeeded", done.error
+    finally:
+        assert _stop(proc) == 0
