@@ -165,11 +165,15 @@ def test_jobs_queued_when_up_stops_finish_once_after_it_starts_again(
 
 
 def _worker_pids(up_pid: int) -> set[int]:
-    return {
-        pid
-        for pid in _children(up_pid)
-        if "worker" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-    }
+    pids = set()
+    for pid in _children(up_pid):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except FileNotFoundError:  # gone between pgrep and now
+            continue
+        if "worker" in command:
+            pids.add(pid)
+    return pids
 
 
 def test_a_worker_that_dies_is_started_again(tmp_path: Path, tiny_llama: Path) -> None:
