@@ -59,8 +59,9 @@ def test_an_unreadable_message_file_is_dropped_not_fatal(tmp_path: Path) -> None
     folder = tmp_path / "queue"
     folder.mkdir()
     # A queue name of its own: kombu caches declared bindings per process.
-    (folder / "1_left-by-a-crash.other.msg").write_bytes(b"")  # sorts before any real one
-    (folder / "2_half-written.other.msg").write_bytes(b'{"body": "eyJ')
+    # Names starting "0": before any real one ({ms since boot}_...) in the consumer's order.
+    (folder / "0_left-by-a-crash.other.msg").write_bytes(b"")
+    (folder / "00_half-written.other.msg").write_bytes(b'{"body": "eyJ')
     with Connection("filesystem://", transport=TRANSPORT, transport_options=_options(folder)) as c:
         q = c.SimpleQueue("other")
         q.put({"i": 1})
