@@ -12,10 +12,12 @@ import logging
 import re
 from typing import Any
 
+from api.services.tenants import KEY_PREFIX
+
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # An API key (api.services.tenants.KEY_PREFIX + url-safe base64). Four characters stay:
 # enough to tell keys apart in a log, far less than the public prefix admin listings show.
-KEY_PATTERN = re.compile(r"(lpx-[A-Za-z0-9_-]{4})[A-Za-z0-9_-]{8,}")
+KEY_PATTERN = re.compile(rf"({re.escape(KEY_PREFIX)}[A-Za-z0-9_-]{{4}})[A-Za-z0-9_-]{{8,}}")
 
 
 def redact(text: str) -> str:

@@ -26,7 +26,6 @@ class WorkerProcess:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self.proc = self._spawn()
-        self.restarts = 0
         threading.Thread(target=self._watch, name="worker-watch", daemon=True).start()
 
     def _spawn(self) -> subprocess.Popen[bytes]:
@@ -48,7 +47,6 @@ class WorkerProcess:
                 if self._stopping.is_set():
                     return
                 self.proc = self._spawn()
-                self.restarts += 1
             delay = min(delay * 2, MAX_DELAY)
 
     def stop(self, timeout: float = 30.0) -> None:

@@ -8,10 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,52 +17,29 @@ from fastapi.testclient import TestClient
 
 from api.main import create_app
 from api.settings import Settings
-from tests.api.test_cli import LORAPLEX, run_cli
+from tests.api.load_driver import ApiProcess
+from tests.api.test_cli import run_cli
 from tests.conftest import bearer
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _admin_key(tmp_path: Path, db_url: str) -> str:
+    made = run_cli("admin", "create-key", "--admin", home=tmp_path / "home", db_url=db_url)
+    return str(json.loads(made.stdout)["api_key"])
 
 
 @pytest.fixture
 def api_process(tmp_path: Path, db_url: str) -> Iterator[tuple[str, Path]]:
     """`loraplex api` at DEBUG; yields (base url, its log file)."""
-    port, log = _free_port(), tmp_path / "api.log"
-    env = {
-        **os.environ,
-        "LORAPLEX_HOME": str(tmp_path / "home"),
-        "LORAPLEX_DATABASE_URL": db_url,
-        "LORAPLEX_LOG_LEVEL": "DEBUG",
-    }
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [LORAPLEX, "api", "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/healthz").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert proc.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, log.read_text()
-        time.sleep(0.2)
-    yield url, log
-    proc.terminate()
-    proc.wait(20)
+    api = ApiProcess(tmp_path / "home", db_url, extra_env={"LORAPLEX_LOG_LEVEL": "DEBUG"})
+    yield api.url, api.log
+    api.stop()
 
 
 def test_keys_are_shown_once_and_never_logged_stored_or_returned(
     api_process: tuple[str, Path], tmp_path: Path, db_url: str
 ) -> None:
     url, log = api_process
-    made = run_cli("admin", "create-key", "--admin", home=tmp_path / "home", db_url=db_url)
-    admin = json.loads(made.stdout)["api_key"]
+    admin = _admin_key(tmp_path, db_url)
     http = httpx.Client(base_url=url, timeout=30)
 
     tenant = http.post("/v1/admin/tenants", json={"name": "acme"}, headers=bearer(admin)).json()
@@ -106,9 +79,7 @@ def test_a_revoked_key_is_refused_at_once_by_every_process(
     url, _ = api_process
     made = run_cli("admin", "create-tenant", "acme", home=tmp_path / "home", db_url=db_url)
     raw = json.loads(made.stdout)["api_key"]
-    admin = json.loads(
-        run_cli("admin", "create-key", "--admin", home=tmp_path / "home", db_url=db_url).stdout
-    )["api_key"]
+    admin = _admin_key(tmp_path, db_url)
     settings = Settings(home=tmp_path / "home", database_url=db_url)
     with TestClient(create_app(settings)) as other, httpx.Client(base_url=url) as http:
         assert other.get("/v1/models", headers=bearer(raw)).status_code == 200
