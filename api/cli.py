@@ -145,12 +145,14 @@ def worker(
 
     from workers.celery_app import celery_for
     from workers.tasks import start_reaper
+    from workers.watchdog import fail_hung_jobs
 
     _upgrade()
     settings = get_settings()
     if queues:
         settings = settings.model_copy(update={"worker_queues": queues})
     _configure_logging(settings.log_level)
+    fail_hung_jobs(settings)  # before taking work: a hung job must not hang this run too
 
     @worker_ready.connect(weak=False)
     def _ready(**_: object) -> None:

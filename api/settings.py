@@ -43,6 +43,11 @@ class Settings(BaseSettings):
     redispatch_after: float = Field(300.0, gt=0)
     max_job_attempts: int = Field(3, ge=1, description="Runs before a lost job is failed.")
     max_running_jobs_per_tenant: int = Field(2, ge=1)
+    # Longest training example a job may ask for: the served base's context (SmolLM2: 8192).
+    max_train_seq_length: int = Field(8192, ge=16)
+    # Intermediate checkpoints a job keeps (with optimizer state, ~30x the adapter); older
+    # ones are deleted as new ones land. Resuming needs only the last.
+    keep_checkpoints: int = Field(3, ge=1)
     # Longer than any training run, or Redis redelivers a long job while it still runs.
     broker_visibility_timeout: int = Field(7 * 24 * 3600, gt=0)
     broker_polling_interval: float = Field(0.1, gt=0)
@@ -81,6 +86,38 @@ class Settings(BaseSettings):
     # fetched again if asked for): enough for many tenants' adapters of ~10-100 MB each.
     serving_cache_max_adapters: int = Field(256, ge=1)
     serving_cache_max_gib: float = Field(20.0, gt=0)
+    # Per-tenant rate limits and quotas: what every tenant gets unless an admin overrides it
+    # (PATCH /v1/admin/tenants/{id}/limits). 0 means unlimited. Off: no serving limiter at all.
+    rate_limits_enabled: bool = True
+    # OpenAI's tier-1 figures for its small models: ample for one application, while no
+    # single tenant can keep a shared engine's batches full for long.
+    tenant_requests_per_minute: int = Field(600, ge=0)
+    tenant_tokens_per_minute: int = Field(200_000, ge=0)  # prompt + completion
+    # Gateway processes the traffic is balanced over: each enforces 1/N of a serving limit
+    # (the limiter is in-process; serving/ratelimit.py says why).
+    rate_limit_gateways: int = Field(1, ge=1)
+    # How long a gateway trusts its copy of a tenant's limits: an admin change lands within.
+    rate_limit_refresh_seconds: float = Field(5.0, gt=0)
+    # OpenAI's fine-tuning limit; a job holds a GPU for hours, so dozens a day is plenty.
+    tenant_jobs_per_day: int = Field(48, ge=0)
+    # ~4 GPU-days of QLoRA on a 7-8B base (~3k tokens/s) a month.
+    tenant_training_tokens_per_month: int = Field(1_000_000_000, ge=0)
+    # A tenant's backlog: enough for a sweep, not enough to bury the queue.
+    max_queued_jobs_per_tenant: int = Field(20, ge=0)
+    # Serving bounds (hostile tenants): checked in the gateway before anything is generated;
+    # over them, a 400 naming the parameter. Rows one completion request may ask for
+    # (prompts x n): 64 is 8 full batches of the default size, far above what chat needs.
+    serving_max_rows_per_request: int = Field(64, ge=1)
+    # UTF-8 bytes of all prompts (or message contents) of one request: tokenizing 1 MiB takes
+    # ~1 s here, and it is far above any served context (8k tokens x ~4 bytes each).
+    serving_max_prompt_bytes: int = Field(1 * MiB, ge=1)
+    # Upload bounds and storage quota (hostile tenants)
+    # Seconds a request body may go without a byte: a client that stalls mid-body gets 408 and
+    # loses the connection, instead of holding its request (and memory) for as long as it likes.
+    body_idle_timeout: float = Field(30.0, gt=0)
+    # A tenant's files and adapter versions together: room for dozens of 512 MiB datasets and
+    # hundreds of 7B-base adapters, while no tenant can fill the shared artifact store.
+    tenant_storage_quota_bytes: int = Field(10 * 1024 * MiB, ge=0)
     log_level: str = "INFO"
 
     @model_validator(mode="after")

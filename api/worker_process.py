@@ -15,6 +15,8 @@ import subprocess
 import threading
 import time
 
+from api.children import die_with_parent
+
 log = logging.getLogger(__name__)
 FIRST_DELAY, MAX_DELAY = 1.0, 60.0
 STABLE_AFTER = 60.0  # up this long: the next death starts the pauses over
@@ -29,7 +31,8 @@ class WorkerProcess:
         threading.Thread(target=self._watch, name="worker-watch", daemon=True).start()
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(self.command, start_new_session=True)
+        # Spawned by the main thread or the watch thread, both as long-lived as `up`.
+        return subprocess.Popen(self.command, start_new_session=True, preexec_fn=die_with_parent())
 
     def _watch(self) -> None:
         delay = FIRST_DELAY

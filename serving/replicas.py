@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from api.children import die_with_parent
 from api.settings import Settings
 
 # vLLM accepts only these --max-lora-rank values; a configured rank is rounded up to one.
@@ -79,9 +80,10 @@ class ReplicaProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             # Its own session: a signal to the gateway's group does not hit the replica twice.
+            # Started on the event loop's thread, which lives as long as the gateway.
             self.proc = subprocess.Popen(
                 self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
+                start_new_session=True, preexec_fn=die_with_parent(),
             )  # fmt: skip
 
     def alive(self) -> bool:

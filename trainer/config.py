@@ -13,10 +13,17 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from trainer.errors import ConfigError
@@ -34,7 +41,19 @@ AUTO_MIN_EPOCHS, AUTO_MAX_EPOCHS = 3, 25  # 3 = OpenAI's default for large datas
 AUTO_MAX_BATCH_SIZE = 8
 AUTO_SMALL_DATASET = 2000  # up to here lr 1e-3 (multiplier 5); above it, the paper's 2e-4
 
+# Bounds a tenant cannot pass, whatever the operator's settings (those can only be tighter).
+MAX_LORA_RANK = 256
+MAX_SEQ_LENGTH = 131_072  # the longest contexts of today's open bases
+MAX_TARGET_MODULES = 64
+MAX_PROBE_SIZE = 200
+
 Auto = Literal["auto"]
+# A module name or a dotted suffix of one (`q_proj`, `self_attn.o_proj`). Never a pattern:
+# peft runs a *string* through `re.fullmatch` against every module name, and a
+# backtracking regex held a worker's GIL for minutes; a list is matched by name only.
+ModuleName = Annotated[
+    str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}(\.[A-Za-z0-9_]{1,64}){0,8}$")
+]
 Method = Literal["qlora", "lora"]
 Quantization = Literal["nf4", "fp4", "int8", "none"]
 
@@ -57,12 +76,16 @@ class TrainConfig(BaseModel):
         description="Base weight format: nf4/fp4/int8 (qlora) or none (lora). "
         "Unset: nf4 for qlora, none for lora.",
     )
-    lora_r: int = Field(16, ge=1, le=256, description="LoRA rank (adapter size).")
-    lora_alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha/r).")
+    lora_r: int = Field(16, ge=1, le=MAX_LORA_RANK, description="LoRA rank (adapter size).")
+    lora_alpha: int = Field(
+        32, gt=0, le=4 * MAX_LORA_RANK, description="LoRA scaling numerator (scale = alpha/r)."
+    )
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
-    target_modules: str | list[str] = Field(
+    target_modules: Literal["all-linear"] | list[ModuleName] = Field(
         "all-linear",
-        description="Modules that get adapters: 'all-linear' or a list of module names.",
+        max_length=MAX_TARGET_MODULES,
+        description="Modules that get adapters: 'all-linear' or a list of module names "
+        "(plain names such as q_proj, matched against the base model's modules; no patterns).",
     )
     n_epochs: int | Auto = Field(
         "auto", description="Passes over the training set, or 'auto' (by dataset size)."
@@ -77,9 +100,13 @@ class TrainConfig(BaseModel):
     warmup_ratio: float = Field(
         0.03, ge=0, lt=1, description="Fraction of steps spent warming the rate up."
     )
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on LoRA weights.")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay on LoRA weights.")
     max_seq_length: int = Field(
-        1024, ge=16, description="Longer examples are truncated (and counted in metrics)."
+        1024,
+        ge=16,
+        le=MAX_SEQ_LENGTH,
+        description="Longer examples are truncated (and counted in metrics); at most the "
+        "base model's context.",
     )
     packing: bool = Field(
         False, description="Pack several examples per row (no padding; attention kept apart)."
@@ -103,7 +130,10 @@ class TrainConfig(BaseModel):
         None, ge=1, description="Steps between checkpoints handed to on_checkpoint; unset: none."
     )
     probe_size: int = Field(
-        20, ge=0, description="Prompts per side (train, held-out) in the exact-match probe."
+        20,
+        ge=0,
+        le=MAX_PROBE_SIZE,
+        description="Prompts per side (train, held-out) in the exact-match probe.",
     )
     probe_unquantized: bool = Field(
         True,

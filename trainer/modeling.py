@@ -21,7 +21,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from trainer.config import TrainConfig
-from trainer.errors import BaseModelError
+from trainer.errors import BaseModelError, ConfigError
 
 
 @dataclass(frozen=True)
@@ -141,8 +141,26 @@ def lora_config(config: TrainConfig) -> LoraConfig:
     )
 
 
+def check_fits_base(model: Any, config: TrainConfig) -> None:
+    """Refuse, before training, module names this base lacks (or that name no linear layer:
+    serving engines apply LoRA to linear layers only), every one at once, as `ConfigError`."""
+    if not isinstance(config.target_modules, list):
+        return  # all-linear
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    problems = [
+        f"target_modules: the base model has no linear module {wanted!r}"
+        for wanted in config.target_modules
+        if not any(n == wanted or n.endswith(f".{wanted}") for n in linear)
+    ]
+    if problems:
+        names = sorted({n.rsplit(".", 1)[-1] for n in linear})
+        problems.append(f"target_modules: its linear modules are {', '.join(names)}")
+        raise ConfigError("; ".join(problems), problems)
+
+
 def add_lora(model: Any, config: TrainConfig, *, base_name: str) -> PeftModel:
     """Wrap `model` with a fresh LoRA adapter whose config names `base_name` (not a path)."""
+    check_fits_base(model, config)
     torch.manual_seed(config.seed)  # LoRA A init
     peft_model = get_peft_model(model, lora_config(config))
     # peft records the local path it loaded from; serving resolves the registered name.

@@ -23,7 +23,7 @@ from sqlmodel import Session, select
 from api.db import connection_lost, get_engine, utcnow
 from api.models.adapters import AdapterVersion
 from api.models.files import File
-from api.models.jobs import TERMINAL, Job
+from api.models.jobs import Job
 from api.models.tenants import Tenant
 from api.services import job_runs, registry
 from api.services.files import store_result_file
@@ -31,6 +31,7 @@ from api.services.job_runs import Claim, LeaseLost
 from api.services.jobs import add_event, fine_tuned_model_name
 from api.settings import Settings
 from api.storage import ArtifactStore, StorageError, StoredObject
+from workers.watchdog import Watchdog
 
 if TYPE_CHECKING:
     from trainer.callbacks import Checkpoint, Progress
@@ -64,19 +65,24 @@ class JobContext:
         self._lock = threading.Lock()  # the heartbeat thread shares the session
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat_loop, daemon=True)
+        self.watchdog = Watchdog(settings, claim)
 
     def __enter__(self) -> JobContext:
+        self.watchdog.arm()
         self._beat.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._beat.join()
+        self.watchdog.disarm()
         self.session.close()
 
     def _heartbeat_loop(self) -> None:
         # Covers the long silent phases (model load, evaluation) between training steps.
+        # A hang that holds the GIL stops this loop, and with it the watchdog's re-arming.
         while not self._stop.wait(self.settings.heartbeat_interval):
+            self.watchdog.pet()
             self.beat()
 
     def transaction(self, work: Callable[[Session], T]) -> T:
@@ -149,13 +155,24 @@ class JobContext:
         prefix = f"jobs/{self.claim.job_id}/checkpoints/step-{ckpt.step}"
         self.store.put_dir(prefix, ckpt.path)
         try:
-            self.transaction(
+            dropped = self.transaction(
                 lambda session: job_runs.record_checkpoint(
-                    session, self.claim, step=ckpt.step, prefix=prefix, metrics=dict(ckpt.metrics)
+                    session,
+                    self.claim,
+                    step=ckpt.step,
+                    prefix=prefix,
+                    metrics=dict(ckpt.metrics),
+                    keep=self.settings.keep_checkpoints,
                 )
             )
         except LeaseLost:
             self.lost.set()
+            return
+        for old in dropped:
+            try:
+                self.store.delete(old)
+            except (StorageError, OSError):  # unlisted bytes, harmless; logged for operators
+                log.warning("job %s: could not delete %s", self.claim.job_id, old, exc_info=True)
 
 
 def _commit_event(session: Session, job_id: str, message: str, **fields: Any) -> None:
@@ -303,9 +320,17 @@ def _register(
         data=_results_csv(result.metrics),
     )
     csv_keys.append(csv_file.storage_key)
-    job.status, job.lease, job.finished_at = "succeeded", None, utcnow()
-    job.fine_tuned_model, job.trained_tokens = name, result.trained_tokens
-    job.result_files = [csv_file.id]
+    # Compare-and-set: a cancel that committed first wins, and this whole transaction (the
+    # version and the results file with it) rolls back.
+    job_runs.settle(
+        session,
+        ctx.claim,
+        status="succeeded",
+        finished_at=utcnow(),
+        fine_tuned_model=name,
+        trained_tokens=result.trained_tokens,
+        result_files=[csv_file.id],
+    )
     add_event(session, job.id, f"New fine-tuned model created: {name}")
     add_event(session, job.id, "The job has successfully completed")
     session.commit()
@@ -374,26 +399,36 @@ def _fail_from(ctx: JobContext, error: BaseException) -> None:
 
 
 def _start(session: Session, settings: Settings, job_id: str, worker: str) -> Claim | str:
+    """Turn a message into a claim. A message is this queue's turn, not a ticket for its own
+    job: the worker takes the queued job whose tenant has waited longest (fair share), so a
+    tenant's backlog never starves the others. Only a job whose worker died is taken back
+    by its own message (the reaper's re-send), to resume it."""
     job = session.get(Job, job_id)
-    if job is None or job.status in TERMINAL:
+    if job is None:
         return SKIPPED
-    claim = job_runs.claim(
-        session,
-        job_id=job_id,
-        worker=worker,
-        stale_after=settings.heartbeat_timeout,
-        tenant_limit=settings.max_running_jobs_per_tenant,
-    )
-    if claim is None:
-        job = session.get(Job, job_id, populate_existing=True)
-        if job is None or job.status != "queued":
-            return SKIPPED  # finished, cancelled, or alive on another worker
-        job.dispatched_at = utcnow()  # its tenant is at its limit: the task sends itself again
+    limit = settings.max_running_jobs_per_tenant
+    candidates = [job_id] if job.status == "running" else []
+    candidates += job_runs.fair_order(session, queue=job.queue, tenant_limit=limit)
+    for candidate in candidates:
+        claim = job_runs.claim(
+            session,
+            job_id=candidate,
+            worker=worker,
+            stale_after=settings.heartbeat_timeout,
+            tenant_limit=limit,
+        )
+        if claim is not None:
+            add_event(session, candidate, f"Fine-tuning job started (attempt {claim.attempt})")
+            session.commit()
+            return claim
+    if not job_runs.queued_counts(session, queues=[job.queue]):
+        return SKIPPED  # nothing waits: a duplicate or a finished job's message
+    # Jobs wait, but each of their tenants runs its limit: this message tries again later.
+    session.refresh(job)
+    if job.status == "queued":
+        job.dispatched_at = utcnow()
         session.commit()
-        return DEFERRED
-    add_event(session, job_id, f"Fine-tuning job started (attempt {claim.attempt})")
-    session.commit()
-    return claim
+    return DEFERRED
 
 
 def _hand_back(ctx: JobContext, *, step: int) -> str:
@@ -419,7 +454,10 @@ def run_training_job(
         claim = _start(session, settings, job_id, worker)
         if isinstance(claim, str):
             return claim
-        job = session.get(Job, job_id)
+        if claim.job_id != job_id:
+            log.info("message for %s: runs %s (fair share)", job_id, claim.job_id)
+        job_id = claim.job_id
+        job = session.get(Job, job_id, populate_existing=True)
         assert job is not None
     workdir = settings.home / "work" / job_id
     workdir.mkdir(parents=True, exist_ok=True)

@@ -72,6 +72,43 @@ def claim(
     return Claim(job_id=job_id, lease=lease, attempt=job.attempts)
 
 
+def fair_order(session: Session, *, queue: str, tenant_limit: int | None = None) -> list[str]:
+    """The queue's queued jobs in the order workers should take them: round robin across
+    tenants, so one tenant's backlog never starves another. Tenants take turns by when one
+    of their jobs last started (never first), then by their oldest queued job; each tenant's
+    jobs go oldest first, and tenants at `tenant_limit` running jobs are left out."""
+    queued = session.exec(
+        select(Job.id, Job.tenant_id)
+        .where(Job.status == "queued", Job.queue == queue)
+        .order_by(col(Job.created_at), col(Job.id))
+    ).all()
+    tenants = list(dict.fromkeys(tenant for _, tenant in queued))
+    if not tenants:
+        return []
+    stats = session.exec(
+        select(
+            Job.tenant_id,
+            func.max(Job.started_at),
+            func.count().filter(col(Job.status) == "running"),
+        )
+        .where(col(Job.tenant_id).in_(tenants))
+        .group_by(col(Job.tenant_id))
+    ).all()
+    last_start = {t: aware(started) if started else None for t, started, _ in stats}
+    running = {t: int(n) for t, _, n in stats}
+    if tenant_limit is not None:
+        tenants = [t for t in tenants if running.get(t, 0) < tenant_limit]
+    # Stable sort: tenants that never started keep the order of their oldest queued job.
+    turn = sorted(tenants, key=lambda t: (last_start[t] is not None, last_start[t] or utcnow()))
+    per_tenant = {t: [job for job, owner in queued if owner == t] for t in turn}
+    order: list[str] = []
+    while any(per_tenant.values()):
+        for t in turn:
+            if per_tenant[t]:
+                order.append(per_tenant[t].pop(0))
+    return order
+
+
 def _running_for_tenant(session: Session, job_id: str) -> Any:
     """The count of the job's tenant's other running jobs, as a subquery of the claim.
 
@@ -103,6 +140,22 @@ def heartbeat(session: Session, claim: Claim, **values: Any) -> None:
         raise LeaseLost(claim.job_id)
 
 
+def settle(session: Session, claim: Claim, **values: Any) -> None:
+    """Move the job out of `running` (to succeeded, failed or queued) in the caller's
+    transaction, only if it is still this run's: a compare-and-set, so a cancel (or the
+    reaper) that got there first wins and this raises LeaseLost; the caller's transaction
+    then rolls back whatever it added (a registry version, a results file)."""
+    result = session.execute(
+        update(Job)
+        .where(
+            col(Job.id) == claim.job_id, col(Job.lease) == claim.lease, col(Job.status) == "running"
+        )
+        .values(lease=None, **values)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        raise LeaseLost(claim.job_id)
+
+
 def owned_job(session: Session, claim: Claim) -> Job:
     """The job row, locked for update where the database can; LeaseLost if not ours."""
     job = session.exec(select(Job).where(Job.id == claim.job_id).with_for_update()).one()
@@ -112,8 +165,17 @@ def owned_job(session: Session, claim: Claim) -> Job:
 
 
 def record_checkpoint(
-    session: Session, claim: Claim, *, step: int, prefix: str, metrics: dict[str, Any]
-) -> None:
+    session: Session,
+    claim: Claim,
+    *,
+    step: int,
+    prefix: str,
+    metrics: dict[str, Any],
+    keep: int | None = None,
+) -> list[str]:
+    """Record the checkpoint of `step`; with `keep`, drop all but the newest `keep` rows.
+    Returns the storage prefixes of the dropped ones, for the caller to delete once this
+    commits (a crash in between leaves unlisted bytes, never a listed checkpoint without)."""
     owned_job(session, claim)
     exists = session.exec(
         select(JobCheckpoint).where(
@@ -127,7 +189,20 @@ def record_checkpoint(
             )
         )
         add_event(session, claim.job_id, f"Checkpoint created at step {step}", data={"step": step})
+    dropped: list[str] = []
+    if keep is not None:
+        session.flush()
+        older = session.exec(
+            select(JobCheckpoint)
+            .where(JobCheckpoint.job_id == claim.job_id)
+            .order_by(col(JobCheckpoint.step_number).desc())
+            .offset(keep)
+        ).all()
+        for ckpt in older:
+            dropped.append(ckpt.storage_prefix)
+            session.delete(ckpt)
     session.commit()
+    return dropped
 
 
 def latest_checkpoint(session: Session, *, job_id: str) -> JobCheckpoint | None:
@@ -141,10 +216,24 @@ def latest_checkpoint(session: Session, *, job_id: str) -> JobCheckpoint | None:
 def fail(
     session: Session, claim: Claim, *, code: str, message: str, param: str | None = None
 ) -> None:
-    job = owned_job(session, claim)
-    job.status, job.lease, job.finished_at = "failed", None, utcnow()
-    job.error = {"code": code, "message": message, "param": param}
-    add_event(session, job.id, f"Fine-tuning job failed: {message}", level="error")
+    owned_job(session, claim)
+    error = {"code": code, "message": message, "param": param}
+    settle(session, claim, status="failed", finished_at=utcnow(), error=error)
+    add_event(session, claim.job_id, f"Fine-tuning job failed: {message}", level="error")
+    session.commit()
+
+
+def fail_hung(session: Session, claim: Claim, *, seconds: float) -> None:
+    """The run stopped answering (its watchdog ended the process): fail it for good rather
+    than let the reaper hand it to the next worker to hang there too. LeaseLost if it was
+    cancelled or re-queued meanwhile."""
+    message = (
+        f"Training stopped responding for more than {seconds:.0f} s and was stopped. "
+        "Check the job's hyperparameters and data; the operator's worker log has details."
+    )
+    error = {"code": "training_hung", "message": message, "param": None}
+    settle(session, claim, status="failed", finished_at=utcnow(), error=error)
+    add_event(session, claim.job_id, f"Fine-tuning job failed: {message}", level="error")
     session.commit()
 
 
@@ -153,9 +242,14 @@ def hand_back(session: Session, claim: Claim, *, step: int) -> str:
     resume from that checkpoint), and the attempt not counted against it. Returns its queue.
     LeaseLost if the job is no longer this worker's."""
     job = owned_job(session, claim)
-    job.status, job.lease, job.worker = "queued", None, None
-    job.attempts = max(0, job.attempts - 1)
-    job.dispatched_at = utcnow()
+    settle(
+        session,
+        claim,
+        status="queued",
+        worker=None,
+        attempts=max(0, job.attempts - 1),
+        dispatched_at=utcnow(),
+    )
     add_event(
         session,
         job.id,

@@ -13,12 +13,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import JsonDict
+from sqlalchemy import update
 from sqlmodel import Session, col, select
 
 from api.db import utcnow
 from api.errors import InvalidRequest, NotFound
 from api.models.files import File
-from api.models.jobs import ACTIVE, TERMINAL, Job, JobCheckpoint, JobEvent
+from api.models.jobs import ACTIVE, Job, JobCheckpoint, JobEvent
 from api.models.tenants import Tenant
 from api.services.files import FINE_TUNE
 from api.services.pagination import page
@@ -33,6 +34,8 @@ ALIASES = {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
 # Trainer fields a tenant may set; base model, seed and device come from elsewhere.
 TUNABLE = frozenset(TrainConfig.model_fields) - {"base_model", "seed", "device"}
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
+# Checkpoints or evals one job may ask for: each costs an upload or a pass over the data.
+MAX_PERIODIC_RUNS = 100
 
 
 def _hyperparameters_schema() -> JsonDict:
@@ -177,6 +180,31 @@ def total_steps(*, n_examples: int, n_epochs: int, batch_size: int) -> int:
     return math.ceil(n_examples / batch_size) * n_epochs
 
 
+def _check_bounds(config: TrainConfig, settings: Settings, *, steps: int, where: str) -> None:
+    """What this deployment can serve and afford, on top of the trainer's own ranges."""
+    if config.lora_r > settings.max_lora_rank:
+        raise _fail(
+            f"lora_r {config.lora_r} is above this deployment's maximum LoRA rank "
+            f"({settings.max_lora_rank}): such an adapter could not be served",
+            param=f"{where}.lora_r",
+        )
+    if config.max_seq_length > settings.max_train_seq_length:
+        raise _fail(
+            f"max_seq_length {config.max_seq_length} is above the base model's context "
+            f"({settings.max_train_seq_length})",
+            param=f"{where}.max_seq_length",
+        )
+    for name in ("checkpoint_interval", "eval_interval"):
+        interval = getattr(config, name)
+        if interval is not None and steps // interval > MAX_PERIODIC_RUNS:
+            raise _fail(
+                f"{name} {interval} would run {steps // interval} times in this job's {steps} "
+                f"steps; at most {MAX_PERIODIC_RUNS} are allowed (use at least "
+                f"{math.ceil(steps / MAX_PERIODIC_RUNS)})",
+                param=f"{where}.{name}",
+            )
+
+
 def create_job(session: Session, settings: Settings, *, tenant_id: str, req: JobRequest) -> Job:
     """Validate everything, then store the job as `queued` (the caller enqueues it)."""
     if req.model not in settings.registered_base_models():
@@ -205,8 +233,9 @@ def create_job(session: Session, settings: Settings, *, tenant_id: str, req: Job
         )
     n_examples = int((train.stats or {})["examples"])
     hp = resolve_hyperparameters(config, n_examples=n_examples)
+    steps = total_steps(n_examples=n_examples, n_epochs=hp.n_epochs, batch_size=hp.batch_size)
+    _check_bounds(config, settings, steps=steps, where=_hyperparameters(req)[1])
     if config.checkpoint_interval is None:
-        steps = total_steps(n_examples=n_examples, n_epochs=hp.n_epochs, batch_size=hp.batch_size)
         # Four checkpoints a run bounds what a lost worker costs without slowing training.
         config = config.model_copy(update={"checkpoint_interval": max(1, steps // 4)})
     job = Job(
@@ -279,18 +308,27 @@ def list_jobs(
 def cancel_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
     """Cancel at once: a queued job never starts; a running one loses its lease and its
     worker stops within one step without writing a result."""
-    job = get_job(session, tenant_id=tenant_id, job_id=job_id)
-    if job.status in TERMINAL:
+    get_job(session, tenant_id=tenant_id, job_id=job_id)
+    # Compare-and-set: a worker finishing the job at this moment either commits first (this
+    # changes nothing and says so) or loses its lease (its result is rolled back).
+    result = session.execute(
+        update(Job)
+        .where(col(Job.id) == job_id, col(Job.status).in_(ACTIVE))
+        .values(status="cancelled", lease=None, cancel_requested=True, finished_at=utcnow())
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        session.rollback()
+        job = get_job(session, tenant_id=tenant_id, job_id=job_id)
+        session.refresh(job)
         raise InvalidRequest(
             f"Job {job_id} has already {job.status}; it cannot be cancelled.",
             param="fine_tuning_job_id",
             code="job_not_cancellable",
         )
-    assert job.status in ACTIVE
-    job.status, job.lease, job.cancel_requested = "cancelled", None, True
-    job.finished_at = utcnow()
-    add_event(session, job.id, "Fine-tuning job cancelled")
+    add_event(session, job_id, "Fine-tuning job cancelled")
     session.commit()
+    job = get_job(session, tenant_id=tenant_id, job_id=job_id)
+    session.refresh(job)
     return job
 
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from trainer.callbacks import Checkpoint, Progress
 from trainer.config import TrainConfig
-from trainer.errors import CheckpointError, TrainingCancelled
+from trainer.errors import CheckpointError, ConfigError, TrainingCancelled
 from trainer.modeling import choose_plan, load_base_model
 from trainer.recipe import train
 
@@ -210,3 +210,24 @@ def test_early_stopping_ends_a_run_whose_eval_loss_rises(tiny_base: Path, tmp_pa
     )
     assert result.stopped_early
     assert result.steps < result.metrics["total_steps"]
+
+
+def test_target_modules_the_base_lacks_fail_before_training(
+    tiny_base: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    """Plain names only, checked against the base's real linear modules (issue 13)."""
+    config = tiny_config(tiny_base, target_modules=["q_proj", "attn_proj", "embed_tokens"])
+    steps: list[int] = []
+    with pytest.raises(ConfigError) as info:
+        train(
+            config,
+            data_path=tiny_data,
+            out_dir=tmp_path / "out",
+            home=tmp_path,
+            on_progress=lambda p: steps.append(p.step),
+        )
+    assert info.value.problems[:2] == [
+        "target_modules: the base model has no linear module 'attn_proj'",
+        "target_modules: the base model has no linear module 'embed_tokens'",
+    ]
+    assert "q_proj" in info.value.problems[2] and steps == []

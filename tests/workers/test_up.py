@@ -206,3 +206,39 @@ def test_a_worker_that_dies_is_started_again(tmp_path: Path, tiny_llama: Path) -
         assert done.status == "succeeded", done.error
     finally:
         assert _stop(proc) == 0
+
+
+def test_a_killed_up_takes_its_worker_with_it(tmp_path: Path, tiny_llama: Path) -> None:
+    """SIGKILL skips `up`'s shutdown path; its worker (in a session of its own, so the
+    group kill of `up` misses it) must still go, not run on orphaned (issue 13)."""
+    up = Up(
+        tmp_path,
+        tiny_llama,
+        OMP_NUM_THREADS="1",
+        LORAPLEX_BASE_MODEL=TINY,
+        LORAPLEX_SERVING_ENGINE="transformers",
+    )
+    proc = up.start("up.log")
+    deadline = time.monotonic() + 30
+    while not (workers := _worker_pids(proc.pid)):
+        assert time.monotonic() < deadline, "no worker child"
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)  # as the OOM killer or a supervisor timeout would
+    proc.wait(10)
+    deadline = time.monotonic() + 10
+    alive = set(workers)
+    try:
+        while alive := {p for p in alive if _running(p)}:
+            assert time.monotonic() < deadline, f"worker(s) {alive} outlived `up`"
+            time.sleep(0.1)
+    finally:
+        for pid in alive:
+            os.kill(pid, signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
