@@ -6,9 +6,12 @@
     ├── AuthenticationFailed    401    missing, unknown or revoked key
     ├── PermissionDenied        403    a valid key without the right to do this
     ├── NotFound                404    unknown id, route, or another tenant's object
+    ├── RequestTimeout          408    the request body stalled past its idle timeout
     ├── Conflict                409    state does not allow the action (never a client typo:
     │                                  the SDK retries 409)
     ├── PayloadTooLarge         413    body or upload over its limit
+    ├── RateLimited             429    over a per-tenant rate limit or quota (`type`: requests
+    │                                  or tokens, as OpenAI); Retry-After and x-ratelimit-*
     └── ServiceUnavailable      503    a dependency is down; retry later
 
 Services raise these; `install_error_handlers` maps them, plus FastAPI's validation errors,
@@ -81,6 +84,12 @@ class NotFound(LoraplexError):
     default_code = "not_found"
 
 
+class RequestTimeout(LoraplexError):
+    status_code = 408
+    type = "invalid_request_error"
+    default_code = "request_timeout"
+
+
 class Conflict(LoraplexError):
     """The request clashes with the object's state. Not retried by SDKs: resending the same
     request meets the same state (a race lost to another writer passes `headers` itself)."""
@@ -95,6 +104,19 @@ class PayloadTooLarge(LoraplexError):
     status_code = 413
     type = "invalid_request_error"
     default_code = "payload_too_large"
+
+
+class RateLimited(LoraplexError):
+    """Over a per-tenant limit. OpenAI's shape: `type` names what ran out ("requests" or
+    "tokens"), the code is always `rate_limit_exceeded`; api.services.limits builds them."""
+
+    status_code = 429
+    type = "requests"
+    default_code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, kind: str, headers: dict[str, str]) -> None:
+        super().__init__(message, headers=headers)
+        self.type = kind
 
 
 class ServiceUnavailable(LoraplexError):
@@ -205,11 +227,37 @@ ERROR_MEANINGS = {
     400: "Invalid request: a parameter or the body is malformed or not allowed.",
     401: "No API key, an unknown or revoked one, or the wrong kind of key for this route.",
     404: "Not found for this key: unknown ids, another tenant's objects, /v1/admin to tenants.",
+    408: "The request body stalled: no bytes arrived for `body_idle_timeout` seconds.",
     409: "The object's current state does not allow this action.",
     413: "The request body is over its limit.",
+    429: "Over a per-tenant rate limit or quota (`type`: requests or tokens); retry after "
+    "`Retry-After` seconds unless `x-should-retry` is false.",
 }
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """`responses=` entries documenting these statuses in the OpenAI error shape."""
-    return {s: {"model": ErrorResponse, "description": ERROR_MEANINGS[s]} for s in statuses}
+    out: dict[int | str, dict[str, Any]] = {
+        s: {"model": ErrorResponse, "description": ERROR_MEANINGS[s]} for s in statuses
+    }
+    if 429 in out:
+        out[429]["headers"] = RATE_LIMIT_HEADERS
+    return out
+
+
+def _header(description: str, kind: str = "string") -> dict[str, Any]:
+    return {"description": description, "schema": {"type": kind}}
+
+
+# What a 429 carries (the openai SDK reads them); the x-ratelimit-* also come on a served 200.
+RATE_LIMIT_HEADERS = {
+    "Retry-After": _header("Seconds until the request can succeed.", "integer"),
+    "retry-after-ms": _header("The same, in milliseconds.", "integer"),
+    "x-should-retry": _header("`false` when retrying soon cannot help (a daily quota)."),
+    "x-ratelimit-limit-requests": _header("Requests allowed per window.", "integer"),
+    "x-ratelimit-remaining-requests": _header("Requests left now.", "integer"),
+    "x-ratelimit-reset-requests": _header("Until the request limit is whole again: `1s`."),
+    "x-ratelimit-limit-tokens": _header("Tokens allowed per window.", "integer"),
+    "x-ratelimit-remaining-tokens": _header("Tokens left now.", "integer"),
+    "x-ratelimit-reset-tokens": _header("Until the token limit is whole again: `6m0s`."),
+}

@@ -42,6 +42,7 @@ def create_app(settings: Settings | None = None, *, with_gateway: bool = False) 
         BodyLimitMiddleware,
         limit=settings.max_json_body_bytes,
         upload_limit=settings.max_upload_bytes,
+        idle_timeout=settings.body_idle_timeout,
     )
     app.add_middleware(MetricsMiddleware, registry=app.state.registry)
     return app

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -9,20 +10,26 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import PayloadTooLarge, render
+from api.errors import LoraplexError, PayloadTooLarge, RequestTimeout, render
 
 
 class BodyLimitMiddleware:
-    """413 for bodies over their limit: uploads get `upload_limit`, everything else `limit`.
+    """413 for bodies over their limit: uploads get `upload_limit`, everything else `limit`;
+    408 for a body that stalls: no bytes for `idle_timeout` seconds before its end.
 
     Checks Content-Length up front and counts bytes as they stream in, so a chunked body
-    cannot slip past the header check.
+    cannot slip past the header check. The idle timeout covers only the wait for the body:
+    once it has ended, receive() waits for a disconnect (streaming responses listen so) as
+    long as it takes.
     """
 
-    def __init__(self, app: ASGIApp, *, limit: int, upload_limit: int) -> None:
+    def __init__(
+        self, app: ASGIApp, *, limit: int, upload_limit: int, idle_timeout: float | None = None
+    ) -> None:
         self.app = app
         self.limit = limit
         self.upload_limit = upload_limit
+        self.idle_timeout = idle_timeout
 
     def _limit_for(self, scope: Scope) -> int:
         if scope["method"] == "POST" and scope["path"].rstrip("/") == "/v1/files":
@@ -40,34 +47,53 @@ class BodyLimitMiddleware:
             await render(_too_large(limit))(scope, receive, send)
             return
         seen = 0
-        exceeded = False
-        replaced = False
+        body_ended = False
+        refusal: LoraplexError | None = None
+        started = replaced = False
 
         async def counted() -> Message:
-            nonlocal seen, exceeded
-            message = await receive()
+            nonlocal seen, body_ended, refusal
+            if body_ended:
+                return await receive()
+            try:
+                async with asyncio.timeout(self.idle_timeout):
+                    message = await receive()
+            except TimeoutError:
+                assert self.idle_timeout is not None
+                refusal = _stalled(self.idle_timeout)
+                raise refusal from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                body_ended = not message.get("more_body", False)
                 if seen > limit:
-                    exceeded = True
-                    raise _too_large(limit)
+                    refusal = _too_large(limit)
+                    raise refusal
             return message
 
         async def guarded_send(message: Message) -> None:
             # Whatever the app made of the aborted body (FastAPI turns it into a parse
-            # error), the client is told the truth: 413.
-            nonlocal replaced
-            if not exceeded:
+            # error), the client is told the truth: 413 or 408.
+            nonlocal started, replaced
+            if refusal is None or started:
+                started = started or message["type"] == "http.response.start"
                 await send(message)
             elif not replaced:
                 replaced = True
-                await render(_too_large(limit))(scope, receive, send)
+                await render(refusal)(scope, receive, send)
 
         await self.app(scope, counted, guarded_send)
 
 
 def _too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
+
+
+def _stalled(timeout: float) -> RequestTimeout:
+    # Closing the connection: the rest of a stalled body is not worth waiting for.
+    return RequestTimeout(
+        f"No part of the request body arrived for {timeout:g} seconds; send it without pauses.",
+        headers={"Connection": "close"},
+    )
 
 
 class MetricsMiddleware:

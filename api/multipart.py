@@ -1,7 +1,10 @@
 """Streaming multipart/form-data for uploads: file bytes go straight to an `Upload`.
 
 Starlette's own form parser spools a whole file before the handler runs; this one hands
-each chunk to the artifact store and the validator as it arrives.
+each chunk to the artifact store and the validator as it arrives. Everything else a form
+holds is bounded (each text field, their number, all part headers and fields together, the
+bytes around the file), and a body is refused the moment it passes a bound, unread after it:
+a form of thousands of fields must not pin the API's memory.
 """
 
 from __future__ import annotations
@@ -17,6 +20,12 @@ from api.errors import InvalidRequest, LoraplexError
 from api.services.files import Upload
 
 MAX_FIELD_BYTES = 64 * 1024
+# OpenAI's upload form has one text field (`purpose`); room for clients that add a few.
+MAX_FIELDS = 16
+# Every part's headers and every text field, together: what the parser keeps in memory.
+MAX_FORM_BYTES = 256 * 1024
+# All a body may hold besides the file's bytes: the above plus boundaries and punctuation.
+MAX_ENVELOPE_BYTES = MAX_FORM_BYTES + 64 * 1024
 
 
 @dataclass
@@ -39,6 +48,8 @@ class UploadForm:
         self._file_field = file_field
         self._new_upload = new_upload
         self._part = _PartState()
+        self._n_fields = 0
+        self._form_bytes = 0
         self.parser = MultipartParser(
             boundary,
             {
@@ -56,10 +67,20 @@ class UploadForm:
     def _begin(self) -> None:
         self._part = _PartState()
 
+    def _count(self, n_bytes: int) -> None:
+        self._form_bytes += n_bytes
+        if self._form_bytes > MAX_FORM_BYTES:
+            raise _form_too_large(
+                f"The form's fields and part headers exceed {MAX_FORM_BYTES} bytes.",
+                param=self._part.name or "file",
+            )
+
     def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._count(end - start)
         self._part.header_field += data[start:end]
 
     def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self._count(end - start)
         self._part.header_value += data[start:end]
 
     def _header_end(self) -> None:
@@ -78,6 +99,12 @@ class UploadForm:
             name = (filename or b"").decode("utf-8", "replace")
             self.upload = self._new_upload(name)
             part.is_file = True
+            return
+        self._n_fields += 1
+        if self._n_fields > MAX_FIELDS:
+            raise _form_too_large(
+                f"The form has more than {MAX_FIELDS} fields besides the file.", param=part.name
+            )
 
     def _data(self, data: bytes, start: int, end: int) -> None:
         part = self._part
@@ -85,6 +112,7 @@ class UploadForm:
             assert self.upload is not None
             self.upload.write(data[start:end])
             return
+        self._count(end - start)
         part.value += data[start:end]
         if len(part.value) > MAX_FIELD_BYTES:
             raise InvalidRequest(f"Form field {part.name!r} is too long.", param=part.name)
@@ -97,9 +125,21 @@ class UploadForm:
     def _done(self) -> None:
         self.complete = True
 
+    def check_envelope(self, received: int) -> None:
+        """Refuse a body that carries more than MAX_ENVELOPE_BYTES besides the file."""
+        file_bytes = self.upload.size if self.upload is not None else 0
+        if received - file_bytes > MAX_ENVELOPE_BYTES:
+            raise _form_too_large(
+                f"The form around the file exceeds {MAX_ENVELOPE_BYTES} bytes.", param="file"
+            )
+
     def abort(self) -> None:
         if self.upload is not None:
             self.upload.abort()
+
+
+def _form_too_large(message: str, *, param: str) -> InvalidRequest:
+    return InvalidRequest(message, param=param, code="form_too_large")
 
 
 def _boundary(request: Request) -> bytes:
@@ -113,16 +153,26 @@ def _boundary(request: Request) -> bytes:
     return boundary
 
 
+def least_file_bytes(request: Request) -> int:
+    """The fewest file bytes the declared Content-Length allows (0 when none is declared):
+    all but the file is bounded by MAX_ENVELOPE_BYTES, so a longer body holds a larger file."""
+    declared = request.headers.get("content-length", "")
+    return max(0, int(declared) - MAX_ENVELOPE_BYTES) if declared.isdigit() else 0
+
+
 async def read_upload_form(
     request: Request, *, new_upload: Callable[[str], Upload], file_field: str = "file"
 ) -> UploadForm:
     """Stream the body through the parser; on any failure the partial upload is dropped."""
     form = UploadForm(_boundary(request), file_field=file_field, new_upload=new_upload)
+    received = 0
     try:
         async for chunk in request.stream():
             if chunk:
                 # Disk writes and validation are CPU/IO work: keep them off the event loop.
                 await run_in_threadpool(form.parser.write, chunk)
+                received += len(chunk)
+                form.check_envelope(received)
         form.parser.finalize()
     except (LoraplexError, ClientDisconnect):
         form.abort()

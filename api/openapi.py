@@ -5,7 +5,8 @@ Read off each route's dependencies, so the schema cannot drift from the code:
   400 in the OpenAI error shape (FastAPI documents a 422 `HTTPValidationError` instead);
 - a route that reads the key (`get_principal`) takes a bearer token and may answer 401;
   an admin route (`get_admin`) answers 404 to a tenant key, as for an unknown URL;
-- every request's body is limited (`BodyLimitMiddleware`): 413.
+- every request's body is limited (`BodyLimitMiddleware`): 413; a route that reads a body
+  answers 408 when that body stalls.
 Route-specific errors (an unknown id, a state conflict) stay on the route's `responses=`.
 """
 
@@ -62,6 +63,8 @@ def _complete_operation(operation: dict[str, Any], route: APIRoute) -> None:
     statuses = {413}
     if get_flat_params(route.dependant) or route.body_field:
         statuses.add(400)
+    if route.body_field or "requestBody" in operation:
+        statuses.add(408)
     calls = set(_calls(route.dependant))
     statuses |= {status for call, status in DEPENDENCY_ERRORS.items() if call in calls}
     if get_principal in calls:

@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     max_running_jobs_per_tenant: int = Field(2, ge=1)
     # Longest training example a job may ask for: the served base's context (SmolLM2: 8192).
     max_train_seq_length: int = Field(8192, ge=16)
+    # A run whose heartbeat thread cannot run this long (C code holding the GIL) is ended by
+    # its watchdog and failed as `training_hung`. Below heartbeat_timeout, so the restarted
+    # worker names the hang before a reaper re-queues the job to hang elsewhere.
+    training_hang_timeout: float = Field(60.0, gt=0)
     # Intermediate checkpoints a job keeps (with optimizer state, ~30x the adapter); older
     # ones are deleted as new ones land. Resuming needs only the last.
     keep_checkpoints: int = Field(3, ge=1)
@@ -116,7 +120,7 @@ class Settings(BaseSettings):
     # loses the connection, instead of holding its request (and memory) for as long as it likes.
     body_idle_timeout: float = Field(30.0, gt=0)
     # A tenant's files and adapter versions together: room for dozens of 512 MiB datasets and
-    # hundreds of 7B-base adapters, while no tenant can fill the shared artifact store.
+    # hundreds of 7B-base adapters, so no tenant fills the shared artifact store. 0: unlimited.
     tenant_storage_quota_bytes: int = Field(10 * 1024 * MiB, ge=0)
     log_level: str = "INFO"
 

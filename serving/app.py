@@ -20,9 +20,10 @@ from typing import Annotated, Any, TypeVar
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CollectorRegistry
+from sqlmodel import Session
 
 from api.deps import SessionDep, TenantDep
-from api.errors import ErrorResponse, install_error_handlers
+from api.errors import ErrorResponse, error_responses, install_error_handlers
 from api.settings import Settings, get_settings
 from api.storage import ArtifactStore
 from serving.cache import AdapterCache
@@ -30,8 +31,9 @@ from serving.engines.base import Engine
 from serving.errors import no_replica
 from serving.gateway import Gateway
 from serving.metrics import GatewayMetrics
+from serving.ratelimit import RateLimiter
 from serving.replicas import ReplicaProcess, RestartBackoff
-from serving.schemas import ChatCompletionRequest, CompletionRequest
+from serving.schemas import ChatCompletionRequest, CompletionRequest, Endpoint, SamplingRequest
 from serving.setup import EngineSetup, build_engine
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,14 @@ def get_gateway(request: Request) -> Gateway:
 
 
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
+
+
+def get_limiter(request: Request) -> RateLimiter:
+    limiter: RateLimiter = request.app.state.rate_limiter
+    return limiter
+
+
+LimiterDep = Annotated[RateLimiter, Depends(get_limiter)]
 
 
 def _serving_responses(kind: str) -> dict[int | str, dict[str, Any]]:
@@ -70,6 +80,7 @@ def _serving_responses(kind: str) -> dict[int | str, dict[str, Any]]:
             "description": "No replica can take the request now; retry after `Retry-After`.",
             "headers": {"Retry-After": {"schema": {"type": "integer"}}},
         },
+        **error_responses(429),
     }
 
 
@@ -77,18 +88,62 @@ def _serving_responses(kind: str) -> dict[int | str, dict[str, Any]]:
     "/chat/completions", response_model=None, responses=_serving_responses("chat completion")
 )
 async def chat_completions(
-    body: ChatCompletionRequest, tenant_id: TenantDep, session: SessionDep, gateway: GatewayDep
+    body: ChatCompletionRequest,
+    tenant_id: TenantDep,
+    session: SessionDep,
+    gateway: GatewayDep,
+    limiter: LimiterDep,
+    request: Request,
 ) -> JSONResponse | StreamingResponse:
-    return await gateway.handle(endpoint="chat", body=body, session=session, tenant_id=tenant_id)
+    return await serve_limited(
+        gateway, limiter, endpoint="chat", body=body, session=session, tenant_id=tenant_id,
+        http=request,
+    )  # fmt: skip
 
 
 @router.post("/completions", response_model=None, responses=_serving_responses("completion"))
 async def completions(
-    body: CompletionRequest, tenant_id: TenantDep, session: SessionDep, gateway: GatewayDep
+    body: CompletionRequest,
+    tenant_id: TenantDep,
+    session: SessionDep,
+    gateway: GatewayDep,
+    limiter: LimiterDep,
+    request: Request,
 ) -> JSONResponse | StreamingResponse:
-    return await gateway.handle(
-        endpoint="completion", body=body, session=session, tenant_id=tenant_id
-    )
+    return await serve_limited(
+        gateway, limiter, endpoint="completion", body=body, session=session, tenant_id=tenant_id,
+        http=request,
+    )  # fmt: skip
+
+
+async def serve_limited(
+    gateway: Gateway,
+    limiter: RateLimiter,
+    *,
+    endpoint: Endpoint,
+    body: SamplingRequest,
+    session: Session,
+    tenant_id: str,
+    http: Request | None = None,
+) -> JSONResponse | StreamingResponse:
+    """Admit the request under the tenant's rate limits (429 if over), serve it, and settle
+    its token reservation with the real usage; the x-ratelimit-* headers go on the answer."""
+    gateway.check(body)  # a request out of bounds is a 400, before it costs any quota
+    grant = await limiter.admit(session, tenant_id=tenant_id, body=body)
+    try:
+        response = await gateway.handle(
+            endpoint=endpoint,
+            body=body,
+            session=session,
+            tenant_id=tenant_id,
+            on_usage=grant.settle,
+            http=http,  # watched for the client hanging up
+        )
+    except BaseException:
+        grant.settle(None)  # nothing was generated (a no-op if the meter already settled)
+        raise
+    response.headers.update(grant.headers)
+    return response
 
 
 def mount_gateway(app: FastAPI, settings: Settings, *, engine: Engine | None = None) -> None:
@@ -100,6 +155,7 @@ def mount_gateway(app: FastAPI, settings: Settings, *, engine: Engine | None = N
     503 with Retry-After until the engine is ready.
     """
     app.include_router(router)
+    app.state.rate_limiter = RateLimiter(settings)
     runtime = ServingRuntime(settings, metrics=GatewayMetrics(app.state.registry), engine=engine)
     inner = app.router.lifespan_context
 
@@ -267,6 +323,7 @@ def create_gateway_app(
         BodyLimitMiddleware,
         limit=settings.max_json_body_bytes,
         upload_limit=settings.max_upload_bytes,
+        idle_timeout=settings.body_idle_timeout,
     )
     app.add_middleware(MetricsMiddleware, registry=app.state.registry)
     return app

@@ -12,12 +12,13 @@ replicas load and from which the zero adapter takes its shapes.
 from __future__ import annotations
 
 import importlib.util
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from api.settings import Settings
-from serving.engines.base import Engine
+from serving.engines.base import Engine, ModelLimits
 from serving.replicas import ReplicaProcess, plan_replicas
 from serving.zero_adapter import ensure_zero_adapter
 
@@ -41,6 +42,14 @@ def base_model_dir(settings: Settings) -> Path:
 
     source = settings.registered_base_models()[settings.base_model]
     return resolve_base_model(source, home=settings.home)
+
+
+def model_limits(base_dir: Path, *, max_model_len: int | None) -> ModelLimits:
+    """The base's vocabulary and context from its config.json (no torch: replicas load it)."""
+    config = json.loads((base_dir / "config.json").read_text())
+    text = config.get("text_config") or config
+    context = int(text.get("max_position_embeddings") or 2048)
+    return ModelLimits(vocab_size=int(text["vocab_size"]), context=max_model_len or context)
 
 
 def build_engine(
@@ -93,5 +102,6 @@ def build_engine(
         request_timeout=settings.serving_request_timeout,
         retry_after=settings.serving_retry_after,
         on_event=on_event,
+        limits=model_limits(base_dir, max_model_len=settings.serving_max_model_len),
     )
     return EngineSetup(engine=vllm_engine, replicas=replicas)

@@ -6,6 +6,7 @@ run, so runs and tests never collide.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -104,8 +105,8 @@ def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-@pytest.fixture
-def live_url(settings: Settings) -> Iterator[str]:
+@contextlib.contextmanager
+def serve_in_thread(settings: Settings) -> Iterator[str]:
     """The app on a real uvicorn server on a free loopback port, in a thread."""
     import socket
     import threading
@@ -126,9 +127,17 @@ def live_url(settings: Settings) -> Iterator[str]:
         if time.monotonic() > deadline:
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture
+def live_url(settings: Settings) -> Iterator[str]:
+    with serve_in_thread(settings) as url:
+        yield url
 
 
 def stored_files(settings: Settings) -> list[Path]:

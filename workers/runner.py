@@ -29,6 +29,7 @@ from api.services import job_runs, registry
 from api.services.files import store_result_file
 from api.services.job_runs import Claim, LeaseLost
 from api.services.jobs import add_event, fine_tuned_model_name
+from api.services.limits import load_limits
 from api.settings import Settings
 from api.storage import ArtifactStore, StorageError, StoredObject
 from workers.watchdog import Watchdog
@@ -406,16 +407,19 @@ def _start(session: Session, settings: Settings, job_id: str, worker: str) -> Cl
     job = session.get(Job, job_id)
     if job is None:
         return SKIPPED
-    limit = settings.max_running_jobs_per_tenant
-    candidates = [job_id] if job.status == "running" else []
-    candidates += job_runs.fair_order(session, queue=job.queue, tenant_limit=limit)
-    for candidate in candidates:
+
+    def limit_of(tenant_id: str) -> int | None:  # an admin's override, else the setting
+        return load_limits(session, settings, tenant_id=tenant_id).max_running_jobs or None
+
+    candidates = [(job_id, job.tenant_id)] if job.status == "running" else []
+    candidates += job_runs.fair_order(session, queue=job.queue, limit_of=limit_of)
+    for candidate, tenant_id in candidates:
         claim = job_runs.claim(
             session,
             job_id=candidate,
             worker=worker,
             stale_after=settings.heartbeat_timeout,
-            tenant_limit=limit,
+            tenant_limit=limit_of(tenant_id),
         )
         if claim is not None:
             add_event(session, candidate, f"Fine-tuning job started (attempt {claim.attempt})")

@@ -4,8 +4,8 @@ A training run can hang inside C code that holds the GIL (peft ran a tenant's re
 `re.fullmatch` for minutes): no Python thread runs then, so heartbeats stop, signal handlers
 never run, cancel cannot get through, and under `loraplex up` every tenant's training waits
 behind it. `faulthandler`'s timer is a C thread that needs no GIL: the job's heartbeat thread
-re-arms it on every beat, and when the beats stop for `timeout` seconds it writes every
-thread's traceback to the job's marker file and ends the process. `up` (or systemd,
+re-arms it on every beat, and when the beats stop for `training_hang_timeout` seconds it
+writes every thread's traceback to the job's marker file and ends the process. `up` (or systemd,
 Kubernetes) starts the worker again; before taking work it fails each job whose marker holds
 a traceback with `training_hung`, so the job does not hang the next worker too.
 
@@ -35,17 +35,11 @@ def _folder(settings: Settings) -> Path:
     return settings.home / "watchdog"
 
 
-def hang_timeout(settings: Settings) -> float:
-    # Shorter than the heartbeat timeout, so a restarted worker names the hang before any
-    # reaper re-queues the job to hang another worker.
-    return max(2 * settings.heartbeat_interval, settings.heartbeat_timeout * 2 / 3)
-
-
 class Watchdog:
     """Armed for one claimed job in this process (one job at a time: the timer is global)."""
 
     def __init__(self, settings: Settings, claim: Claim) -> None:
-        self.timeout = hang_timeout(settings)
+        self.timeout = settings.training_hang_timeout
         # The pid: workers sharing a home leave each other's live markers alone.
         self.path = _folder(settings) / f"{claim.job_id}.{claim.lease}.{os.getpid()}"
         self._file: IO[str] | None = None
@@ -84,7 +78,7 @@ def fail_hung_jobs(settings: Settings) -> list[str]:
                     job_runs.fail_hung(
                         session,
                         Claim(job_id=job_id, lease=lease, attempt=0),
-                        seconds=hang_timeout(settings),
+                        seconds=settings.training_hang_timeout,
                     )
                     failed.append(job_id)
                 except LeaseLost:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 from datetime import datetime
 
+from sqlalchemy import JSON, Column
 from sqlmodel import Field, SQLModel
 
 from api.db import utcnow
@@ -20,6 +21,8 @@ class Tenant(SQLModel, table=True):
     id: str = Field(default_factory=lambda: new_id("org-"), primary_key=True, max_length=64)
     name: str = Field(index=True, unique=True, max_length=128)
     created_at: datetime = Field(default_factory=utcnow)
+    # An admin's overrides of the settings' defaults, by api.services.limits.Limits field name.
+    limits: dict[str, int] | None = Field(default=None, sa_column=Column(JSON))
 
 
 class ApiKey(SQLModel, table=True):

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import asdict
+from typing import Annotated, Any
 
 from fastapi import APIRouter
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from api.db import unix
-from api.deps import AdminDep, SessionDep
+from api.deps import AdminDep, SessionDep, SettingsDep
 from api.errors import error_responses
 from api.models.tenants import ApiKey, Tenant
-from api.services import audit, tenants
+from api.services import audit, limits, tenants
+from api.settings import Settings
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 
@@ -88,6 +90,68 @@ def create_tenant_key(
     )
     session.commit()
     return {**key_public(key), "api_key": raw}
+
+
+# Far above any real limit, well inside a 64-bit integer.
+MAX_LIMIT = 10**15
+Override = Annotated[int | None, Field(ge=0, le=MAX_LIMIT)]
+
+
+class LimitsUpdate(BaseModel):
+    """Overrides for one tenant: a number replaces the default (0: unlimited), null restores
+    the default, a field left out stays as it is."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests_per_minute: Override = None
+    tokens_per_minute: Override = None
+    jobs_per_day: Override = None
+    training_tokens_per_month: Override = None
+    max_queued_jobs: Override = None
+    max_running_jobs: Override = None
+    storage_quota_bytes: Override = None
+
+
+def limits_public(settings: Settings, tenant: Tenant) -> dict[str, Any]:
+    """The limits in force (0: unlimited), and which of them are this tenant's overrides."""
+    return {
+        "object": "tenant.limits",
+        "tenant_id": tenant.id,
+        **asdict(limits.effective_limits(settings, tenant)),
+        "overrides": dict(tenant.limits or {}),
+        "defaults": asdict(limits.default_limits(settings)),
+    }
+
+
+@router.get("/tenants/{tenant_id}/limits", responses=error_responses(404))
+def get_tenant_limits(
+    tenant_id: str, _: AdminDep, session: SessionDep, settings: SettingsDep
+) -> dict[str, Any]:
+    return limits_public(settings, tenants.get_tenant(session, tenant_id=tenant_id))
+
+
+@router.patch("/tenants/{tenant_id}/limits", responses=error_responses(404))
+def update_tenant_limits(
+    tenant_id: str, body: LimitsUpdate, admin: AdminDep, session: SessionDep, settings: SettingsDep
+) -> dict[str, Any]:
+    """Override a tenant's rate limits and quotas; gateways apply it within
+    `rate_limit_refresh_seconds`."""
+    before = limits_public(settings, tenants.get_tenant(session, tenant_id=tenant_id))
+    changes = body.model_dump(exclude_unset=True)
+    tenant = limits.set_overrides(session, tenant_id=tenant_id, changes=changes)
+    after = limits_public(settings, tenant)
+    audit.record(
+        session,
+        actor=admin,
+        action="tenant.limits",
+        target_type="tenant",
+        target_id=tenant.id,
+        tenant_id=tenant.id,
+        before=before,
+        after=after,
+    )
+    session.commit()
+    return after
 
 
 @router.get("/keys")

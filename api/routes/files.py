@@ -11,8 +11,8 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from api.errors import InvalidRequest, error_responses
-from api.multipart import read_upload_form
-from api.services import files
+from api.multipart import least_file_bytes, read_upload_form
+from api.services import files, quotas
 from api.services.files import Upload
 from api.services.pagination import Order, list_body
 
@@ -64,10 +64,16 @@ async def create_file(
     settings: SettingsDep,
 ) -> dict[str, Any]:
     """Upload a file; a fine-tune JSONL is validated while it streams in."""
+    room = await run_in_threadpool(quotas.storage_room, session, settings, tenant_id=tenant_id)
+    room.check(least_file_bytes(request))  # a declared length already too large: not one byte read
 
     def new_upload(filename: str) -> Upload:
         return Upload(
-            store, tenant_id=tenant_id, filename=filename, max_bytes=settings.max_upload_bytes
+            store,
+            tenant_id=tenant_id,
+            filename=filename,
+            max_bytes=settings.max_upload_bytes,
+            room=room,
         )
 
     form = await read_upload_form(request, new_upload=new_upload)

@@ -76,7 +76,7 @@ def checkpoint_public(ckpt: JobCheckpoint, job: Job) -> dict[str, Any]:
     }
 
 
-@router.post("/jobs")
+@router.post("/jobs", responses=error_responses(429))
 def create_job(
     req: JobRequest, tenant_id: TenantDep, session: SessionDep, settings: SettingsDep
 ) -> dict[str, Any]:

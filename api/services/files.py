@@ -2,12 +2,13 @@
 
 An upload is written to the artifact store while it is scanned, chunk by chunk, so memory
 stays bounded whatever the file size. A rejected upload (wrong purpose or extension, over
-the limit, cut off) leaves neither a row nor bytes; an accepted one is `processed` or, with
-line-by-line reasons in `status_details`, `error`.
+the limit or the tenant's storage quota, cut off) leaves neither a row nor bytes; an
+accepted one is `processed` or, with line-by-line reasons in `status_details`, `error`.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -17,6 +18,7 @@ from api.db import unix
 from api.errors import InvalidRequest, NotFound, PayloadTooLarge
 from api.models.files import File
 from api.models.tenants import new_id
+from api.services import quotas
 from api.services.pagination import Order, page
 from api.storage import ArtifactStore, AtomicWrite
 from trainer.formats import DatasetScanner
@@ -51,11 +53,20 @@ def check_filename(filename: str, *, purpose: str) -> None:
 class Upload:
     """A file arriving chunk by chunk: stored, hashed, counted and (for datasets) scanned."""
 
-    def __init__(self, store: ArtifactStore, *, tenant_id: str, filename: str, max_bytes: int):
+    def __init__(
+        self,
+        store: ArtifactStore,
+        *,
+        tenant_id: str,
+        filename: str,
+        max_bytes: int,
+        room: quotas.StorageRoom | None = None,
+    ):
         self.file_id = new_id("file-")
         self.tenant_id = tenant_id
         self.filename = PurePosixPath(filename.replace("\\", "/")).name
         self.max_bytes = max_bytes
+        self.room = room  # the tenant's storage quota, as it stood when the upload began
         self.scanner = DatasetScanner()
         self._write = AtomicWrite(store, f"files/{tenant_id}/{self.file_id}")
         self._write.open()
@@ -68,6 +79,12 @@ class Upload:
             raise PayloadTooLarge(
                 f"File exceeds the upload limit of {self.max_bytes} bytes.", param="file"
             )
+        try:
+            if self.room is not None:
+                self.room.check(self.size)
+        except InvalidRequest:
+            self.abort()
+            raise
         self._write.write(chunk)
         self.scanner.feed(chunk)
 
@@ -79,6 +96,10 @@ class Upload:
         try:
             check_purpose(purpose)
             check_filename(self.filename, purpose=purpose)
+            if self.room is not None:
+                # The tenant's other uploads may have landed while this one streamed in.
+                used = quotas.tenant_storage_used(session, tenant_id=self.tenant_id)
+                replace(self.room, used=used).check(self.size)
             stored = self._write.commit()
         except BaseException:
             self.abort()

@@ -7,6 +7,7 @@ re-queued because its worker looked dead, cannot be overwritten by the old run.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -72,11 +73,14 @@ def claim(
     return Claim(job_id=job_id, lease=lease, attempt=job.attempts)
 
 
-def fair_order(session: Session, *, queue: str, tenant_limit: int | None = None) -> list[str]:
-    """The queue's queued jobs in the order workers should take them: round robin across
-    tenants, so one tenant's backlog never starves another. Tenants take turns by when one
-    of their jobs last started (never first), then by their oldest queued job; each tenant's
-    jobs go oldest first, and tenants at `tenant_limit` running jobs are left out."""
+def fair_order(
+    session: Session, *, queue: str, limit_of: Callable[[str], int | None] = lambda _: None
+) -> list[tuple[str, str]]:
+    """The queue's queued jobs, as (job id, tenant id), in the order workers should take
+    them: round robin across tenants, so one tenant's backlog never starves another. Tenants
+    take turns by when one of their jobs last started (never first), then by their oldest
+    queued job; each tenant's jobs go oldest first; a tenant already running `limit_of(it)`
+    jobs (None: no limit) is left out."""
     queued = session.exec(
         select(Job.id, Job.tenant_id)
         .where(Job.status == "queued", Job.queue == queue)
@@ -96,16 +100,16 @@ def fair_order(session: Session, *, queue: str, tenant_limit: int | None = None)
     ).all()
     last_start = {t: aware(started) if started else None for t, started, _ in stats}
     running = {t: int(n) for t, _, n in stats}
-    if tenant_limit is not None:
-        tenants = [t for t in tenants if running.get(t, 0) < tenant_limit]
+    limits = {t: limit_of(t) for t in tenants}
+    tenants = [t for t in tenants if running.get(t, 0) < (limits[t] or float("inf"))]
     # Stable sort: tenants that never started keep the order of their oldest queued job.
     turn = sorted(tenants, key=lambda t: (last_start[t] is not None, last_start[t] or utcnow()))
     per_tenant = {t: [job for job, owner in queued if owner == t] for t in turn}
-    order: list[str] = []
+    order: list[tuple[str, str]] = []
     while any(per_tenant.values()):
         for t in turn:
             if per_tenant[t]:
-                order.append(per_tenant[t].pop(0))
+                order.append((per_tenant[t].pop(0), t))
     return order
 
 

@@ -22,7 +22,14 @@ from api.models.files import File
 from api.models.jobs import ACTIVE, Job, JobCheckpoint, JobEvent
 from api.models.tenants import Tenant
 from api.services.files import FINE_TUNE
+from api.services.limits import (
+    check_backlog,
+    check_job_quota,
+    load_limits,
+    planned_training_tokens,
+)
 from api.services.pagination import page
+from api.services.quotas import storage_room
 from api.settings import Settings
 from trainer.config import TrainConfig, parse_config, resolve_hyperparameters
 from trainer.errors import ConfigError
@@ -205,6 +212,25 @@ def _check_bounds(config: TrainConfig, settings: Settings, *, steps: int, where:
             )
 
 
+def _check_quotas(
+    session: Session, settings: Settings, *, tenant_id: str, train: File, n_epochs: int
+) -> None:
+    """The tenant's jobs per day and training tokens per month (this locks the tenant's
+    row until the job is stored), its backlog of waiting jobs, and room for the result."""
+    planned = planned_training_tokens(file_stats=train.stats, n_epochs=n_epochs)
+    check_job_quota(session, settings, tenant_id=tenant_id, planned_tokens=planned)
+    limits = load_limits(session, settings, tenant_id=tenant_id)
+    check_backlog(session, tenant_id=tenant_id, limit=limits.max_queued_jobs)
+    room = storage_room(session, settings, tenant_id=tenant_id)
+    if room.quota and room.used >= room.quota:
+        raise InvalidRequest(
+            f"You have exceeded your storage quota ({room.quota} bytes; {room.used} in use): "
+            "this job's adapter could not be stored. Delete old files or adapter versions.",
+            param="training_file",
+            code="storage_quota_exceeded",
+        )
+
+
 def create_job(session: Session, settings: Settings, *, tenant_id: str, req: JobRequest) -> Job:
     """Validate everything, then store the job as `queued` (the caller enqueues it)."""
     if req.model not in settings.registered_base_models():
@@ -235,6 +261,7 @@ def create_job(session: Session, settings: Settings, *, tenant_id: str, req: Job
     hp = resolve_hyperparameters(config, n_examples=n_examples)
     steps = total_steps(n_examples=n_examples, n_epochs=hp.n_epochs, batch_size=hp.batch_size)
     _check_bounds(config, settings, steps=steps, where=_hyperparameters(req)[1])
+    _check_quotas(session, settings, tenant_id=tenant_id, train=train, n_epochs=hp.n_epochs)
     if config.checkpoint_interval is None:
         # Four checkpoints a run bounds what a lost worker costs without slowing training.
         config = config.model_copy(update={"checkpoint_interval": max(1, steps // 4)})

@@ -4,10 +4,15 @@ An engine answers OpenAI-shaped bodies: `complete()` returns a whole response,
 `open_stream()` returns chunks whose last one carries `usage` (the gateway drops it when the
 client did not ask for it). Errors are raised before the first chunk whenever possible, so the
 client gets a proper HTTP status rather than a broken stream.
+
+A request carries its own `progress` (tokens the engine has processed and generated so far,
+what metering charges when the client hangs up before the final usage) and a `cancelled`
+flag the gateway sets when the client goes away: the engine stops generating for it.
 """
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -25,11 +30,37 @@ class LocalAdapter:
     path: Path
 
 
+@dataclass
+class Progress:
+    """Tokens one request has cost so far; written by the engine, read by the meter."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def usage(self) -> dict[str, int]:
+        total = self.prompt_tokens + self.completion_tokens
+        return {"prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens, "total_tokens": total}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What the served base model can take: checked before a request reaches the engine."""
+
+    vocab_size: int  # a prompt's token ids must be in [0, vocab_size)
+    context: int  # prompt + completion tokens
+
+
 @dataclass(frozen=True)
 class EngineRequest:
     endpoint: Endpoint
     body: dict[str, Any]  # the client's body, validated; `model` is the client's name
     adapter: LocalAdapter | None  # None: the base model
+    # vLLM's prefix-cache namespace: one per tenant, so no tenant's prompt can hit (and time)
+    # another tenant's cached blocks.
+    cache_salt: str | None = None
+    progress: Progress = field(default_factory=Progress, compare=False)
+    cancelled: threading.Event = field(default_factory=threading.Event, compare=False)
 
 
 @dataclass
@@ -59,6 +90,10 @@ class Engine(ABC):
 
     @abstractmethod
     def status(self) -> list[ReplicaStatus]: ...
+
+    def limits(self) -> ModelLimits | None:
+        """The base model's vocabulary and context, once known (None: not checked yet)."""
+        return None
 
     def ready(self) -> bool:
         return any(r.healthy for r in self.status())

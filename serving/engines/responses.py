@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from serving.engines.transformers import Job
+    from serving.engines.scheduling import Job
 
 
 def _envelope(job: Job, *, chunk: bool) -> dict[str, Any]:
@@ -38,6 +38,16 @@ def whole_response(
 
 
 async def stream_chunks(job: Job) -> AsyncIterator[dict[str, Any]]:
+    """The job's events as chunks; closed before its end (the client went away), it cancels
+    the job, so the engine stops generating for it."""
+    try:
+        async for chunk in _chunks(job):
+            yield chunk
+    finally:
+        job.request.cancelled.set()  # a no-op once the job is done
+
+
+async def _chunks(job: Job) -> AsyncIterator[dict[str, Any]]:
     chat = job.request.endpoint == "chat"
     started: set[int] = set()
     while True:

@@ -4,25 +4,30 @@ torch, transformers and peft are imported inside the engine thread only, so impo
 module (and the gateway) stays light. One thread owns the model: the base loads once,
 adapters load by name (LRU-unloaded past the budget), and the requests waiting when the
 thread is free run as one mixed-adapter batch, `generate(adapter_names=[...])` with
-"__base__" for base rows. Requests batch together when they sample alike; a request with a
-`seed` runs alone, so its seed means what it says.
+"__base__" for base rows. Which rows run together, and in what turns, is scheduling.py's.
+
+Prompts are tokenized (and chat templates rendered) in a small pool of threads, each with
+its own tokenizer: never on the event loop. One tenant's request can never fail another's:
+when a batch fails, each request in it runs again alone and only one that fails alone fails,
+with a generic message (the detail goes to the log, never to another tenant).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
 import time
-import uuid
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from serving.engines.base import Engine, EngineRequest, ReplicaStatus
+from serving.engines.base import Engine, EngineRequest, ModelLimits, ReplicaStatus
 from serving.engines.responses import stream_chunks, whole_response
+from serving.engines.scheduling import Job, Slice, next_batch, requeue
 from serving.engines.textgen import (
     DEFAULT_CHAT_TOKENS,
     DEFAULT_COMPLETION_TOKENS,
@@ -33,35 +38,11 @@ from serving.errors import EngineError, InvalidRequest, no_replica
 
 log = logging.getLogger(__name__)
 REPLICA_NAME = "in-process"
-
-
-@dataclass
-class Job:
-    request: EngineRequest
-    prompts: list[list[int]]
-    limit: int
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue[tuple[Any, ...]] = field(default_factory=asyncio.Queue)
-    response_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-
-    @property
-    def n(self) -> int:
-        return int(self.request.body.get("n") or 1)
-
-    @property
-    def sampling_key(self) -> tuple[Any, ...]:
-        body = self.request.body
-        temperature = body.get("temperature", 1.0)
-        if temperature == 0:
-            return ("greedy",)
-        return ("sample", temperature, body.get("top_p", 1.0), body.get("seed"))
-
-    @property
-    def seeded(self) -> bool:
-        return self.request.body.get("seed") is not None
-
-    def emit(self, *event: Any) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+# Tokenizer threads (each with its own copy: a Rust tokenizer used from two threads at once
+# can fail with "Already borrowed"). Tokenizing releases the GIL; two keep one huge prompt
+# from holding up everyone else's.
+TOKENIZER_THREADS = 2
+FAILED = "The engine could not generate an answer for this request."
 
 
 class TransformersEngine(Engine):
@@ -95,8 +76,10 @@ class TransformersEngine(Engine):
         self._busy = 0
         self.largest_batch = 0  # rows in the biggest generate() so far (observability)
         self.model: Any = None
-        self.tokenizer: Any = None
-        self.request_tokenizer: Any = None
+        self.tokenizer: Any = None  # the engine thread's (decoding)
+        self._tokenizers: queue.SimpleQueue[Any] = queue.SimpleQueue()  # the pool's
+        self._tokenizing = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tokenize")
+        self._limits: ModelLimits | None = None
 
     async def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="transformers-engine", daemon=True)
@@ -113,6 +96,10 @@ class TransformersEngine(Engine):
             self._wake.notify_all()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30)
+        self._tokenizing.shutdown(wait=False, cancel_futures=True)
+
+    def limits(self) -> ModelLimits | None:
+        return self._limits
 
     def status(self) -> list[ReplicaStatus]:
         return [
@@ -126,46 +113,64 @@ class TransformersEngine(Engine):
 
     # Requests (event loop side) ----------------------------------------------------------
 
-    def _submit(self, request: EngineRequest) -> Job:
-        if not self._ready.is_set() or self._failed is not None:
+    async def _submit(self, request: EngineRequest) -> Job:
+        if not self._ready.is_set() or self._failed is not None or self._limits is None:
             raise no_replica(5)
-        check_supported(request.body)
-        prompts = prompt_token_ids(self.request_tokenizer, request.endpoint, request.body)
-        default = DEFAULT_CHAT_TOKENS if request.endpoint == "chat" else DEFAULT_COMPLETION_TOKENS
-        asked = request.body.get("max_completion_tokens") or request.body.get("max_tokens")
-        context = int(getattr(self.model.config, "max_position_embeddings", 2048))
-        longest = max(len(p) for p in prompts)
-        if longest + (asked or 1) > context:
-            raise InvalidRequest(
-                f"This model's maximum context length is {context} tokens; the prompt has "
-                f"{longest} and {asked or 1} more were requested.",
-                param="messages" if request.endpoint == "chat" else "prompt",
-                code="context_length_exceeded",
-            )
-        limit = min(asked or default, context - longest)
-        job = Job(request=request, prompts=prompts, limit=limit, loop=asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        prompts, limit = await loop.run_in_executor(
+            self._tokenizing, self._prepare, request, self._limits.context
+        )
+        job = Job(request=request, prompts=prompts, limit=limit, loop=loop)
         with self._wake:
             self._pending.append(job)
             self._wake.notify()
         return job
 
+    def _prepare(self, request: EngineRequest, context: int) -> tuple[list[list[int]], int]:
+        """Tokenize and check one request (in a tokenizer thread): (prompts, token limit)."""
+        check_supported(request.body)
+        tokenizer = self._tokenizers.get()
+        try:
+            prompts = prompt_token_ids(tokenizer, request.endpoint, request.body)
+        finally:
+            self._tokenizers.put(tokenizer)
+        param = "messages" if request.endpoint == "chat" else "prompt"
+        if not prompts or not all(prompts):
+            raise InvalidRequest("A prompt has no tokens.", param=param, code="empty_prompt")
+        default = DEFAULT_CHAT_TOKENS if request.endpoint == "chat" else DEFAULT_COMPLETION_TOKENS
+        asked = request.body.get("max_completion_tokens") or request.body.get("max_tokens")
+        longest = max(len(p) for p in prompts)
+        if longest + (asked or 1) > context:
+            raise InvalidRequest(
+                f"This model's maximum context length is {context} tokens; the prompt has "
+                f"{longest} and {asked or 1} more were requested.",
+                param=param,
+                code="context_length_exceeded",
+            )
+        return prompts, min(asked or default, context - longest)
+
     async def complete(self, request: EngineRequest) -> dict[str, Any]:
-        job = self._submit(request)
+        job = await self._submit(request)
         texts: dict[int, list[str]] = {}
         reasons: dict[int, str] = {}
-        while True:
-            event = await job.events.get()
-            if event[0] == "delta":
-                texts.setdefault(event[1], []).append(event[2])
-            elif event[0] == "finish":
-                reasons[event[1]] = event[2]
-            elif event[0] == "error":
-                raise event[1]
-            elif event[0] == "done":
-                return whole_response(job, texts, reasons, usage=event[1])
+        event: tuple[Any, ...] = ("",)
+        try:
+            while True:
+                event = await job.events.get()
+                if event[0] == "delta":
+                    texts.setdefault(event[1], []).append(event[2])
+                elif event[0] == "finish":
+                    reasons[event[1]] = event[2]
+                elif event[0] == "error":
+                    raise event[1]
+                elif event[0] == "done":
+                    return whole_response(job, texts, reasons, usage=event[1])
+        finally:
+            if event[0] != "done":  # the caller went away (cancelled): stop its rows
+                request.cancelled.set()
 
     async def open_stream(self, request: EngineRequest) -> AsyncIterator[dict[str, Any]]:
-        job = self._submit(request)
+        job = await self._submit(request)
         return stream_chunks(job)
 
     # The engine thread -------------------------------------------------------------------
@@ -183,41 +188,64 @@ class TransformersEngine(Engine):
             batch = self._next_batch()
             if batch is None:
                 return
-            self._busy = len(batch)
-            self.largest_batch = max(self.largest_batch, len(batch))
+            rows = sum(part.size for part in batch)
+            self._busy = rows
+            self.largest_batch = max(self.largest_batch, rows)
             try:
-                self._generate(batch)
-            except BaseException as e:
-                log.exception("generation failed")
-                for job in batch:
-                    job.emit("error", EngineError(f"generation failed: {type(e).__name__}: {e}"))
+                self._run_batch(batch)
             finally:
                 self._busy = 0
+                with self._wake:
+                    requeue(self._pending, batch)
 
-    def _next_batch(self) -> list[Job] | None:
+    def _next_batch(self) -> list[Slice] | None:
         with self._wake:
-            while not self._pending and not self._stopped:
-                self._wake.wait()
-            if self._stopped:
-                return None
-            deadline = time.monotonic() + self.batch_window
-            while len(self._pending) < self.max_batch_size and not self._stopped:
-                left = deadline - time.monotonic()
-                if left <= 0 or not self._wake.wait(left):
-                    break
-            head = self._pending.popleft()
-            batch, rest = [head], deque[Job]()
-            rows = len(head.prompts) * head.n
-            while self._pending:
-                job = self._pending.popleft()
-                fits = rows + len(job.prompts) * job.n <= self.max_batch_size
-                if fits and not head.seeded and job.sampling_key == head.sampling_key:
-                    batch.append(job)
-                    rows += len(job.prompts) * job.n
-                else:
-                    rest.append(job)
-            self._pending.extendleft(reversed(rest))
-            return batch
+            while True:
+                while not self._pending and not self._stopped:
+                    self._wake.wait()
+                if self._stopped:
+                    return None
+                deadline = time.monotonic() + self.batch_window
+                while len(self._pending) < self.max_batch_size and not self._stopped:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not self._wake.wait(left):
+                        break
+                batch = next_batch(self._pending, max_rows=self.max_batch_size)
+                if batch:
+                    return batch
+
+    def _run_batch(self, batch: list[Slice]) -> None:
+        """Generate for `batch`; if that fails, each request runs again alone, and only one
+        that fails alone fails (one that was already sent text cannot run again)."""
+        error, emitted = self._attempt(batch)
+        if error is None:
+            return
+        if len(batch) > 1:
+            log.warning("a batch of %d requests failed (%s: %s); running each alone",
+                        len(batch), type(error).__name__, error)  # fmt: skip
+        for part in batch:
+            retry = len(batch) > 1 and id(part.job) not in emitted
+            alone = self._attempt([part])[0] if retry else error
+            if alone is not None:
+                self._fail(part.job, alone)
+
+    def _attempt(self, batch: list[Slice]) -> tuple[BaseException | None, set[int]]:
+        """One generate() over `batch`: the error it raised, if any, and the jobs it sent
+        output to."""
+        from serving.engines.batching import BatchStreamer
+
+        streamer = BatchStreamer(batch, tokenizer=self.tokenizer)
+        try:
+            self._generate(batch, streamer)
+        except BaseException as e:  # whatever it was, the engine thread must live on
+            streamer.rollback()
+            return e, streamer.emitted
+        return None, streamer.emitted
+
+    def _fail(self, job: Job, error: BaseException) -> None:
+        log.error("request %s failed in generation", job.response_id, exc_info=error)
+        job.failed = True
+        job.emit("error", EngineError(FAILED))
 
     def _load_base(self) -> None:
         import torch
@@ -228,13 +256,16 @@ class TransformersEngine(Engine):
         base_dir = self.load_base()
         dtype = torch.bfloat16 if self.dtype == "bfloat16" else torch.float32
         self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
-        # A second copy for the event loop: a Rust tokenizer used from two threads at once
-        # can fail with "Already borrowed".
-        self.request_tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        for _ in range(TOKENIZER_THREADS):
+            self._tokenizers.put(AutoTokenizer.from_pretrained(base_dir))
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).eval()
+        self._limits = ModelLimits(
+            vocab_size=int(self.model.get_input_embeddings().num_embeddings),
+            context=int(getattr(self.model.config, "max_position_embeddings", 2048)),
+        )
 
     def _ensure_adapters(self, names: dict[str, Path]) -> None:
         from peft import PeftModel
@@ -254,22 +285,24 @@ class TransformersEngine(Engine):
             self.model.eval()
             self.loaded[name] = None
 
-    def _generate(self, batch: list[Job]) -> None:
+    def _generate(self, batch: list[Slice], streamer: Any) -> None:
         import torch
 
-        from serving.engines.batching import BatchStreamer, generate_kwargs
+        from serving.engines.batching import generate_kwargs
 
         adapters = {
-            j.request.adapter.name: j.request.adapter.path for j in batch if j.request.adapter
+            p.job.request.adapter.name: p.job.request.adapter.path
+            for p in batch
+            if p.job.request.adapter
         }
         self._ensure_adapters(adapters)
-        streamer = BatchStreamer(batch, tokenizer=self.tokenizer)
         kwargs = generate_kwargs(
             batch, streamer=streamer, tokenizer=self.tokenizer, peft=bool(self.loaded)
         )
-        seed = batch[0].request.body.get("seed")
+        seed = batch[0].seed
         if seed is not None:
-            torch.manual_seed(int(seed))
+            torch.manual_seed(seed)
+        streamer.begin()
         with torch.inference_mode():
             self.model.generate(**kwargs)
         streamer.finish()

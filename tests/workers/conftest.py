@@ -69,6 +69,7 @@ def worker_env(settings: Settings) -> dict[str, str]:
         "LORAPLEX_HEARTBEAT_TIMEOUT": str(settings.heartbeat_timeout),
         "LORAPLEX_MAX_RUNNING_JOBS_PER_TENANT": str(settings.max_running_jobs_per_tenant),
         "LORAPLEX_REDISPATCH_AFTER": str(settings.redispatch_after),
+        "LORAPLEX_TRAINING_HANG_TIMEOUT": str(settings.training_hang_timeout),
     }
 
 

@@ -69,6 +69,7 @@ def test_a_run_hung_holding_the_gil_is_stopped_failed_and_the_queue_goes_on(
     live_url: str, settings: Settings, start_worker
 ) -> None:
     hostile, quiet = _sdk(live_url, settings, "hostile"), _sdk(live_url, settings, "quiet")
+    settings.training_hang_timeout = 3  # 60 s by default
     first = start_worker(wrapper=[sys.executable, HANG_IN_C])
     hung = hostile.fine_tuning.jobs.create(
         model=TINY,
