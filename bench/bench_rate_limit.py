@@ -59,14 +59,16 @@ def setup(work: Path, *, tenants: int) -> tuple[Any, list[str]]:
     return settings, keys
 
 
-def start_gateway(settings: Any, *, port: int, limiter: bool, work: Path) -> Any:
+def start_gateway(
+    settings: Any, *, port: int, limiter: bool, work: Path, engine: str = "transformers"
+) -> Any:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")} | {
         "LORAPLEX_HOME": str(settings.home),
         "LORAPLEX_DATABASE_URL": settings.database_url,
         "LORAPLEX_STORAGE_URL": settings.storage_url,
         "LORAPLEX_BASE_MODEL": settings.base_model,
         "LORAPLEX_BASE_MODELS": json.dumps(settings.base_models),
-        "LORAPLEX_SERVING_ENGINE": "transformers",
+        "LORAPLEX_SERVING_ENGINE": engine,
         "LORAPLEX_SERVING_DTYPE": "float32",
         "LORAPLEX_SERVING_MAX_BATCH_SIZE": "16",
         "LORAPLEX_SERVING_TORCH_THREADS": "1",
