@@ -31,7 +31,7 @@ from serving.engines.base import Engine
 from serving.errors import no_replica
 from serving.gateway import Gateway
 from serving.metrics import GatewayMetrics
-from serving.ratelimit import RateLimiter
+from serving.ratelimit import RateLimiter, RefuseBeforeBody
 from serving.replicas import ReplicaProcess, RestartBackoff
 from serving.schemas import ChatCompletionRequest, CompletionRequest, Endpoint, SamplingRequest
 from serving.setup import EngineSetup, build_engine
@@ -53,8 +53,11 @@ def get_gateway(request: Request) -> Gateway:
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 
 
-def get_limiter(request: Request) -> RateLimiter:
+def get_limiter(request: Request, tenant_id: TenantDep) -> RateLimiter:
+    """The limiter, told whose key this is: authentication runs even when the body turns
+    out invalid, so a tenant sending only malformed bodies is known (RefuseBeforeBody)."""
     limiter: RateLimiter = request.app.state.rate_limiter
+    limiter.remember(request.headers.get("authorization"), tenant_id=tenant_id)
     return limiter
 
 
@@ -156,6 +159,7 @@ def mount_gateway(app: FastAPI, settings: Settings, *, engine: Engine | None = N
     """
     app.include_router(router)
     app.state.rate_limiter = RateLimiter(settings)
+    app.add_middleware(RefuseBeforeBody)
     runtime = ServingRuntime(settings, metrics=GatewayMetrics(app.state.registry), engine=engine)
     inner = app.router.lifespan_context
 

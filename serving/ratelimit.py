@@ -32,8 +32,12 @@ from typing import Any
 
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.db import get_engine
+from api.errors import LoraplexError, render
 from api.services.limits import Limits, load_limits, rate_limited, window_headers
+from api.services.tenants import hash_key
 from api.settings import Settings
 from serving.schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest
 
@@ -42,6 +46,8 @@ PER_MESSAGE_TOKENS = 4  # the chat template's role markers around each message
 # Reserved per choice when the request sets no max_tokens: a typical answer, not the context
 # length (that would refuse short chats of tenants with small limits); settled afterwards.
 UNSET_MAX_TOKENS = 256
+MAX_REMEMBERED_KEYS = 100_000  # keys -> tenants a gateway remembers; forgotten all at once
+PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 
 
 @dataclass
@@ -107,6 +113,56 @@ class RateLimiter:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._tenants: dict[str, TenantState] = {}
+        self._callers: dict[str, str] = {}  # sha256 of a key -> its tenant, as authenticated
+
+    def remember(self, authorization: str | None, *, tenant_id: str) -> None:
+        """Note whose key this is (it just authenticated), for `refusal_before_body`."""
+        if not authorization or not self.settings.rate_limits_enabled:
+            return
+        if len(self._callers) >= MAX_REMEMBERED_KEYS:
+            self._callers.clear()
+        self._callers[hash_key(authorization)] = tenant_id
+
+    def caller(self, authorization: str | None) -> str | None:
+        return self._callers.get(hash_key(authorization)) if authorization else None
+
+    async def refusal_before_body(self, tenant_id: str) -> Exception | None:
+        """The 429 for a tenant already out of requests this minute, or None: decided from
+        the buckets (the limits cached as for admission), without the body, so a flood
+        costs the gateway next to nothing. It only refuses: admission still does the rest."""
+        if not self.settings.rate_limits_enabled:
+            return None
+        state = await self._own_state(tenant_id)
+        limit = state.limits.requests_per_minute
+        if not limit:
+            return None
+        bucket = self._bucket(state, "requests", limit, time.monotonic())
+        if bucket.level >= 1:
+            return None
+        return self._refused(state, state.buckets, kind="requests", cost=1, tenant_id=tenant_id)
+
+    async def charge_refused(self, tenant_id: str) -> None:
+        """A request refused as malformed or out of bounds still counts against the
+        tenant's requests (it cost a parse), so a stream of them is rate limited too."""
+        if not self.settings.rate_limits_enabled:
+            return
+        state = await self._own_state(tenant_id)
+        if state.limits.requests_per_minute:
+            bucket = self._bucket(
+                state, "requests", state.limits.requests_per_minute, time.monotonic()
+            )
+            bucket.level = max(0.0, bucket.level - 1)
+
+    async def _own_state(self, tenant_id: str) -> TenantState:
+        """`_state` outside a request's session (middleware has none): one of its own, opened
+        only when the cached limits are due a refresh."""
+        state = self._tenants.get(tenant_id)
+        refresh = self.settings.rate_limit_refresh_seconds
+        if state is not None and time.monotonic() - state.fetched < refresh:
+            return state
+        return await self._state(
+            Session(get_engine(self.settings.database_url)), tenant_id=tenant_id
+        )
 
     async def admit(self, session: Session, *, tenant_id: str, body: SamplingRequest) -> Grant:
         """Take one request and the body's token reservation, or raise RateLimited (429)."""
@@ -238,3 +294,44 @@ def _prompt_tokens(prompt: str | list[str] | list[int] | list[list[int]]) -> tup
     for p in prompt:
         tokens += len(p) // CHARS_PER_TOKEN if isinstance(p, str) else len(p)  # type: ignore[arg-type]
     return tokens, max(1, len(prompt))
+
+
+class RefuseBeforeBody:
+    """ASGI middleware on the completion routes: a tenant out of requests gets its 429
+    before its body is read or parsed (a 3 MB prompt, 50,000 stop strings), and every 400
+    it is answered counts against its requests. The tenant is known from a key that
+    authenticated on this gateway before; an unknown key goes the normal way."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in PATHS:
+            await self.app(scope, receive, send)
+            return
+        limiter: RateLimiter = scope["app"].state.rate_limiter
+        authorization = _header(scope, b"authorization")
+        tenant_id = limiter.caller(authorization)
+        refusal = await limiter.refusal_before_body(tenant_id) if tenant_id else None
+        if isinstance(refusal, LoraplexError):
+            await render(refusal)(scope, receive, send)
+            return
+        status = 0
+
+        async def watch(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        await self.app(scope, receive, watch)
+        tenant_id = tenant_id or limiter.caller(authorization)
+        if status == 400 and tenant_id:
+            await limiter.charge_refused(tenant_id)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value).decode("latin-1")
+    return None

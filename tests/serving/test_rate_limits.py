@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -231,3 +232,34 @@ def test_rate_limits_are_documented(platform: Platform) -> None:
         assert set(WINDOW_HEADERS) | {"Retry-After"} <= set(too_many["headers"])
     limits = schema["paths"]["/v1/admin/tenants/{tenant_id}/limits"]
     assert {"get", "patch"} <= set(limits)
+
+
+def test_refused_bodies_count_and_an_exhausted_tenant_is_refused_before_its_body(
+    platform: Platform,
+) -> None:
+    """A stream of bodies the bounds refuse (50,000 stop strings: a 400 each) is rate
+    limited like any other; once out of requests, the 429 comes before the body is read, so
+    a flood of 3 MB prompts costs the gateway no parse (issue 13)."""
+    key = platform.tenant(requests_per_minute=3)
+    bomb = chat_body(stop=[f"s{i}" for i in range(50_000)])
+    codes = [
+        httpx.post(
+            f"{platform.url}/v1/chat/completions", json=bomb, headers=bearer(key), timeout=60
+        ).status_code
+        for _ in range(5)
+    ]
+    assert codes == [400, 400, 400, 429, 429]
+    # Headers that promise a 1 MB body, and no body at all: answered at once, not after the
+    # body idle timeout (or never).
+    host, port = platform.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            + f"Authorization: Bearer {key}\r\n".encode()
+            + b"Content-Type: application/json\r\nContent-Length: 1000000\r\n\r\n"
+        )
+        started = time.monotonic()
+        head = conn.recv(65536).decode(errors="replace")
+    assert head.startswith("HTTP/1.1 429") and time.monotonic() - started < 5, head
+    assert "rate_limit_exceeded" in head and "retry-after:" in head.lower()
+    assert post(platform, platform.tenant()).status_code == 200  # others are served
