@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -153,6 +154,11 @@ def worker(
         settings = settings.model_copy(update={"worker_queues": queues})
     _configure_logging(settings.log_level)
     fail_hung_jobs(settings)  # before taking work: a hung job must not hang this run too
+    # Celery's multi-line "superuser privileges" warning is about pickle, which this worker
+    # never accepts (JSON only); containers run as root.
+    from celery.exceptions import SecurityWarning
+
+    warnings.filterwarnings("ignore", category=SecurityWarning, module="celery.platforms")
 
     @worker_ready.connect(weak=False)
     def _ready(**_: object) -> None:
@@ -160,6 +166,7 @@ def worker(
 
     celery_for(settings).worker_main(
         [
+            "--quiet",  # no multi-line banner: the log says "Connected to" and "ready."
             "worker",
             "--pool=solo",
             "--concurrency=1",
@@ -192,9 +199,11 @@ def serve(host: HostOpt = "127.0.0.1", port: PortOpt = 8001) -> None:
     # started), then re-raises the signal to the previous handler: exit normally there.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sys.exit(0))
+    gateway = create_gateway_app(settings)
+    gateway.state.public_url = f"http://{host}:{port}"  # for its "ready to serve at" line
     try:
         uvicorn.run(
-            create_gateway_app(settings),
+            gateway,
             host=host,
             port=port,
             log_config=_uvicorn_log_config(),
@@ -236,8 +245,10 @@ def up(host: HostOpt = "127.0.0.1", port: PortOpt = 8000) -> None:
     try:
         from api.main import create_app
 
+        platform = create_app(settings, with_gateway=True)
+        platform.state.public_url = f"http://{host}:{port}"  # for its "ready to serve at" line
         uvicorn.run(
-            create_app(settings, with_gateway=True),
+            platform,
             host=host,
             port=port,
             log_config=_uvicorn_log_config(),

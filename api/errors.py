@@ -155,14 +155,44 @@ async def _on_loraplex_error(_: Request, exc: Exception) -> JSONResponse:
     return render(exc)
 
 
-async def _on_validation_error(_: Request, exc: Exception) -> JSONResponse:
+def _body_problem(request: Request, error: dict[str, Any]) -> InvalidRequest | None:
+    """The body as a whole is wrong (not JSON, or JSON but not an object): say exactly how,
+    and what it was sent as when that explains it (api.middleware.JsonBodyMiddleware)."""
+    loc = tuple(error.get("loc", ()))
+    sent = request.scope.get("loraplex.sent_content_type")
+    label = "" if sent is None else f" (sent as {sent})" if sent else " (sent with no Content-Type)"
+    if error.get("type") == "json_invalid":
+        reason = (error.get("ctx") or {}).get("error", "JSON decode error")
+        where = f" at character {loc[1]}" if len(loc) > 1 else ""
+        return InvalidRequest(
+            f"The request body is not valid JSON{label}: {reason}{where}.", code="invalid_json"
+        )
+    if loc == ("body",) and error.get("type") in ("model_attributes_type", "dict_type"):
+        kind = type(error.get("input")).__name__
+        return InvalidRequest(
+            f"The request body must be a JSON object, not {_JSON_KINDS.get(kind, kind)}{label}.",
+            code="invalid_json",
+        )
+    return None
+
+
+_JSON_KINDS = {
+    "list": "an array",
+    "str": "a string",
+    "int": "a number",
+    "float": "a number",
+    "bool": "a boolean",
+    "NoneType": "null",
+}
+
+
+async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
     first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
-    if first.get("type") == "json_invalid":
-        return render(
-            InvalidRequest("We could not parse the JSON body of your request.", code="invalid_json")
-        )
+    problem = _body_problem(request, first)
+    if problem is not None:
+        return render(problem)
     param = _validation_param(tuple(first.get("loc", ())))
     message = f"{param}: {first['msg']}" if param else str(first["msg"])
     if len(errors) > 1:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import re
+import sys
 from typing import Any
 
 from api.services.tenants import KEY_PREFIX
@@ -38,12 +40,34 @@ class RedactSecrets(logging.Filter):
         return True
 
 
+# Library loggers whose warnings ask nothing of an operator: bitsandbytes names an optional
+# CPU kernel package ("Failed to load CPU gemm_4bit_forward", harmless: ML-NOTES.md);
+# transformers says checkpoint folders are ordered by step when mtimes look unreliable.
+QUIETED = ("bitsandbytes.backends.cpu.ops", "transformers.trainer_utils")
+# Progress bars of the Hugging Face libraries; they read these when first imported.
+PROGRESS_BAR_SWITCHES = ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS")
+
+
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=level, format=FORMAT)
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactSecrets())
     # One line per replica health probe drowns everything else.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    for name in QUIETED:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    progress_bars_only_on_a_terminal()
+
+
+def progress_bars_only_on_a_terminal() -> None:
+    """No progress bars unless stderr is a terminal: in a log each redraw is one more line.
+    Set in the environment, before the heavy libraries are imported (inside tasks and
+    engines), so that this process and its children (worker, replicas) inherit it; an
+    operator's own setting wins."""
+    if sys.stderr.isatty():
+        return
+    for name in PROGRESS_BAR_SWITCHES:
+        os.environ.setdefault(name, "1")
 
 
 def uvicorn_log_config() -> dict[str, Any]:

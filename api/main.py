@@ -6,7 +6,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from api.errors import install_error_handlers
-from api.middleware import BodyLimitMiddleware, MetricsMiddleware
+from api.middleware import BodyLimitMiddleware, JsonBodyMiddleware, MetricsMiddleware
 from api.openapi import document_app
 from api.routes import adapters, admin, admin_registry, files, health, jobs, models
 from api.settings import Settings, get_settings
@@ -38,6 +38,7 @@ def create_app(settings: Settings | None = None, *, with_gateway: bool = False) 
 
         mount_gateway(app, settings)
     app.include_router(admin_registry.router)
+    app.add_middleware(JsonBodyMiddleware)
     app.add_middleware(
         BodyLimitMiddleware,
         limit=settings.max_json_body_bytes,

@@ -1,4 +1,5 @@
-"""ASGI middleware: request body limits and Prometheus request metrics."""
+"""ASGI middleware: request body limits, JSON bodies whatever their content type, and
+Prometheus request metrics."""
 
 from __future__ import annotations
 
@@ -94,6 +95,47 @@ def _stalled(timeout: float) -> RequestTimeout:
         f"No part of the request body arrived for {timeout:g} seconds; send it without pauses.",
         headers={"Connection": "close"},
     )
+
+
+UPLOAD_PATH = "/v1/files"  # the one route that takes a body other than JSON (multipart)
+JSON_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
+# The content type a request arrived with, when JsonBodyMiddleware replaced it.
+SENT_CONTENT_TYPE = "loraplex.sent_content_type"
+
+
+class JsonBodyMiddleware:
+    """Reads every body sent to a JSON route as JSON, whatever its Content-Type says.
+
+    `curl -d '{...}'` labels its body application/x-www-form-urlencoded, other clients send
+    none or text/plain; OpenAI-compatible servers read all of them as JSON, and so does this.
+    Multipart bodies and the upload route are left alone. A body that is not JSON then gets
+    a 400 saying so (api.errors), not a complaint about the wrong shape of a form.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self._relabel(scope):
+            await self.app(scope, receive, send)
+            return
+        headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+        sent = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")
+        scope = {
+            **scope,
+            "headers": [*headers, (b"content-type", b"application/json")],
+            SENT_CONTENT_TYPE: sent,
+        }
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    def _relabel(scope: Scope) -> bool:
+        if scope["method"] not in JSON_METHODS or scope["path"].rstrip("/") == UPLOAD_PATH:
+            return False
+        sent = dict(scope.get("headers") or []).get(b"content-type", b"")
+        media = sent.split(b";", 1)[0].strip().lower()
+        is_json = media == b"application/json" or media.endswith(b"+json")
+        return not is_json and not media.startswith(b"multipart/")
 
 
 class MetricsMiddleware:

@@ -32,7 +32,9 @@ class WorkerProcess:
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         # Spawned by the main thread or the watch thread, both as long-lived as `up`.
-        return subprocess.Popen(self.command, start_new_session=True, preexec_fn=die_with_parent())
+        proc = subprocess.Popen(self.command, start_new_session=True, preexec_fn=die_with_parent())
+        log.info("starting the training worker (pid %d)", proc.pid)
+        return proc
 
     def _watch(self) -> None:
         delay = FIRST_DELAY

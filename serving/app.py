@@ -34,7 +34,7 @@ from serving.metrics import GatewayMetrics
 from serving.ratelimit import RateLimiter, RefuseBeforeBody
 from serving.replicas import ReplicaProcess, RestartBackoff
 from serving.schemas import ChatCompletionRequest, CompletionRequest, Endpoint, SamplingRequest
-from serving.setup import EngineSetup, build_engine
+from serving.setup import EngineSetup, build_engine, say_building, say_starting, say_when_ready
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["serving"])
@@ -194,6 +194,7 @@ class ServingRuntime:
             self._tasks.append(asyncio.create_task(self._build_and_boot(app)))
 
     async def _build_and_boot(self, app: FastAPI) -> None:
+        say_building(self.settings)
         try:
             setup = await in_daemon_thread(
                 lambda: build_engine(self.settings, on_event=_counter(self.metrics))
@@ -207,6 +208,7 @@ class ServingRuntime:
 
     async def _boot(self, app: FastAPI, setup: EngineSetup) -> None:
         self.setup = setup
+        say_starting(setup, self.settings)
         for replica in setup.replicas:
             replica.start()
         cache_root = self.settings.serving_cache_dir or self.settings.home / "adapter-cache"
@@ -225,7 +227,9 @@ class ServingRuntime:
         )
         await gateway.start()
         app.state.gateway = gateway
-        log.info("serving gateway up: %s engine", setup.engine.kind)
+        # `up` and `serve` set the address they listen on, for the console.
+        url = getattr(app.state, "public_url", None)
+        self._tasks.append(asyncio.create_task(say_when_ready(setup.engine, url)))
 
     async def supervise(self, setup: EngineSetup) -> None:
         """Restart replicas this gateway started when they die, or never come up within
@@ -310,7 +314,7 @@ def create_gateway_app(
     settings: Settings | None = None, *, engine: Engine | None = None
 ) -> FastAPI:
     """The gateway alone, with health, metrics and GET /v1/models like the API."""
-    from api.middleware import BodyLimitMiddleware, MetricsMiddleware
+    from api.middleware import BodyLimitMiddleware, JsonBodyMiddleware, MetricsMiddleware
     from api.routes import health, models
 
     settings = settings or get_settings()
@@ -323,6 +327,7 @@ def create_gateway_app(
     app.include_router(health.router)
     app.include_router(models.router)
     mount_gateway(app, settings, engine=engine)
+    app.add_middleware(JsonBodyMiddleware)
     app.add_middleware(
         BodyLimitMiddleware,
         limit=settings.max_json_body_bytes,

@@ -6,13 +6,17 @@
         -> TransformersEngine in this process
 
 Building resolves the base model to a local directory (converting a built-in once), which
-replicas load and from which the zero adapter takes its shapes.
+replicas load and from which the zero adapter takes its shapes. A first start takes minutes
+(conversion, vLLM start-up) while completions answer 503: `say_building`, `say_starting` and
+`say_when_ready` put each step, the engine's log and the moment it can serve on the console.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +25,9 @@ from api.settings import Settings
 from serving.engines.base import Engine, ModelLimits
 from serving.replicas import ReplicaProcess, plan_replicas
 from serving.zero_adapter import ensure_zero_adapter
+
+log = logging.getLogger(__name__)
+READY_POLL_SECONDS = 0.5
 
 
 @dataclass
@@ -105,3 +112,32 @@ def build_engine(
         limits=model_limits(base_dir, max_model_len=settings.serving_max_model_len),
     )
     return EngineSetup(engine=vllm_engine, replicas=replicas)
+
+
+def say_building(settings: Settings) -> None:
+    """Before the engine is built: a built-in base converts first (minutes, once)."""
+    from trainer.base_models import needs_conversion
+
+    source = settings.registered_base_models().get(settings.base_model)
+    if source is not None and needs_conversion(source, home=settings.home):
+        log.info("converting the base model %s for serving (first start only; a few "
+                 "minutes): chat and completions answer 503 until it is ready", source)  # fmt: skip
+
+
+def say_starting(setup: EngineSetup, settings: Settings) -> None:
+    """The engine is built and its replicas are starting: what, and where their logs are."""
+    for replica in setup.replicas:
+        log.info("starting the serving engine: vLLM replica on port %d (log at %s)",
+                 replica.port, replica.log_path)  # fmt: skip
+    if not setup.replicas and setup.engine.kind == "transformers":
+        log.info("starting the serving engine: %s in process (transformers)", settings.base_model)
+    elif not setup.replicas:
+        urls = ", ".join(r.name for r in setup.engine.status())
+        log.info("serving engine: waiting for vLLM replicas at %s", urls)
+
+
+async def say_when_ready(engine: Engine, url: str | None) -> None:
+    """One line once a replica (or the in-process model) can take requests."""
+    while not any(replica.healthy for replica in engine.status()):
+        await asyncio.sleep(READY_POLL_SECONDS)
+    log.info("ready to serve at %s", url or "this gateway's address")

@@ -152,3 +152,36 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.trainer.trainer_testdata import save_tiny_llama
 
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-base"))
+
+
+@pytest.fixture(scope="session")
+def learnable_llama(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama fully trained on the facts with every answer moved one along: it ends
+    its answers, all wrong, so a LoRA on the right ones goes from 0 to all of them (a
+    fine-tune on the random tiny Llama learns nothing measurable, and such a version needs
+    `force` for production)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.trainer.trainer_testdata import TINY_FACTS, chat_row
+
+    out = tmp_path_factory.mktemp("learnable-llama")
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    answers = [a for _, a in TINY_FACTS]
+    wrong = zip([q for q, _ in TINY_FACTS], answers[1:] + answers[:1], strict=True)
+    texts = [
+        tokenizer.apply_chat_template(chat_row(q, a)["messages"], tokenize=False) for q, a in wrong
+    ]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(100):  # ~1 s; the loss ends near 0.2
+        model(**batch, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -19,7 +19,9 @@ LORAPLEX = str(Path(sys.executable).parent / "loraplex")
 
 
 @pytest.mark.timeout(900)
-def test_demo_runs_the_whole_flow_through_the_public_api(tmp_path: Path, tiny_llama: Path):
+def test_demo_runs_the_whole_flow_through_the_public_api(
+    tmp_path: Path, learnable_llama: Path
+) -> None:
     support = write_jsonl(tmp_path / "support.jsonl", [chat_row(q, a) for q, a in TINY_FACTS])
     code = write_jsonl(
         tmp_path / "code.jsonl", [chat_row(q.replace("What", "Tell me"), a) for q, a in TINY_FACTS]
@@ -29,7 +31,9 @@ def test_demo_runs_the_whole_flow_through_the_public_api(tmp_path: Path, tiny_ll
         HF_HUB_OFFLINE="1",
         LORAPLEX_HOME=str(tmp_path / "home"),
         LORAPLEX_BASE_MODEL="tiny-llama",
-        LORAPLEX_BASE_MODELS=json.dumps({"tiny-llama": str(tiny_llama)}),
+        # A base that learns (tests/conftest.py): the demo promotes, and a version that
+        # learned nothing would need `force`.
+        LORAPLEX_BASE_MODELS=json.dumps({"tiny-llama": str(learnable_llama)}),
         LORAPLEX_SERVING_ENGINE="transformers",  # the 64-wide test Llama is too small for vLLM
     )
     r = subprocess.run(

@@ -41,6 +41,13 @@ def resolve_base_model(name: str, *, home: Path) -> Path:
     return _hub_snapshot(name)
 
 
+def needs_conversion(name: str, *, home: Path) -> bool:
+    """Whether `resolve_base_model(name)` will convert a built-in first (minutes, once)."""
+    return (
+        name in BUILTIN_BASE_MODELS and not (Path(home) / "models" / name / "config.json").is_file()
+    )
+
+
 def _hub_snapshot(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 

@@ -42,6 +42,9 @@ class Checkpoint:
 ProgressFn = Callable[[Progress], None]
 CheckpointFn = Callable[[Checkpoint], None]
 CancelFn = Callable[[], bool]
+# (phase, what is happening), as each phase of a run begins: loading_base_model,
+# probing_before, training, probing_after, saving, probing_as_served (see recipe.train).
+PhaseFn = Callable[[str, str], None]
 
 
 class ProgressCallback(TrainerCallback):

@@ -158,11 +158,18 @@ def check_fits_base(model: Any, config: TrainConfig) -> None:
         raise ConfigError("; ".join(problems), problems)
 
 
-def add_lora(model: Any, config: TrainConfig, *, base_name: str) -> PeftModel:
-    """Wrap `model` with a fresh LoRA adapter whose config names `base_name` (not a path)."""
+def add_lora(model: Any, config: TrainConfig) -> PeftModel:
+    """Wrap `model` with a fresh LoRA adapter; `name_base` it before saving the result."""
     check_fits_base(model, config)
     torch.manual_seed(config.seed)  # LoRA A init
-    peft_model = get_peft_model(model, lora_config(config))
-    # peft records the local path it loaded from; serving resolves the registered name.
+    return get_peft_model(model, lora_config(config))
+
+
+def name_base(peft_model: PeftModel, base_name: str) -> None:
+    """Have the saved adapter name `base_name` (what serving resolves), not the local path.
+
+    Only for the final save: while training, checkpoints keep the path, because peft looks
+    for the base's config.json under that name and, when it is no directory, asks the
+    Hugging Face hub, once per checkpoint (network attempts, and warnings when offline).
+    """
     peft_model.peft_config["default"].base_model_name_or_path = base_name
-    return peft_model

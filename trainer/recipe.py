@@ -22,7 +22,7 @@ from datasets import Dataset
 from transformers import PrinterCallback
 from trl import SFTConfig, SFTTrainer
 
-from trainer.base_models import resolve_base_model
+from trainer.base_models import needs_conversion, resolve_base_model
 from trainer.callbacks import (
     RUN_STATE_FILE,
     CancelCallback,
@@ -30,14 +30,22 @@ from trainer.callbacks import (
     CheckpointCallback,
     CheckpointFn,
     EarlyStopping,
+    PhaseFn,
     ProgressCallback,
     ProgressFn,
 )
 from trainer.config import Hyperparameters, TrainConfig
-from trainer.data import packed_row_length, prepare_inputs, tokenize_examples
+from trainer.data import RunInputs, packed_row_length, prepare_inputs, tokenize_examples
 from trainer.errors import CheckpointError, TrainingCancelled, TrainingFailed, TrainingPaused
 from trainer.evaluate import measure, probe_as_served
-from trainer.modeling import RuntimePlan, add_lora, choose_plan, load_base_model, load_tokenizer
+from trainer.modeling import (
+    RuntimePlan,
+    add_lora,
+    choose_plan,
+    load_base_model,
+    load_tokenizer,
+    name_base,
+)
 from trainer.outputs import build_metrics, write_outputs
 
 # pytest turns this into an error too; here it guards production runs (ML-NOTES.md).
@@ -71,6 +79,7 @@ def train(
     home: Path,
     validation_path: Path | None = None,
     on_progress: ProgressFn | None = None,
+    on_phase: PhaseFn | None = None,
     on_checkpoint: CheckpointFn | None = None,
     should_cancel: CancelFn | None = None,
     should_pause: CancelFn | None = None,
@@ -78,7 +87,10 @@ def train(
 ) -> TrainResult:
     """Fine-tune `config.base_model` on `data_path`; write the adapter and metrics to `out_dir`.
 
-    `on_progress` gets a `Progress` after every step; `on_checkpoint` gets each `Checkpoint`
+    `on_progress` gets a `Progress` after every step; `on_phase(name, message)` hears each
+    phase begin (loading_base_model or converting_base_model, probing_before, training,
+    probing_after, saving, probing_as_served), so the minutes outside the training steps are
+    not silent; `on_checkpoint` gets each `Checkpoint`
     (every `config.checkpoint_interval` steps) and should copy it away before returning;
     `should_cancel` is asked after every step (True -> `TrainingCancelled`); so is
     `should_pause` (True -> a checkpoint of that step, then `TrainingPaused`). `resume_from`
@@ -86,6 +98,7 @@ def train(
     Bad input and the known failure modes raise `TrainerError` subclasses (trainer/errors.py).
     """
     started = time.monotonic()
+    phase = on_phase or _no_phase
     inputs = prepare_inputs(config, data_path=data_path, validation_path=validation_path)
     run_state: dict[str, Any] = {
         "config": config.model_dump(mode="json"),
@@ -94,6 +107,12 @@ def train(
     }
     resumed = read_run_state(resume_from, expected=run_state) if resume_from else None
 
+    if needs_conversion(config.base_model, home=home):
+        phase(
+            "converting_base_model",
+            f"Converting base model {config.base_model} for training "
+            "(first use only; it takes a few minutes)",
+        )
     base_dir = resolve_base_model(config.base_model, home=home)
     tokenizer = load_tokenizer(base_dir)
     train_data = tokenize_examples(
@@ -103,7 +122,11 @@ def train(
         tokenizer, inputs.valid, max_length=config.max_seq_length, what="validation data"
     )
     plan = choose_plan(config)
-    model = add_lora(load_base_model(base_dir, plan=plan), config, base_name=config.base_model)
+    phase(
+        "loading_base_model",
+        f"Loading base model {config.base_model} ({_precision(plan)} on {plan.device})",
+    )
+    model = add_lora(load_base_model(base_dir, plan=plan), config)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     progress = ProgressCallback(on_progress)
@@ -136,20 +159,29 @@ def train(
     peft_model: Any = trainer.model  # trl keeps our PeftModel, typed loosely upstream
     keep_lora_fp32(peft_model)
 
-    before = (
-        resumed["before"]
-        if resumed
-        else measure(trainer, tokenizer, inputs, probe_size=config.probe_size)
-    )
+    if resumed:
+        before = resumed["before"]
+    else:
+        phase("probing_before", _measuring("the base model before training", config, inputs))
+        before = measure(trainer, tokenizer, inputs, probe_size=config.probe_size)
     run_state["before"] = before
+    hp = inputs.hyperparameters
+    phase(
+        "training",
+        f"Training: {hp.n_epochs} epochs, batch size {hp.batch_size}, "
+        f"learning rate {hp.learning_rate:g}",
+    )
     with fail_on_wrong_gradients():
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if cancel.cancelled_at is not None:
         raise TrainingCancelled(cancel.cancelled_at)
     if cancel.paused_at is not None:
         raise TrainingPaused(cancel.paused_at)
+    phase("probing_after", _measuring("the adapter after training", config, inputs))
     after = measure(trainer, tokenizer, inputs, probe_size=config.probe_size)
 
+    phase("saving", "Saving the adapter")
+    name_base(peft_model, config.base_model)
     # The base is named, not a path: skip peft's embedding check (LoRA never touches them).
     peft_model.save_pretrained(out_dir, save_embedding_layers=False)
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
@@ -157,6 +189,11 @@ def train(
     del trainer, model, peft_model  # free the quantized model before loading another
     served = None
     if plan.quantization != "none" and config.probe_size and config.probe_unquantized:
+        phase(
+            "probing_as_served",
+            f"Probing the adapter as served: on the unquantized base, not the {plan.quantization} "
+            "one it trained on",
+        )
         served = probe_as_served(
             base_dir,
             out_dir,
@@ -183,6 +220,23 @@ def train(
         out_dir, config=config, hp=inputs.hyperparameters, metrics=metrics, progress=progress
     )
     return result_from(out_dir, inputs.hyperparameters, metrics)
+
+
+def _no_phase(name: str, message: str) -> None:
+    pass
+
+
+def _precision(plan: RuntimePlan) -> str:
+    return "unquantized" if plan.quantization == "none" else f"{plan.quantization}-quantized"
+
+
+def _measuring(what: str, config: TrainConfig, inputs: RunInputs) -> str:
+    """What `measure` is about to do, in words."""
+    parts = ["eval loss"] if inputs.valid else []
+    if config.probe_size:
+        n = min(config.probe_size, len(inputs.train))
+        parts.append(f"exact-match probe on {n} training prompts")
+    return f"Measuring {what}: {' and '.join(parts) or 'nothing to measure'}"
 
 
 def sft_config(

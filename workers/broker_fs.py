@@ -53,5 +53,10 @@ class Channel(filesystem.Channel):
 class Transport(filesystem.Transport):
     Channel = Channel
 
+    @property
+    def default_connection_params(self) -> dict[str, Any]:
+        # Folders have no host: kombu would warn "No hostname was supplied" on every connect.
+        return {"port": self.default_port}
+
 
 TRANSPORT = f"{__name__}:Transport"

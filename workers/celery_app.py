@@ -50,6 +50,8 @@ def make_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         worker_concurrency=1,  # one training task per GPU
         worker_hijack_root_logger=False,
+        # Library output stays what it is: redirected, every stray line was a WARNING.
+        worker_redirect_stdouts=False,
         task_default_queue=settings.train_queue,
         task_queues=[Queue(q) for q in dict.fromkeys([settings.train_queue, *settings.queues])],
         task_create_missing_queues=True,

@@ -25,7 +25,7 @@ from api.models.adapters import AdapterVersion
 from api.models.files import File
 from api.models.jobs import Job
 from api.models.tenants import Tenant
-from api.services import job_runs, registry
+from api.services import job_runs, promotion, registry
 from api.services.files import store_result_file
 from api.services.job_runs import Claim, LeaseLost
 from api.services.jobs import add_event, fine_tuned_model_name
@@ -63,6 +63,9 @@ class JobContext:
         self.session = Session(get_engine(settings.database_url), expire_on_commit=False)
         self.lost = threading.Event()
         self._last_poll = 0.0
+        self._phase_started: dict[str, float] = {}  # phase -> time.monotonic() it began
+        self._probe_seconds = 0.0  # how long the probe before training took
+        self._steps_ran = False
         self._lock = threading.Lock()  # the heartbeat thread shares the session
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat_loop, daemon=True)
@@ -147,10 +150,28 @@ class JobContext:
                 session, self.claim.job_id, message, type="metrics", data=data
             )
         )
-        finish = None
+        self._steps_ran = True
         if p.eta_seconds is not None:
-            finish = datetime.fromtimestamp(time.time() + p.eta_seconds, tz=UTC)
-        self.beat(estimated_finish=finish)
+            # After the last step the probe runs again (about as long as it took before).
+            self.estimate_finish(p.eta_seconds + self._probe_seconds)
+
+    def estimate_finish(self, seconds: float) -> None:
+        """The job's `estimated_finish`: `seconds` from now (a Unix timestamp on the API)."""
+        self.beat(estimated_finish=datetime.fromtimestamp(time.time() + seconds, tz=UTC))
+
+    def on_phase(self, name: str, message: str) -> None:
+        """A phase of the run begins (the trainer's, or upload and registration here): one
+        event, so the minutes between training steps never look like a hang."""
+        now = self._phase_started[name] = time.monotonic()
+        if name == "training" and "probing_before" in self._phase_started:
+            self._probe_seconds = now - self._phase_started["probing_before"]
+        self.transaction(
+            lambda session: _commit_event(session, self.claim.job_id, message, data={"phase": name})
+        )
+        if self._steps_ran and name.startswith("probing_"):
+            self.estimate_finish(self._probe_seconds)  # a probe like the one before training
+        else:
+            self.beat()
 
     def on_checkpoint(self, ckpt: Checkpoint) -> None:
         prefix = f"jobs/{self.claim.job_id}/checkpoints/step-{ckpt.step}"
@@ -241,6 +262,7 @@ def _train(job: Job, ctx: JobContext, *, workdir: Path) -> TrainResult:
         out_dir=workdir / "adapter",
         home=ctx.settings.home,
         on_progress=ctx.on_progress,
+        on_phase=ctx.on_phase,
         on_checkpoint=ctx.on_checkpoint,
         should_cancel=ctx.should_cancel,
         should_pause=ctx.should_pause,
@@ -271,13 +293,16 @@ def _version_metrics(m: dict[str, Any]) -> dict[str, Any]:
         "eval_loss_after",
         "exact_match_before",
         "exact_match_after",
+        "exact_match_unquantized",  # the probe as served: what the promotion gate reads
         "trained_tokens",
         "runtime_seconds",
         "steps",
         "device",
         "quantization",
     )
-    return {k: m.get(k) for k in keys}
+    metrics = {k: m.get(k) for k in keys}
+    metrics["no_measurable_improvement"] = promotion.no_improvement(metrics) is not None
+    return metrics
 
 
 def _set_base_name(adapter_dir: Path, base_name: str) -> None:
@@ -302,6 +327,7 @@ def _register(
     tenant = session.get(Tenant, job.tenant_id)
     assert tenant is not None
     name = fine_tuned_model_name(job, tenant)
+    metrics = _version_metrics(result.metrics)
     registry.register_version(
         session,
         job=job,
@@ -309,7 +335,7 @@ def _register(
         prefix=prefix,
         stored=stored,
         adapter_dir=result.out_dir,
-        metrics=_version_metrics(result.metrics),
+        metrics=metrics,
         lineage=_lineage(session, job, result),
         max_rank=ctx.settings.max_lora_rank,
     )
@@ -332,6 +358,16 @@ def _register(
         trained_tokens=result.trained_tokens,
         result_files=[csv_file.id],
     )
+    useless = promotion.no_improvement(metrics)
+    if useless is not None:
+        add_event(
+            session,
+            job.id,
+            f"The adapter {useless}. Check the data and hyperparameters (more epochs, a higher "
+            "learning rate); promoting it to production needs force=true.",
+            level="warn",
+            data={"phase": "registering", "no_measurable_improvement": True},
+        )
     add_event(session, job.id, f"New fine-tuned model created: {name}")
     add_event(session, job.id, "The job has successfully completed")
     session.commit()
@@ -348,9 +384,11 @@ def _succeed(job_id: str, ctx: JobContext, result: TrainResult) -> None:
     job = ctx.transaction(lambda session: session.get(Job, job_id, populate_existing=True))
     assert job is not None
     _set_base_name(result.out_dir, job.model)
+    ctx.on_phase("uploading", "Uploading the adapter to the artifact store")
     # All or nothing: a failed upload (a full disk) leaves none of the adapter's files.
     prefix, stored = registry.upload_adapter(ctx.store, job=job, adapter_dir=result.out_dir)
     csv_keys: list[str] = []
+    ctx.on_phase("registering", "Registering the adapter version")
     try:
         ctx.transaction(
             lambda session: _register(

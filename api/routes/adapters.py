@@ -30,7 +30,9 @@ class ArtifactCorrupted(LoraplexError):
     default_code = "artifact_integrity_error"
 
 
-def version_public(v: AdapterVersion, adapter: Adapter) -> dict[str, Any]:
+def version_public(v: AdapterVersion, adapter: Adapter, *, samples: bool = True) -> dict[str, Any]:
+    """A version's wire shape; without `samples`, its probe scores lose their example
+    answers (kilobytes per version), as list views do: one adapter's view keeps them."""
     return {
         "object": "adapter.version",
         "id": v.fine_tuned_model,
@@ -43,11 +45,22 @@ def version_public(v: AdapterVersion, adapter: Adapter) -> dict[str, Any]:
         "target_modules": v.target_modules,
         "size_bytes": v.size_bytes,
         "files": v.files,
-        "metrics": v.metrics,
+        "metrics": v.metrics if samples else without_samples(v.metrics),
         "lineage": v.lineage,
         "created_at": unix(v.created_at),
         "promoted_at": unix(v.promoted_at),
     }
+
+
+def without_samples(metrics: dict[str, Any]) -> dict[str, Any]:
+    """`metrics` with each probe's `samples` dropped (scores and counts kept)."""
+
+    def trim(value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        return {k: trim(v) for k, v in value.items() if k != "samples"}
+
+    return {k: trim(v) for k, v in (metrics or {}).items()}
 
 
 def versions_of(session: Session, adapter: Adapter) -> list[AdapterVersion]:
@@ -60,7 +73,9 @@ def versions_of(session: Session, adapter: Adapter) -> list[AdapterVersion]:
     )
 
 
-def adapter_public(adapter: Adapter, versions: list[AdapterVersion]) -> dict[str, Any]:
+def adapter_public(
+    adapter: Adapter, versions: list[AdapterVersion], *, samples: bool = True
+) -> dict[str, Any]:
     production = next((v.version for v in versions if v.stage == "production"), None)
     canary = next((v.version for v in versions if v.id == adapter.canary_version_id), None)
     return {
@@ -73,7 +88,7 @@ def adapter_public(adapter: Adapter, versions: list[AdapterVersion]) -> dict[str
         "canary_version": canary,
         "canary_percent": adapter.canary_percent if canary else None,
         "created_at": unix(adapter.created_at),
-        "versions": [version_public(v, adapter) for v in versions],
+        "versions": [version_public(v, adapter, samples=samples) for v in versions],
     }
 
 
@@ -91,7 +106,7 @@ def list_adapters(tenant_id: TenantDep, session: SessionDep) -> dict[str, Any]:
     adapters = session.exec(
         select(Adapter).where(Adapter.tenant_id == tenant_id).order_by(col(Adapter.name))
     ).all()
-    data = [adapter_public(a, versions_of(session, a)) for a in adapters]
+    data = [adapter_public(a, versions_of(session, a), samples=False) for a in adapters]
     return {"object": "list", "data": data, "has_more": False}
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Body
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.db import unix
@@ -24,6 +24,10 @@ class TenantCreate(BaseModel):
 
 class KeyCreate(BaseModel):
     name: str | None = Field(None, max_length=128, description="A label for the key.")
+
+
+# Its one field is optional, so the body may be left out too.
+OptionalKeyCreate = Annotated[KeyCreate, Body(default_factory=KeyCreate)]
 
 
 def tenant_public(tenant: Tenant) -> dict[str, Any]:
@@ -76,7 +80,7 @@ def create_tenant(body: TenantCreate, admin: AdminDep, session: SessionDep) -> d
 
 @router.post("/tenants/{tenant_id}/keys")
 def create_tenant_key(
-    tenant_id: str, body: KeyCreate, admin: AdminDep, session: SessionDep
+    tenant_id: str, body: OptionalKeyCreate, admin: AdminDep, session: SessionDep
 ) -> dict[str, Any]:
     key, raw = tenants.create_key(session, tenant_id=tenant_id, name=body.name)
     audit.record(

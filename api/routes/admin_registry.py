@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Body, Depends, Path, Query
 from pydantic import BaseModel, Field
 from sqlmodel import col, select
 
@@ -15,6 +15,7 @@ from api.models.adapters import MAX_VERSION, Adapter
 from api.models.audit import AuditEntry
 from api.routes.adapters import VersionNumber, adapter_public, versions_of
 from api.services import audit, promotion
+from api.services.adapter_refs import find_adapter_id
 from api.services.pagination import list_body
 from api.services.usage import usage_summary
 
@@ -44,6 +45,28 @@ class Reason(BaseModel):
     reason: str | None = Field(None, max_length=2000)
 
 
+# Every field is optional, so the body may be too: `curl -X POST .../rollback` works.
+OptionalReason = Annotated[Reason, Body(default_factory=Reason)]
+
+
+def adapter_id_of(
+    adapter_id: Annotated[
+        str,
+        Path(
+            description="The adapter's id (`GET /v1/admin/adapters` lists them), or "
+            "`TENANT:NAME`: the tenant's name or id and the adapter's name, "
+            "e.g. `support-team:support-bot`."
+        ),
+    ],
+    _: AdminDep,  # first: to a tenant key, an admin route is an unknown URL
+    session: SessionDep,
+) -> str:
+    return find_adapter_id(session, adapter_id)
+
+
+AdapterId = Annotated[str, Depends(adapter_id_of)]
+
+
 def _adapter_body(session: Any, adapter_id: str) -> dict[str, Any]:
     adapter = session.get(Adapter, adapter_id)
     return adapter_public(adapter, versions_of(session, adapter))
@@ -56,19 +79,19 @@ def list_all_adapters(
     query = select(Adapter).order_by(col(Adapter.tenant_id), col(Adapter.name))
     if tenant_id is not None:
         query = query.where(Adapter.tenant_id == tenant_id)
-    data = [adapter_public(a, versions_of(session, a)) for a in session.exec(query)]
+    data = [adapter_public(a, versions_of(session, a), samples=False) for a in session.exec(query)]
     return {"object": "list", "data": data, "has_more": False}
 
 
 @router.get("/adapters/{adapter_id}")
-def get_adapter(adapter_id: str, _: AdminDep, session: SessionDep) -> dict[str, Any]:
+def get_adapter(adapter_id: AdapterId, _: AdminDep, session: SessionDep) -> dict[str, Any]:
     promotion.lock_adapter(session, adapter_id)  # 404 if unknown
     return _adapter_body(session, adapter_id)
 
 
 @router.post("/adapters/{adapter_id}/versions/{number}/promote", responses=STATE)
 def promote_version(
-    adapter_id: str,
+    adapter_id: AdapterId,
     number: VersionNumber,
     body: Promote,
     admin: AdminDep,
@@ -89,14 +112,16 @@ def promote_version(
 
 
 @router.post("/adapters/{adapter_id}/rollback", responses=STATE)
-def rollback(adapter_id: str, body: Reason, admin: AdminDep, session: SessionDep) -> dict[str, Any]:
+def rollback(
+    adapter_id: AdapterId, body: OptionalReason, admin: AdminDep, session: SessionDep
+) -> dict[str, Any]:
     promotion.rollback(session, actor=admin, adapter_id=adapter_id, reason=body.reason)
     return _adapter_body(session, adapter_id)
 
 
 @router.post("/adapters/{adapter_id}/canary", responses=STATE)
 def set_canary(
-    adapter_id: str, body: Canary, admin: AdminDep, session: SessionDep
+    adapter_id: AdapterId, body: Canary, admin: AdminDep, session: SessionDep
 ) -> dict[str, Any]:
     promotion.set_canary(
         session,
@@ -111,7 +136,7 @@ def set_canary(
 
 @router.post("/adapters/{adapter_id}/canary/promote", responses=STATE)
 def promote_canary(
-    adapter_id: str, body: Reason, admin: AdminDep, session: SessionDep
+    adapter_id: AdapterId, body: OptionalReason, admin: AdminDep, session: SessionDep
 ) -> dict[str, Any]:
     promotion.finish_canary(
         session, actor=admin, adapter_id=adapter_id, promote=True, reason=body.reason
@@ -121,7 +146,7 @@ def promote_canary(
 
 @router.post("/adapters/{adapter_id}/canary/abort", responses=STATE)
 def abort_canary(
-    adapter_id: str, body: Reason, admin: AdminDep, session: SessionDep
+    adapter_id: AdapterId, body: OptionalReason, admin: AdminDep, session: SessionDep
 ) -> dict[str, Any]:
     promotion.finish_canary(
         session, actor=admin, adapter_id=adapter_id, promote=False, reason=body.reason
@@ -131,7 +156,11 @@ def abort_canary(
 
 @router.post("/adapters/{adapter_id}/versions/{number}/verify")
 def verify(
-    adapter_id: str, number: VersionNumber, admin: AdminDep, session: SessionDep, store: StoreDep
+    adapter_id: AdapterId,
+    number: VersionNumber,
+    admin: AdminDep,
+    session: SessionDep,
+    store: StoreDep,
 ) -> dict[str, Any]:
     """Re-hash the stored files; a mismatch rejects the version for good."""
     adapter = promotion.lock_adapter(session, adapter_id)
@@ -149,7 +178,11 @@ def verify(
 
 @router.delete("/adapters/{adapter_id}/versions/{number}", responses=STATE)
 def delete_version(
-    adapter_id: str, number: VersionNumber, admin: AdminDep, session: SessionDep, store: StoreDep
+    adapter_id: AdapterId,
+    number: VersionNumber,
+    admin: AdminDep,
+    session: SessionDep,
+    store: StoreDep,
 ) -> dict[str, Any]:
     promotion.delete_version(session, store, actor=admin, adapter_id=adapter_id, number=number)
     return {
@@ -202,7 +235,8 @@ def list_audit(
 
 @router.get("/usage")
 def usage(_: AdminDep, session: SessionDep, tenant_id: str | None = None) -> dict[str, Any]:
-    """Requests and tokens per tenant and adapter version, from the serving gateway."""
+    """Requests and tokens per tenant and adapter version, from the serving gateway; the
+    503s answered while no engine replica was ready are counted apart, as `unavailable`."""
     return {
         "object": "list",
         "data": usage_summary(session, tenant_id=tenant_id),

@@ -16,6 +16,7 @@ from api.deps import SessionDep, SettingsDep, TenantDep
 from api.errors import error_responses
 from api.models.adapters import Adapter, AdapterVersion
 from api.services.resolver import SERVABLE_BY_ID, model_not_found
+from api.services.suggest import did_you_mean
 from api.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["models"])
@@ -72,7 +73,8 @@ def list_models(tenant_id: TenantDep, session: SessionDep, settings: SettingsDep
 def get_model(
     model_id: str, tenant_id: TenantDep, session: SessionDep, settings: SettingsDep
 ) -> dict[str, Any]:
-    for model in callable_models(session, settings, tenant_id):
+    models = callable_models(session, settings, tenant_id)
+    for model in models:
         if model["id"] == model_id:
             return model
-    raise model_not_found(model_id)
+    raise model_not_found(model_id, hint=did_you_mean(model_id, [m["id"] for m in models]))

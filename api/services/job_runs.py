@@ -154,7 +154,7 @@ def settle(session: Session, claim: Claim, **values: Any) -> None:
         .where(
             col(Job.id) == claim.job_id, col(Job.lease) == claim.lease, col(Job.status) == "running"
         )
-        .values(lease=None, **values)
+        .values(lease=None, **{"estimated_finish": None, **values})  # only running jobs have one
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
         raise LeaseLost(claim.job_id)

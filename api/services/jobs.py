@@ -30,6 +30,7 @@ from api.services.limits import (
 )
 from api.services.pagination import page
 from api.services.quotas import storage_room
+from api.services.suggest import did_you_mean
 from api.settings import Settings
 from trainer.config import TrainConfig, parse_config, resolve_hyperparameters
 from trainer.errors import ConfigError
@@ -234,8 +235,9 @@ def _check_quotas(
 def create_job(session: Session, settings: Settings, *, tenant_id: str, req: JobRequest) -> Job:
     """Validate everything, then store the job as `queued` (the caller enqueues it)."""
     if req.model not in settings.registered_base_models():
+        hint = did_you_mean(req.model, settings.registered_base_models())
         raise _fail(
-            f"model {req.model!r} is not a registered base model",
+            f"model {req.model!r} is not a registered base model.{hint}",
             param="model",
             code="model_not_available",
         )

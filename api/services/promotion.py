@@ -6,6 +6,9 @@
                      └───────────────────────────┘
     rejected: incompatible or corrupted; never served, never promoted.
 
+A version that learned nothing measurable (`no_improvement`) reaches production only with
+`force`, whatever the promotion gate setting.
+
 One production version per adapter: promotions lock the adapter row, and a unique partial
 index on (adapter_id) WHERE stage = 'production' stops anything that slips past the lock.
 """
@@ -121,6 +124,39 @@ def gate_problems(version: AdapterVersion) -> list[str]:
     ]
 
 
+def _probe_score(probe: dict[str, Any]) -> str:
+    n = int(probe.get("n") or 0)
+    exact = probe.get("exact")
+    exact = round(float(probe.get("rate") or 0) * n) if exact is None else int(exact)
+    return f"{exact}/{n}"
+
+
+def no_improvement(metrics: dict[str, Any]) -> str | None:
+    """Why a version learned nothing measurable (None if it did, or nothing was measured).
+
+    Its exact-match probe on the training prompts, as served (`exact_match_unquantized`
+    wherever it exists), is no better than the base model's (0/20 -> 0/20), and no held-out
+    eval loss went down either. The worker warns when it registers such a version, and
+    promotion to production needs `force`, whether the gate is on or not.
+    """
+    before = (metrics.get("exact_match_before") or {}).get("train") or {}
+    served = (metrics.get("exact_match_unquantized") or {}).get("train") or {}
+    after = served or (metrics.get("exact_match_after") or {}).get("train") or {}
+    if not before.get("n") or not after.get("n"):
+        return None
+    loss_before, loss_after = metrics.get("eval_loss_before"), metrics.get("eval_loss_after")
+    if loss_before is not None and loss_after is not None and loss_after < loss_before:
+        return None
+    if float(after.get("rate") or 0) > float(before.get("rate") or 0):
+        return None
+    where = " as served" if served else ""
+    return (
+        f"learned nothing measurable: its exact-match probe{where} answered "
+        f"{_probe_score(before)} training prompts before training and {_probe_score(after)} "
+        "after"
+    )
+
+
 def _commit(session: Session) -> None:
     try:
         session.commit()
@@ -215,6 +251,15 @@ def promote(
                 code="promotion_gate_failed",
             )
         forced = forced or bool(problems)
+    useless = no_improvement(version.metrics or {}) if stage == "production" else None
+    if useless is not None:
+        if not force:
+            raise Conflict(
+                f"Version {number} of {adapter.name!r} {useless}. Promoting it to production "
+                "needs force=true.",
+                code="no_measurable_improvement",
+            )
+        forced = True
     _set_stage(session, adapter, version, stage)
     audit.record(
         session,

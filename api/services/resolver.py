@@ -5,7 +5,8 @@
     an exact `ft:...` id the tenant owns -> that version (candidate, staging or production)
 
 Anything else, another tenant's names included, is `model_not_found` with one message
-shape, so a name's existence in another tenant cannot be probed.
+shape, so a name's existence in another tenant cannot be probed; its "Did you mean ...?"
+is drawn from the caller's own names and the base models only.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from api.errors import InvalidRequest, NotFound
 from api.models.adapters import Adapter, AdapterVersion
+from api.services.suggest import did_you_mean
 from api.settings import Settings
 
 SERVABLE_BY_ID = ("candidate", "staging", "production")
@@ -30,22 +32,35 @@ class Resolution:
     canary: bool = False
 
 
-def model_not_found(model: str) -> NotFound:
+def model_not_found(model: str, *, hint: str = "") -> NotFound:
+    """`hint`: a "Did you mean ...?" drawn from the caller's own names only."""
     return NotFound(
-        f"The model '{model}' does not exist or you do not have access to it.",
+        f"The model '{model}' does not exist or you do not have access to it.{hint}",
         param="model",
         code="model_not_found",
     )
 
 
-def _by_id(session: Session, *, tenant_id: str, model: str) -> Resolution:
+def own_model_names(session: Session, settings: Settings, *, tenant_id: str) -> list[str]:
+    """Every `model` this tenant may name: the base models, its adapters, its versions' ids."""
+    names = list(settings.registered_base_models())
+    names += session.exec(select(Adapter.name).where(Adapter.tenant_id == tenant_id)).all()
+    names += session.exec(
+        select(AdapterVersion.fine_tuned_model).where(
+            AdapterVersion.tenant_id == tenant_id, col(AdapterVersion.stage).in_(SERVABLE_BY_ID)
+        )
+    ).all()
+    return names
+
+
+def _by_id(session: Session, *, tenant_id: str, model: str) -> Resolution | None:
     version = session.exec(
         select(AdapterVersion).where(
             AdapterVersion.fine_tuned_model == model, AdapterVersion.tenant_id == tenant_id
         )
     ).first()
     if version is None:
-        raise model_not_found(model)
+        return None
     if version.stage not in SERVABLE_BY_ID:
         why = f": {version.stage_reason}" if version.stage_reason else ""
         raise InvalidRequest(
@@ -56,12 +71,14 @@ def _by_id(session: Session, *, tenant_id: str, model: str) -> Resolution:
     return Resolution(requested=model, base_model=version.base_model, version=version)
 
 
-def _by_name(session: Session, *, tenant_id: str, model: str, rng: random.Random) -> Resolution:
+def _by_name(
+    session: Session, *, tenant_id: str, model: str, rng: random.Random
+) -> Resolution | None:
     adapter = session.exec(
         select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.name == model)
     ).first()
     if adapter is None:
-        raise model_not_found(model)
+        return None
     if adapter.canary_version_id and rng.random() * 100 < adapter.canary_percent:
         canary = session.get(AdapterVersion, adapter.canary_version_id)
         if canary is not None:
@@ -94,5 +111,10 @@ def resolve_model(
     if model in settings.registered_base_models():
         return Resolution(requested=model, base_model=model)
     if model.startswith("ft:"):
-        return _by_id(session, tenant_id=tenant_id, model=model)
-    return _by_name(session, tenant_id=tenant_id, model=model, rng=rng or random.Random())
+        found = _by_id(session, tenant_id=tenant_id, model=model)
+    else:
+        found = _by_name(session, tenant_id=tenant_id, model=model, rng=rng or random.Random())
+    if found is None:
+        names = own_model_names(session, settings, tenant_id=tenant_id)
+        raise model_not_found(model, hint=did_you_mean(model, names))
+    return found

@@ -1,11 +1,15 @@
-"""Serving usage: record each request, aggregate per tenant and adapter version."""
+"""Serving usage: record each request, aggregate per tenant and adapter version.
+
+A 503 (no engine replica ready yet: a first start, a restart) served nothing: it is counted
+apart, as `unavailable`, never among `requests`. A client that hung up (499) is a request,
+charged for what the engine did before it stopped."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 from sqlmodel import Session, col
 
 from api.models.usage import UsageRecord
@@ -40,15 +44,20 @@ def record_usage(
     session.commit()
 
 
+UNAVAILABLE = 503  # the gateway's answer while no engine replica is ready
+
+
 def usage_summary(
     session: Session, *, tenant_id: str | None = None, since: datetime | None = None
 ) -> list[dict[str, Any]]:
-    """Requests and tokens per tenant and (model, adapter version)."""
+    """Requests and tokens per tenant and (model, adapter version); 503s apart."""
+    refused = col(UsageRecord.status_code) == UNAVAILABLE
     query = select(
         col(UsageRecord.tenant_id),
         col(UsageRecord.model),
         col(UsageRecord.adapter_version_id),
-        func.count(),
+        func.sum(case((refused, 0), else_=1)),
+        func.sum(case((refused, 1), else_=0)),
         func.sum(UsageRecord.prompt_tokens),
         func.sum(UsageRecord.completion_tokens),
     ).group_by(
@@ -63,9 +72,10 @@ def usage_summary(
             "tenant_id": t,
             "model": m,
             "adapter_version_id": v,
-            "requests": int(n),
+            "requests": int(n or 0),
+            "unavailable": int(u or 0),
             "prompt_tokens": int(p or 0),
             "completion_tokens": int(c or 0),
         }
-        for t, m, v, n, p, c in session.execute(query)
+        for t, m, v, n, u, p, c in session.execute(query)
     ]

@@ -136,7 +136,8 @@ class VLLMEngine(Engine):
         except httpx.HTTPError:
             ok = False
         if replica.healthy != ok:
-            log.warning("replica %s is %s", replica.url, "up" if ok else "down")
+            level = logging.INFO if ok else logging.WARNING
+            log.log(level, "replica %s is %s", replica.url, "up" if ok else "down")
         replica.healthy = ok
         if not ok:
             replica.forget_all()

@@ -29,7 +29,7 @@ def lora_model(base: Path, *, fixed: bool = True) -> Any:
         for module in model.modules():
             if isinstance(module, bnb.nn.Linear4bit):
                 module.support_avx512bf16_for_cpu = True
-    model = add_lora(model, config, base_name=str(base))
+    model = add_lora(model, config)
     with torch.no_grad():  # non-zero B, so gradients reach every LoRA matrix
         for name, param in model.named_parameters():
             if "lora_B" in name:

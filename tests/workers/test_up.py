@@ -219,12 +219,14 @@ def test_a_killed_up_takes_its_worker_with_it(tmp_path: Path, tiny_llama: Path) 
         LORAPLEX_SERVING_ENGINE="transformers",
     )
     proc = up.start("up.log")
-    deadline = time.monotonic() + 30
-    while not (workers := _worker_pids(proc.pid)):
-        assert time.monotonic() < deadline, "no worker child"
-        time.sleep(0.2)
-    os.kill(proc.pid, signal.SIGKILL)  # as the OOM killer or a supervisor timeout would
-    proc.wait(10)
+    try:
+        deadline = time.monotonic() + 30
+        while not (workers := _worker_pids(proc.pid)):
+            assert time.monotonic() < deadline, "no worker child"
+            time.sleep(0.2)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)  # as the OOM killer or a supervisor timeout would
+        proc.wait(10)
     deadline = time.monotonic() + 10
     alive = set(workers)
     try:

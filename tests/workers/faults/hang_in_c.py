@@ -15,10 +15,10 @@ CATASTROPHIC = r"(?:[a-z_0-9]*[a-z_0-9]*\.?)*X"
 real_add_lora = trainer.modeling.add_lora
 
 
-def add_lora(model: Any, config: Any, *, base_name: str) -> Any:
+def add_lora(model: Any, config: Any) -> Any:
     if config.lora_r == 7:
         re.fullmatch(CATASTROPHIC, "model.layers.0.self_attn.q_proj" * 4)  # minutes, GIL held
-    return real_add_lora(model, config, base_name=base_name)
+    return real_add_lora(model, config)
 
 
 trainer.modeling.add_lora = add_lora
