@@ -343,7 +343,13 @@ def cancel_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
     result = session.execute(
         update(Job)
         .where(col(Job.id) == job_id, col(Job.status).in_(ACTIVE))
-        .values(status="cancelled", lease=None, cancel_requested=True, finished_at=utcnow())
+        .values(
+            status="cancelled",
+            lease=None,
+            cancel_requested=True,
+            finished_at=utcnow(),
+            estimated_finish=None,  # null unless running, as OpenAI has it
+        )
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
         session.rollback()

@@ -77,7 +77,7 @@ def test_a_dead_workers_job_can_be_claimed_and_the_old_lease_is_void(
 
 
 def test_cancel_voids_the_running_lease(settings: Settings, session: Session) -> None:
-    job_id = make_job(settings)
+    job_id = make_job(settings, estimated_finish=utcnow() + timedelta(minutes=5))
     claim = job_runs.claim(session, job_id=job_id, worker="a", stale_after=60)
     assert claim is not None
     tenant_id = session.get(Job, job_id).tenant_id  # type: ignore[union-attr]
@@ -87,6 +87,8 @@ def test_cancel_voids_the_running_lease(settings: Settings, session: Session) ->
     with pytest.raises(LeaseLost):
         job_runs.owned_job(session, claim)
     assert job_runs.claim(session, job_id=job_id, worker="b", stale_after=0) is None
+    cancelled = session.get(Job, job_id, populate_existing=True)
+    assert cancelled is not None and cancelled.estimated_finish is None
 
 
 def test_reaper_requeues_then_gives_up(settings: Settings, session: Session) -> None:
