@@ -3,7 +3,6 @@ built from the engine thread's events (delta, finish, done, error)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +16,7 @@ def _envelope(job: Job, *, chunk: bool) -> dict[str, Any]:
     return {
         "id": ("chatcmpl-" if chat else "cmpl-") + job.response_id,
         "object": kind,
-        "created": int(time.time()),
+        "created": job.created,  # one value for a response and every chunk of its stream
         "model": job.request.body["model"],
     }
 
@@ -30,7 +29,9 @@ def whole_response(
         text = "".join(texts.get(index, []))
         choice: dict[str, Any] = {"index": index, "finish_reason": reasons.get(index, "length")}
         if job.request.endpoint == "chat":
-            choice["message"] = {"role": "assistant", "content": text}
+            # Required by the spec, and nullable: strict clients check `=== null`.
+            choice["message"] = {"role": "assistant", "content": text, "refusal": None}
+            choice["logprobs"] = None
         else:
             choice |= {"text": text, "logprobs": None}
         choices.append(choice)
@@ -69,7 +70,7 @@ async def _chunks(job: Job) -> AsyncIterator[dict[str, Any]]:
             delta: dict[str, Any] = {} if kind == "finish" else {"content": event[2]}
             if index not in started:
                 delta["role"] = "assistant"
-            choice["delta"] = delta
+            choice |= {"delta": delta, "logprobs": None}
         else:
             choice |= {"text": event[2] if kind == "delta" else "", "logprobs": None}
         started.add(index)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue[tuple[Any, ...]] = field(default_factory=asyncio.Queue)
     response_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: int = field(default_factory=lambda: int(time.time()))  # the response's `created`
     next_row: int = 0  # rows handed to generate() so far (engine thread only)
     rows_finished: int = 0
     failed: bool = False

@@ -197,6 +197,10 @@ class VLLMEngine(Engine):
         body = dict(request.body, model=adapter.name if adapter else self.served_model)
         if request.cache_salt:
             body["cache_salt"] = request.cache_salt
+        if (body.get("n") or 1) > 1 and body.get("temperature") == 0:
+            # vLLM refuses n > 1 "when using greedy sampling"; OpenAI takes it. Sampling from
+            # the single most likely token is greedy decoding, n times over.
+            body |= {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
         if body.get("stream"):
             # Always ask for usage, on every chunk: metering needs it even for a stream cut
             # short; the gateway hides it if unasked.

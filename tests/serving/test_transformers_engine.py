@@ -144,3 +144,36 @@ def test_a_canary_share_is_served_and_labelled(
             session.commit()
     production = chat(gateway.url, tenant.key, "helper", QUESTIONS[3])
     assert production.headers["x-loraplex-canary"] == "false"
+
+
+def test_chat_bodies_carry_the_fields_the_spec_requires_and_one_created(
+    gateway: LiveServer, tenants: dict[str, TenantKey]
+) -> None:
+    """`choices[].logprobs` and `message.refusal` are required (nullable) in OpenAI's spec,
+    and every chunk of one stream carries the same `created` (issue 19)."""
+    import json
+    import time
+
+    import httpx
+
+    body = chat(gateway.url, tenants["a"].key, BASE, QUESTIONS[0]).json()
+    (choice,) = body["choices"]
+    assert choice["logprobs"] is None and "logprobs" in choice
+    assert choice["message"]["refusal"] is None and "refusal" in choice["message"]
+    # Start ~0.2 s before a second boundary: a stream of 200 tokens (~0.4 s here) spans it.
+    while not 0.75 < time.time() % 1 < 0.85:
+        time.sleep(0.005)
+    request = {"model": BASE, "messages": [{"role": "user", "content": QUESTIONS[0]}],
+               "max_tokens": 200, "temperature": 0, "stream": True,
+               "stream_options": {"include_usage": True}}  # fmt: skip
+    created = set()
+    headers = {"Authorization": f"Bearer {tenants['a'].key}"}
+    url = f"{gateway.url}/v1/chat/completions"
+    with httpx.stream("POST", url, json=request, headers=headers, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line.removeprefix("data: "))
+                created.add(chunk["created"])
+                for c in chunk["choices"]:
+                    assert "logprobs" in c and c["logprobs"] is None
+    assert len(created) == 1, created

@@ -31,6 +31,7 @@ from tests.serving.conftest import (
     Reference,
     answer,
     chat,
+    clean,
     free_port,
     healthy,
     live_gateway,
@@ -97,6 +98,17 @@ def test_each_tenant_gets_its_own_adapter_as_peft_would(
     assert base == [reference.chat(None, q) for q in QUESTIONS]
     assert base != [reference.chat(adapters["a"], q) for q in QUESTIONS]
     assert base != [reference.chat(adapters["b"], q) for q in QUESTIONS]
+
+
+def test_n_greedy_choices_are_taken_as_openai_takes_them(
+    gateway: LiveServer, tenants: dict[str, TenantKey], adapters: dict, reference: Reference
+) -> None:
+    """vLLM refuses `n > 1` at temperature 0 ("n must be 1 when using greedy sampling");
+    OpenAI answers with n choices, each the greedy answer (issue 19)."""
+    response = chat(gateway.url, tenants["a"].key, "helper", QUESTIONS[0], n=2)
+    assert response.status_code == 200, response.text
+    texts = [clean(c["message"]["content"]) for c in response.json()["choices"]]
+    assert texts == [reference.chat(adapters["a"], QUESTIONS[0])] * 2
 
 
 def test_concurrent_base_and_adapter_traffic_matches_sequential(
