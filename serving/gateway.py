@@ -128,10 +128,10 @@ class Gateway:
         on_usage: UsageCallback | None = None,
         http: Request | None = None,
     ) -> JSONResponse | StreamingResponse:
-        """Serve one request; `on_usage` hears its final usage (None if it failed). `http`,
-        when given, is watched: the client hanging up stops the generation."""
+        """Serve one request, whose bounds the caller has checked (`check`, before the rate
+        limiter); `on_usage` hears its final usage (None if it failed). `http`, when given,
+        is watched: the client hanging up stops the generation."""
         started = time.perf_counter()
-        self.check(body)
         target = await self.target(session, tenant_id=tenant_id, model=body.model)
         upstream = body.upstream_body()
         upstream.pop("cache_salt", None)  # the gateway's to set: a tenant must not pick one

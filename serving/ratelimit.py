@@ -32,6 +32,7 @@ from typing import Any
 
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.db import get_engine
@@ -310,7 +311,7 @@ class RefuseBeforeBody:
             await self.app(scope, receive, send)
             return
         limiter: RateLimiter = scope["app"].state.rate_limiter
-        authorization = _header(scope, b"authorization")
+        authorization = Headers(scope=scope).get("authorization")
         tenant_id = limiter.caller(authorization)
         refusal = await limiter.refusal_before_body(tenant_id) if tenant_id else None
         if isinstance(refusal, LoraplexError):
@@ -328,10 +329,3 @@ class RefuseBeforeBody:
         tenant_id = tenant_id or limiter.caller(authorization)
         if status == 400 and tenant_id:
             await limiter.charge_refused(tenant_id)
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return bytes(value).decode("latin-1")
-    return None

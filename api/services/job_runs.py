@@ -154,7 +154,8 @@ def settle(session: Session, claim: Claim, **values: Any) -> None:
         .where(
             col(Job.id) == claim.job_id, col(Job.lease) == claim.lease, col(Job.status) == "running"
         )
-        .values(lease=None, **{"estimated_finish": None, **values})  # only running jobs have one
+        # estimated_finish: only a running job has one.
+        .values(**{"lease": None, "estimated_finish": None, **values})
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
         raise LeaseLost(claim.job_id)
@@ -235,10 +236,7 @@ def fail_hung(session: Session, claim: Claim, *, seconds: float) -> None:
         f"Training stopped responding for more than {seconds:.0f} s and was stopped. "
         "Check the job's hyperparameters and data; the operator's worker log has details."
     )
-    error = {"code": "training_hung", "message": message, "param": None}
-    settle(session, claim, status="failed", finished_at=utcnow(), error=error)
-    add_event(session, claim.job_id, f"Fine-tuning job failed: {message}", level="error")
-    session.commit()
+    fail(session, claim, code="training_hung", message=message)
 
 
 def hand_back(session: Session, claim: Claim, *, step: int) -> str:

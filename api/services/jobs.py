@@ -337,7 +337,7 @@ def list_jobs(
 def cancel_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
     """Cancel at once: a queued job never starts; a running one loses its lease and its
     worker stops within one step without writing a result."""
-    get_job(session, tenant_id=tenant_id, job_id=job_id)
+    job = get_job(session, tenant_id=tenant_id, job_id=job_id)
     # Compare-and-set: a worker finishing the job at this moment either commits first (this
     # changes nothing and says so) or loses its lease (its result is rolled back).
     result = session.execute(
@@ -353,7 +353,6 @@ def cancel_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
         session.rollback()
-        job = get_job(session, tenant_id=tenant_id, job_id=job_id)
         session.refresh(job)
         raise InvalidRequest(
             f"Job {job_id} has already {job.status}; it cannot be cancelled.",
@@ -362,7 +361,6 @@ def cancel_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
         )
     add_event(session, job_id, "Fine-tuning job cancelled")
     session.commit()
-    job = get_job(session, tenant_id=tenant_id, job_id=job_id)
     session.refresh(job)
     return job
 

@@ -290,21 +290,15 @@ def test_a_stream_the_client_drops_stops_and_is_metered(
     whole_long: tuple[float, dict],
 ) -> None:
     engine = engine_of(gateway)
-    full_seconds, full_usage = whole_long
     body = {"model": BASE, "temperature": 0, "stream": True, **LONG}
     with httpx.stream("POST", f"{gateway.url}/v1/completions", json=body,
                       headers=bearer(stranger.key), timeout=60) as response:  # fmt: skip
         lines = response.iter_lines()
         while not next(lines).startswith("data: {"):
             pass
-    dropped = time.perf_counter()
-    wait_for(lambda: engine.status()[0].queue_depth == 0, timeout=60, what="engine idle")
-    assert time.perf_counter() - dropped < full_seconds / 4, full_seconds
-    wait_for(lambda: usage_rows(serving_settings, stranger.tenant_id), timeout=10, what="usage")
-    (cut,) = usage_rows(serving_settings, stranger.tenant_id)
-    assert cut.status_code == 499
-    assert 0 < cut.prompt_tokens <= full_usage["prompt_tokens"]
-    assert 0 < cut.completion_tokens < full_usage["completion_tokens"] / 2
+    _assert_stopped_and_metered(
+        engine, serving_settings, stranger, whole_long, dropped=time.perf_counter()
+    )
 
 
 def test_a_request_the_client_drops_stops_and_is_metered(
@@ -314,17 +308,32 @@ def test_a_request_the_client_drops_stops_and_is_metered(
     whole_long: tuple[float, dict],
 ) -> None:
     engine = engine_of(gateway)
-    full_seconds, full_usage = whole_long
     body = {"model": BASE, "temperature": 0, **LONG}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{gateway.url}/v1/completions", json=body, headers=bearer(stranger.key),
                    timeout=httpx.Timeout(60, read=0.5))  # fmt: skip
-    dropped = time.perf_counter()
+    _assert_stopped_and_metered(
+        engine, serving_settings, stranger, whole_long, dropped=time.perf_counter()
+    )
+
+
+def _assert_stopped_and_metered(
+    engine: Any,
+    settings: Settings,
+    tenant: TenantKey,
+    whole_long: tuple[float, dict],
+    *,
+    dropped: float,
+) -> None:
+    """The engine went idle well before a whole run's time, and the request is metered as
+    499 with the prompt and a part of the completion."""
+    full_seconds, full_usage = whole_long
     wait_for(lambda: engine.status()[0].queue_depth == 0, timeout=60, what="engine idle")
     stopped_after = time.perf_counter() - dropped
-    wait_for(lambda: usage_rows(serving_settings, stranger.tenant_id), timeout=10, what="usage")
-    (cut,) = usage_rows(serving_settings, stranger.tenant_id)
-    assert cut.status_code == 499 and cut.prompt_tokens > 0
+    wait_for(lambda: usage_rows(settings, tenant.tenant_id), timeout=10, what="usage")
+    (cut,) = usage_rows(settings, tenant.tenant_id)
+    assert cut.status_code == 499
+    assert 0 < cut.prompt_tokens <= full_usage["prompt_tokens"]
     assert 0 < cut.completion_tokens < full_usage["completion_tokens"] / 2
     assert stopped_after < full_seconds / 4, (stopped_after, full_seconds)
 

@@ -176,21 +176,30 @@ def _worker_pids(up_pid: int) -> set[int]:
     return pids
 
 
-def test_a_worker_that_dies_is_started_again(tmp_path: Path, tiny_llama: Path) -> None:
-    up = Up(
+def _tiny_up(tmp_path: Path, tiny_llama: Path) -> Up:
+    """`up` serving the tiny base in-process: light start-ups, for tests of its worker."""
+    return Up(
         tmp_path,
         tiny_llama,
         OMP_NUM_THREADS="1",
         LORAPLEX_BASE_MODEL=TINY,
         LORAPLEX_SERVING_ENGINE="transformers",
     )
+
+
+def _wait_for_workers(up_pid: int) -> set[int]:
+    deadline = time.monotonic() + 30
+    while not (workers := _worker_pids(up_pid)):
+        assert time.monotonic() < deadline, "no worker child"
+        time.sleep(0.2)
+    return workers
+
+
+def test_a_worker_that_dies_is_started_again(tmp_path: Path, tiny_llama: Path) -> None:
+    up = _tiny_up(tmp_path, tiny_llama)
     proc = up.start("up.log")
     try:
-        deadline = time.monotonic() + 30
-        while not (first := _worker_pids(proc.pid)):
-            assert time.monotonic() < deadline, "no worker child"
-            time.sleep(0.2)
-        killed = first.pop()
+        killed = _wait_for_workers(proc.pid).pop()
         os.kill(killed, signal.SIGKILL)  # as the kernel's OOM killer would
         deadline = time.monotonic() + 30
         while not (_worker_pids(proc.pid) - {killed}):
@@ -211,19 +220,9 @@ def test_a_worker_that_dies_is_started_again(tmp_path: Path, tiny_llama: Path) -
 def test_a_killed_up_takes_its_worker_with_it(tmp_path: Path, tiny_llama: Path) -> None:
     """SIGKILL skips `up`'s shutdown path; its worker (in a session of its own, so the
     group kill of `up` misses it) must still go, not run on orphaned (issue 13)."""
-    up = Up(
-        tmp_path,
-        tiny_llama,
-        OMP_NUM_THREADS="1",
-        LORAPLEX_BASE_MODEL=TINY,
-        LORAPLEX_SERVING_ENGINE="transformers",
-    )
-    proc = up.start("up.log")
+    proc = _tiny_up(tmp_path, tiny_llama).start("up.log")
     try:
-        deadline = time.monotonic() + 30
-        while not (workers := _worker_pids(proc.pid)):
-            assert time.monotonic() < deadline, "no worker child"
-            time.sleep(0.2)
+        workers = _wait_for_workers(proc.pid)
     finally:
         os.kill(proc.pid, signal.SIGKILL)  # as the OOM killer or a supervisor timeout would
         proc.wait(10)
