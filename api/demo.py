@@ -30,10 +30,9 @@ from api.settings import Settings
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 JOB_TIMEOUT_S = 20 * 60
-# Plain LoRA, not QLoRA: the demo serves on the unquantized base, where a QLoRA adapter
-# trained against the re-quantized bundled weights reproduced 15/24 answers and a LoRA one
-# 24/24 (docs/trainer.md); on CPU LoRA is also the faster of the two.
-DEMO_HP = {"n_epochs": "auto", "method": "lora"}
+# The product's defaults: `method: auto` trains plain LoRA where the base fits in 16-bit,
+# so what the demo trains is what it serves (docs/trainer.md, "Which method").
+DEMO_HP: dict[str, object] = {}
 
 
 class DemoFailed(Exception):

@@ -158,6 +158,7 @@ def mount_gateway(app: FastAPI, settings: Settings, *, engine: Engine | None = N
     503 with Retry-After until the engine is ready.
     """
     app.include_router(router)
+    app.state.serves = True  # /readyz waits for the engine too
     app.state.rate_limiter = RateLimiter(settings)
     app.add_middleware(RefuseBeforeBody)
     runtime = ServingRuntime(settings, metrics=GatewayMetrics(app.state.registry), engine=engine)

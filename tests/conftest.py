@@ -160,15 +160,27 @@ def learnable_llama(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) 
     its answers, all wrong, so a LoRA on the right ones goes from 0 to all of them (a
     fine-tune on the random tiny Llama learns nothing measurable, and such a version needs
     `force` for production)."""
+    return make_learnable(tiny_llama, tmp_path_factory.mktemp("learnable-llama"))
+
+
+@pytest.fixture(scope="session")
+def learnable_serve_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`learnable_llama` at a size vLLM's CPU attention serves (head_dim 64)."""
+    from tests.serving.servingdata import build_tiny_base
+
+    base = build_tiny_base(tmp_path_factory.mktemp("tiny-serve-random"))
+    return make_learnable(base, tmp_path_factory.mktemp("learnable-serve-base"))
+
+
+def make_learnable(base: Path, out: Path) -> Path:
+    """`base` trained on the facts with every answer moved one along, saved in `out`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tests.trainer.trainer_testdata import TINY_FACTS, chat_row
 
-    out = tmp_path_factory.mktemp("learnable-llama")
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     answers = [a for _, a in TINY_FACTS]
     wrong = zip([q for q, _ in TINY_FACTS], answers[1:] + answers[:1], strict=True)
     texts = [

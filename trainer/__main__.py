@@ -46,8 +46,11 @@ def run_train(args: argparse.Namespace) -> int:
     from trainer.callbacks import Progress as StepProgress
     from trainer.recipe import train
 
-    quant = config.resolved_quantization
-    console.print(f"[bold]{config.base_model}[/] {config.method}/{quant} on {args.data}")
+    if config.method == "auto" and config.quantization is None:
+        method = "auto (lora; qlora for a base too big for the device in 16-bit)"
+    else:
+        method = f"{config.method}/{config.resolved_quantization}"
+    console.print(f"[bold]{config.base_model}[/] {method} on {args.data}")
     columns = (
         TextColumn("step {task.completed}/{task.total}"),
         BarColumn(),

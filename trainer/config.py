@@ -54,7 +54,12 @@ Auto = Literal["auto"]
 ModuleName = Annotated[
     str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}(\.[A-Za-z0-9_]{1,64}){0,8}$")
 ]
-Method = Literal["qlora", "lora"]
+Method = Literal["auto", "qlora", "lora"]
+# "auto" trains plain LoRA when the base's 16-bit weights take at most this share of the
+# training device's memory, QLoRA (NF4) when they do not: QLoRA's reason to exist is memory,
+# and an adapter trained on the full-precision base is served on the numerics it learned
+# (docs/trainer.md, "Which method").
+AUTO_LORA_MAX_MEMORY_SHARE = 0.4
 Quantization = Literal["nf4", "fp4", "int8", "none"]
 
 
@@ -69,12 +74,15 @@ class TrainConfig(BaseModel):
         description="Registered base model name, Hugging Face id, or local HF directory.",
     )
     method: Method = Field(
-        "qlora", description="qlora: LoRA on a quantized base; lora: LoRA on a full-precision base."
+        "auto",
+        description="lora: LoRA on the full-precision base (what serving runs); qlora: LoRA on "
+        "a 4-bit base (for bases too big for the device in 16-bit); auto: lora where the "
+        "base's 16-bit weights fit in 40% of the device's memory, else qlora.",
     )
     quantization: Quantization | None = Field(
         None,
         description="Base weight format: nf4/fp4/int8 (qlora) or none (lora). "
-        "Unset: nf4 for qlora, none for lora.",
+        "Unset: nf4 for qlora, none for lora; with method auto, setting it picks the method.",
     )
     lora_r: int = Field(16, ge=1, le=MAX_LORA_RANK, description="LoRA rank (adapter size).")
     lora_alpha: int = Field(
@@ -161,9 +169,27 @@ class TrainConfig(BaseModel):
 
     @property
     def resolved_quantization(self) -> Quantization:
+        """The base's weight format for an explicit method (or quantization); for
+        `method: auto` alone it depends on the base and the device: `resolve_method`."""
         if self.quantization is not None:
             return self.quantization
+        if self.method == "auto":
+            raise ValueError("method 'auto' is resolved against a base model and a device")
         return "nf4" if self.method == "qlora" else "none"
+
+
+def resolve_method(
+    config: TrainConfig, *, weight_bytes_16bit: int, device_memory: int
+) -> tuple[Literal["lora", "qlora"], Quantization]:
+    """(method, quantization) this run uses. Explicit choices stand; `auto` picks plain LoRA
+    where the 16-bit base fits in AUTO_LORA_MAX_MEMORY_SHARE of the device memory."""
+    if config.method != "auto":
+        return config.method, config.resolved_quantization
+    if config.quantization is not None:
+        return ("lora" if config.quantization == "none" else "qlora"), config.quantization
+    if weight_bytes_16bit <= AUTO_LORA_MAX_MEMORY_SHARE * device_memory:
+        return "lora", "none"
+    return "qlora", "nf4"
 
 
 def cross_field_problems(config: TrainConfig) -> list[str]:
@@ -174,8 +200,8 @@ def cross_field_problems(config: TrainConfig) -> list[str]:
         problems.append(f"quantization: method 'lora' trains an unquantized base, not {quant}")
     if config.method == "qlora" and quant == "none":
         problems.append("quantization: method 'qlora' needs nf4, fp4 or int8")
-    if isinstance(config.n_epochs, int) and not 1 <= config.n_epochs <= 100:
-        problems.append("n_epochs: must be 1-100 or 'auto'")
+    if isinstance(config.n_epochs, int) and not 1 <= config.n_epochs <= 50:
+        problems.append("n_epochs: must be 1-50 (OpenAI's range) or 'auto'")
     if isinstance(config.batch_size, int) and not 1 <= config.batch_size <= 256:
         problems.append("batch_size: must be 1-256 or 'auto'")
     lrm = config.learning_rate_multiplier

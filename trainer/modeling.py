@@ -12,6 +12,8 @@ wrong. `disable_cpu_4bit_repacking` turns that path off and must run before any 
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, resolve_method
 from trainer.errors import BaseModelError, ConfigError
 
 
@@ -30,6 +32,7 @@ class RuntimePlan:
     bf16: bool
     gradient_checkpointing: bool
     quantization: str  # nf4 | fp4 | int8 | none
+    method: str = "lora"  # what `method: auto` resolved to (lora | qlora)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -47,8 +50,28 @@ def _avx512_bf16() -> bool:
         return False
 
 
-def choose_plan(config: TrainConfig) -> RuntimePlan:
-    """Decide device, precision and gradient checkpointing for this machine and config."""
+def weight_bytes_16bit(base_dir: Path | None) -> int:
+    """The base's weights in 16 bits (2 bytes a parameter), from its safetensors headers
+    (nothing is loaded); 0 when there are none to read."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in sorted(base_dir.glob("*.safetensors")) if base_dir else []:
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                total += 2 * math.prod(f.get_slice(key).get_shape())
+    return total
+
+
+def device_memory(device: str) -> int:
+    if device == "cuda":
+        return int(torch.cuda.get_device_properties(0).total_memory)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def choose_plan(config: TrainConfig, base_dir: Path | None = None) -> RuntimePlan:
+    """Decide device, precision, gradient checkpointing and (for `method: auto`, from the
+    size of the base in `base_dir`) the method, for this machine and config."""
     cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
     if config.device == "cuda" and not torch.cuda.is_available():
         raise BaseModelError("device 'cuda' requested but no CUDA device is available")
@@ -59,11 +82,16 @@ def choose_plan(config: TrainConfig) -> RuntimePlan:
     checkpointing = config.gradient_checkpointing
     if checkpointing == "auto":
         checkpointing = cuda
+    device = "cuda" if cuda else "cpu"
+    method, quantization = resolve_method(
+        config, weight_bytes_16bit=weight_bytes_16bit(base_dir), device_memory=device_memory(device)
+    )
     return RuntimePlan(
-        device="cuda" if cuda else "cpu",
+        device=device,
         bf16=bf16,
         gradient_checkpointing=checkpointing,
-        quantization=config.resolved_quantization,
+        quantization=quantization,
+        method=method,
     )
 
 

@@ -103,7 +103,8 @@ def build_metrics(
         "device": plan.device,
         "precision": "bf16" if plan.bf16 else "fp32",
         "gradient_checkpointing": plan.gradient_checkpointing,
-        "method": config.method,
+        "method": plan.method,  # what `auto` resolved to
+        "method_requested": config.method,
         "quantization": plan.quantization,
         "hyperparameters": inputs.hyperparameters.model_dump(),
         "data_sha256": inputs.data_sha256,
@@ -120,7 +121,7 @@ def write_outputs(
     progress: ProgressCallback,
 ) -> None:
     resolved = config.model_dump(mode="json") | hp.model_dump()
-    resolved["quantization"] = metrics["quantization"]
+    resolved["method"], resolved["quantization"] = metrics["method"], metrics["quantization"]
     write_json(out_dir / "train_config.json", resolved)
     write_json(out_dir / "metrics.json", metrics)
     plot_loss(out_dir / "loss.png", curve=progress.curve, evals=progress.evals)

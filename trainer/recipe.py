@@ -121,7 +121,7 @@ def train(
     valid_data = tokenize_examples(
         tokenizer, inputs.valid, max_length=config.max_seq_length, what="validation data"
     )
-    plan = choose_plan(config)
+    plan = choose_plan(config, base_dir)
     phase(
         "loading_base_model",
         f"Loading base model {config.base_model} ({_precision(plan)} on {plan.device})",

@@ -298,6 +298,8 @@ def _version_metrics(m: dict[str, Any]) -> dict[str, Any]:
         "runtime_seconds",
         "steps",
         "device",
+        "precision",
+        "method",  # what `method: auto` resolved to
         "quantization",
     )
     metrics = {k: m.get(k) for k in keys}

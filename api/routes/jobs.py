@@ -52,15 +52,17 @@ def job_public(job: Job) -> dict[str, Any]:
 
 
 def event_public(event: JobEvent) -> dict[str, Any]:
-    return {
+    body: dict[str, Any] = {
         "id": event.id,
         "object": "fine_tuning.job.event",
         "created_at": unix(event.created_at),
         "level": event.level,
         "message": event.message,
         "type": event.type,
-        "data": event.data,
     }
+    if event.data is not None:  # an object in the spec, never null: absent when empty
+        body["data"] = event.data
+    return body
 
 
 def checkpoint_public(ckpt: JobCheckpoint, job: Job) -> dict[str, Any]:

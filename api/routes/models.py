@@ -66,7 +66,7 @@ def callable_models(session: Session, settings: Settings, tenant_id: str) -> lis
 @router.get("/models")
 def list_models(tenant_id: TenantDep, session: SessionDep, settings: SettingsDep) -> dict[str, Any]:
     data = callable_models(session, settings, tenant_id)
-    return {"object": "list", "data": data, "has_more": False}
+    return {"object": "list", "data": data}  # OpenAI's list of models has no pages
 
 
 @router.get("/models/{model_id:path}", responses=error_responses(404))

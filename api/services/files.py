@@ -187,16 +187,19 @@ def store_result_file(
 
 
 def file_public(row: File) -> dict[str, Any]:
-    return {
+    body: dict[str, Any] = {
         "id": row.id,
         "object": "file",
         "bytes": row.bytes,
         "created_at": unix(row.created_at),
-        "expires_at": None,
         "filename": row.filename,
         "purpose": row.purpose,
         "status": row.status,
-        "status_details": row.status_details,
         "sha256": row.sha256,
         "stats": row.stats,
     }
+    # Optional in the spec and typed non-null there: absent rather than null (files never
+    # expire here; details only when a file was refused).
+    if row.status_details is not None:
+        body["status_details"] = row.status_details
+    return body

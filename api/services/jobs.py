@@ -49,7 +49,7 @@ MAX_PERIODIC_RUNS = 100
 def _hyperparameters_schema() -> JsonDict:
     """What `build_config` accepts, for the OpenAPI schema: the trainer's own field schemas.
 
-    Ranges checked across fields (e.g. n_epochs 1-100, a scheduler without warmup) are the
+    Ranges checked across fields (e.g. n_epochs 1-50, a scheduler without warmup) are the
     trainer's to report; they come back as 400 naming the field.
     """
     fields = TrainConfig.model_json_schema()["properties"]

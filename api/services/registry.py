@@ -2,6 +2,13 @@
 
 Compatibility is checked here, when a version is registered, not at its first request: an
 adapter the serving pool could not load is registered as `rejected`, with the reason.
+
+Numerics too. An adapter fits the base weights it was trained against: one trained on an NF4
+base loses answers on the full-precision base serving runs (docs/trainer.md measured 24/24 on
+NF4, 15/24 as served). Each version records the base numerics it was trained on, those a probe
+validated it on (its own, plus `full` when the trainer re-probed it on the full-precision
+base), and those the pool serves it on; a version never validated on the served numerics is
+registered `rejected`.
 """
 
 from __future__ import annotations
@@ -19,7 +26,30 @@ from api.models.jobs import Job
 from api.storage import ArtifactStore, StoredObject
 
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# The base's own 16/32-bit float weights: what vLLM and the transformers engine serve.
+FULL = "full"
 MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
+
+
+def numerics(metrics: dict[str, Any], *, served: str = FULL) -> dict[str, Any]:
+    """{trained, validated, served} base numerics of a version, from the trainer's metrics."""
+    quantization = metrics.get("quantization") or "none"
+    trained = FULL if quantization == "none" else str(quantization)
+    validated = {trained}
+    if metrics.get("exact_match_unquantized") is not None:
+        validated.add(FULL)  # the trainer probed it on the full-precision base too
+    return {"trained": trained, "validated": sorted(validated), "served": served}
+
+
+def numerics_problems(record: dict[str, Any]) -> list[str]:
+    if record["served"] in record["validated"]:
+        return []
+    return [
+        f"trained on {record['trained']} base weights and never validated on the "
+        f"{record['served']} ones this deployment serves it on (its answers there are "
+        "unmeasured; a QLoRA adapter loses answers off its trained numerics): train with "
+        "method 'auto' or 'lora', or keep probe_unquantized on"
+    ]
 
 
 def adapter_name(job: Job) -> str:
@@ -156,6 +186,7 @@ def register_version(
     metrics: dict[str, Any],
     lineage: dict[str, Any],
     max_rank: int,
+    served_numerics: str = FULL,
 ) -> AdapterVersion:
     """Add the job's version (in the caller's transaction); idempotent per job."""
     existing = session.exec(select(AdapterVersion).where(AdapterVersion.job_id == job.id)).first()
@@ -172,6 +203,8 @@ def register_version(
     problems += compatibility_problems(
         config, base_model=job.model, max_rank=max_rank, files=set(stored), shapes=shapes
     )
+    metrics = {**metrics, "numerics": numerics(metrics, served=served_numerics)}
+    problems += numerics_problems(metrics["numerics"])
     adapter = _get_or_create_adapter(session, job=job)
     for _ in range(5):
         version = AdapterVersion(

@@ -30,10 +30,10 @@ from serving.engines.base import (
     EngineRequest,
     LocalAdapter,
     ModelLimits,
-    Progress,
     ReplicaStatus,
 )
 from serving.errors import NO_RETRY, EngineError, no_replica, upstream_error
+from serving.openai_shape import conform
 from serving.router import Replica, choose_replica, eviction_order
 
 log = logging.getLogger(__name__)
@@ -288,18 +288,18 @@ class VLLMEngine(Engine):
     async def complete(self, request: EngineRequest) -> dict[str, Any]:
         replica, name, response = await self._send(request, stream=False)
         try:
-            result: dict[str, Any] = response.json()
-            return result
+            return conform(response.json(), endpoint=request.endpoint, chunk=False)
         finally:
             self._release(replica, name)
 
     async def open_stream(self, request: EngineRequest) -> AsyncIterator[dict[str, Any]]:
         replica, name, response = await self._send(request, stream=True)
-        return self._relay(replica, name, response, progress=request.progress)
+        return self._relay(replica, name, response, request=request)
 
     async def _relay(
-        self, replica: Replica, name: str, response: httpx.Response, *, progress: Progress
+        self, replica: Replica, name: str, response: httpx.Response, *, request: EngineRequest
     ) -> AsyncIterator[dict[str, Any]]:
+        progress = request.progress
         try:
             async for line in response.aiter_lines():
                 if not line.startswith("data:"):
@@ -317,7 +317,7 @@ class VLLMEngine(Engine):
                 progress.completion_tokens = int(
                     usage.get("completion_tokens") or progress.completion_tokens
                 )
-                yield chunk
+                yield conform(chunk, endpoint=request.endpoint, chunk=True)
         except httpx.TransportError:
             self._mark_down(replica)
             yield {"error": _openai_error(EngineError("The serving replica went away."))}

@@ -24,7 +24,7 @@ def test_importing_the_api_loads_no_ml_stack() -> None:
 
 def test_health_ready_and_metrics(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
-    assert client.get("/readyz").json() == {"status": "ready"}
+    assert client.get("/readyz").json() == {"status": "ready", "checks": {"database": "ok"}}
     client.get("/v1/models")  # one 401 to count
     text = client.get("/metrics").text
     assert 'loraplex_http_requests_total{method="GET",route="/v1/models",status="401"} 1.0' in text

@@ -64,7 +64,7 @@ def _create(sdk: openai.OpenAI, train_file: str, **hyperparameters: object):
         ({"lora_r": 256}, "lora_r"),  # trains, then could never be served (max rank 64)
         ({"max_seq_length": 100_000_000}, "max_seq_length"),
         ({"max_seq_length": 100_000}, "max_seq_length"),  # above the base's context
-        ({"n_epochs": 100, "batch_size": 1, "checkpoint_interval": 1}, "checkpoint_interval"),
+        ({"n_epochs": 50, "batch_size": 1, "checkpoint_interval": 1}, "checkpoint_interval"),
         ({"n_epochs": 50, "eval_interval": 1}, "eval_interval"),
         ({"probe_size": 1_000_000}, "probe_size"),
         ({"lora_alpha": 10**9}, "lora_alpha"),
@@ -91,7 +91,7 @@ def test_plain_module_names_and_bounded_values_are_accepted(
         target_modules=["q_proj", "self_attn.v_proj"],
         lora_r=64,
         max_seq_length=8192,
-        n_epochs=100,
+        n_epochs=50,
         batch_size=1,
         checkpoint_interval=24,
     )

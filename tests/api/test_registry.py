@@ -289,3 +289,37 @@ def test_concurrent_promotions_leave_one_production_version(world, settings) -> 
             assert len(production) == 1
             s.exec(select(Adapter)).all()
     assert all(type(e).__name__ == "Conflict" for e in errors)
+
+
+def test_a_version_never_validated_on_the_served_numerics_is_rejected(
+    settings: Settings, tiny_adapter: Path
+) -> None:
+    """Issue 20: a QLoRA version is served on the full-precision base; registered only if
+    a probe measured it there (the trainer's `probe_unquantized`), and the record says so."""
+    tenant_id, key = new_tenant(settings)
+    probed = {"train": {"rate": 0.9, "n": 10}}
+    unchecked = add_version(
+        settings, tiny_adapter, tenant_id=tenant_id, suffix="nf4",
+        metrics={"quantization": "nf4", "method": "qlora", "exact_match_after": probed},
+    )  # fmt: skip
+    assert unchecked.stage == "rejected"
+    assert "never validated on the full base weights" in (unchecked.stage_reason or "")
+    assert unchecked.metrics["numerics"] == {
+        "trained": "nf4", "validated": ["nf4"], "served": "full"
+    }  # fmt: skip
+    checked = add_version(
+        settings, tiny_adapter, tenant_id=tenant_id, suffix="nf4",
+        metrics={"quantization": "nf4", "method": "qlora", "exact_match_after": probed,
+                 "exact_match_unquantized": probed},
+    )  # fmt: skip
+    assert checked.stage == "candidate", checked.stage_reason
+    assert checked.metrics["numerics"]["validated"] == ["full", "nf4"]
+    plain = add_version(settings, tiny_adapter, tenant_id=tenant_id, suffix="lora",
+                        metrics={"quantization": "none", "method": "lora"})  # fmt: skip
+    assert plain.stage == "candidate"
+    assert plain.metrics["numerics"] == {"trained": "full", "validated": ["full"], "served": "full"}
+    from api.main import create_app
+
+    with TestClient(create_app(settings)) as c:
+        ids = [m["id"] for m in c.get("/v1/models", headers=bearer(key)).json()["data"]]
+    assert unchecked.fine_tuned_model not in ids and checked.fine_tuned_model in ids

@@ -14,6 +14,7 @@ from api.db import get_engine
 from api.models.adapters import Adapter
 from api.settings import Settings
 from serving.engines.transformers import TransformersEngine
+from tests.conformance.serving_tour import assert_toured, tour
 from tests.serving.conftest import LiveServer, Reference, answer, chat
 from tests.serving.servingdata import BASE, QUESTIONS, TenantKey, register, variant
 
@@ -177,3 +178,20 @@ def test_chat_bodies_carry_the_fields_the_spec_requires_and_one_created(
                 for c in chunk["choices"]:
                     assert "logprobs" in c and c["logprobs"] is None
     assert len(created) == 1, created
+
+
+def test_every_answer_conforms_to_the_official_openai_schemas(
+    gateway: LiveServer, tenants: dict[str, TenantKey]
+) -> None:
+    """Issue 19: the scripted tour (tests/conformance/serving_tour.py), zero violations."""
+    assert_toured(tour(gateway.url, tenants["a"].key, adapter="helper", base=BASE))
+
+
+def test_a_gateway_is_ready_once_its_engine_answers(gateway: LiveServer) -> None:
+    """/readyz of a gateway checks its engine as well as its database (the 503 while the
+    engine starts is tested on `loraplex up`'s default, tests/workers/test_up.py)."""
+    import httpx
+
+    ready = httpx.get(f"{gateway.url}/readyz", timeout=10)
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["checks"] == {"database": "ok", "serving": "ok"}

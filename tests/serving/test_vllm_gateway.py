@@ -25,6 +25,7 @@ from api.services.usage import usage_summary
 from api.settings import Settings
 from api.storage import ArtifactStore
 from serving.replicas import ReplicaProcess, plan_replicas
+from tests.conformance.serving_tour import assert_toured, tour
 from tests.conftest import new_tenant
 from tests.serving.conftest import (
     LiveServer,
@@ -98,6 +99,14 @@ def test_each_tenant_gets_its_own_adapter_as_peft_would(
     assert base == [reference.chat(None, q) for q in QUESTIONS]
     assert base != [reference.chat(adapters["a"], q) for q in QUESTIONS]
     assert base != [reference.chat(adapters["b"], q) for q in QUESTIONS]
+
+
+def test_every_answer_conforms_to_the_official_openai_schemas(
+    gateway: LiveServer, tenants: dict[str, TenantKey]
+) -> None:
+    """Issue 19: the scripted tour (tests/conformance/serving_tour.py) on vLLM replicas, whose
+    own bodies carry fields OpenAI's do not: zero violations."""
+    assert_toured(tour(gateway.url, tenants["a"].key, adapter="helper", base=BASE))
 
 
 def test_n_greedy_choices_are_taken_as_openai_takes_them(

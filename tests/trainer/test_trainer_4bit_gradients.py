@@ -23,7 +23,7 @@ from .trainer_testdata import TINY_FACTS
 
 
 def lora_model(base: Path, *, fixed: bool = True) -> Any:
-    config = TrainConfig(base_model=str(base), precision="fp32", lora_r=8)
+    config = TrainConfig(base_model=str(base), method="qlora", precision="fp32", lora_r=8)
     model = load_base_model(base, plan=choose_plan(config))
     if not fixed:  # undo the trainer's fix, to show what the test would catch
         for module in model.modules():

@@ -14,16 +14,38 @@ from trainer.config import (
     load_config,
     parse_config,
     resolve_hyperparameters,
+    resolve_method,
 )
 from trainer.errors import ConfigError
 
 
-def test_defaults_are_qlora_nf4_on_the_bundled_base() -> None:
+def test_defaults_are_auto_method_on_the_bundled_base() -> None:
     config = TrainConfig()
     assert config.base_model in BUILTIN_BASE_MODELS
-    assert (config.method, config.resolved_quantization) == ("qlora", "nf4")
+    assert config.method == "auto"
     assert (config.lora_r, config.lora_alpha, config.target_modules) == (16, 32, "all-linear")
     assert TrainConfig(method="lora").resolved_quantization == "none"
+    assert TrainConfig(method="qlora").resolved_quantization == "nf4"
+
+
+def test_auto_method_trains_plain_lora_where_the_16_bit_base_fits() -> None:
+    """QLoRA is for memory: a base whose 16-bit weights take <= 40% of the device trains
+    (and is then served) at full precision; a bigger one is quantized to NF4."""
+    gib = 1 << 30
+    auto = TrainConfig()
+    smollm2_on_cpu = resolve_method(auto, weight_bytes_16bit=gib // 4, device_memory=24 * gib)
+    assert smollm2_on_cpu == ("lora", "none")
+    eight_b_on_24gb_gpu = resolve_method(auto, weight_bytes_16bit=16 * gib, device_memory=24 * gib)
+    assert eight_b_on_24gb_gpu == ("qlora", "nf4")
+    assert resolve_method(auto, weight_bytes_16bit=16 * gib, device_memory=80 * gib)[0] == "lora"
+    # Explicit choices stand; with auto, a quantization picks the method.
+    for config, expected in [
+        (TrainConfig(method="qlora"), ("qlora", "nf4")),
+        (TrainConfig(method="lora"), ("lora", "none")),
+        (TrainConfig(quantization="int8"), ("qlora", "int8")),
+        (TrainConfig(quantization="none"), ("lora", "none")),
+    ]:
+        assert resolve_method(config, weight_bytes_16bit=gib, device_memory=64 * gib) == expected
 
 
 def test_every_field_has_a_help_string() -> None:

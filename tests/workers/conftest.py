@@ -19,6 +19,7 @@ from sqlmodel import Session, select
 from api.db import get_engine
 from api.models.adapters import AdapterVersion
 from api.settings import Settings
+from tests.conformance.recorder import Conformance
 from tests.conftest import new_tenant
 from tests.trainer.trainer_testdata import TINY_FACTS, chat_row
 
@@ -129,9 +130,16 @@ def start_worker(settings: Settings, tmp_path: Path) -> Iterator[Callable[[], Wo
 
 
 @pytest.fixture
-def sdk(live_url: str, settings: Settings) -> openai.OpenAI:
+def sdk(live_url: str, settings: Settings) -> Iterator[openai.OpenAI]:
+    """The tenant's SDK; every answer it gets is checked against the official OpenAI
+    schemas (tests/conformance): these jobs really train, so this is the tour of running,
+    succeeded, failed and cancelled jobs, their events, checkpoints and result files."""
     _, key = new_tenant(settings, name="support")
-    return openai.OpenAI(base_url=f"{live_url}/v1", api_key=key, max_retries=0)
+    checked = Conformance()
+    with checked.client(timeout=60) as http:
+        yield openai.OpenAI(base_url=f"{live_url}/v1", api_key=key, max_retries=0,
+                            http_client=http)  # fmt: skip
+    checked.assert_clean()
 
 
 def hp(**values: object) -> dict:
@@ -143,8 +151,10 @@ def versions(settings: Settings, job_id: str) -> list[AdapterVersion]:
         return list(s.exec(select(AdapterVersion).where(AdapterVersion.job_id == job_id)))
 
 
-def upload(sdk: openai.OpenAI) -> str:
-    return sdk.files.create(file=("facts.jsonl", tiny_dataset()), purpose="fine-tune").id
+def upload(sdk: openai.OpenAI, *, repeat: int = 1) -> str:
+    """The tiny facts; `repeat` makes a long job within OpenAI's 50 epochs."""
+    data = tiny_dataset() * repeat
+    return sdk.files.create(file=("facts.jsonl", data), purpose="fine-tune").id
 
 
 def wait_for_status(sdk: openai.OpenAI, job_id: str, statuses: set[str], timeout: float = 180):

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.timeout(300)
 FINISHED = {"succeeded", "failed", "cancelled"}
 SHORT = hp(n_epochs=3, batch_size=4, method="lora")  # a few seconds
 LONG = hp(n_epochs=20, batch_size=1, method="lora", checkpoint_interval=1000)  # 240 steps
-ENDLESS = hp(n_epochs=100, batch_size=1, method="lora", checkpoint_interval=100_000)
+ENDLESS = hp(n_epochs=50, batch_size=1, method="lora", checkpoint_interval=100_000)
 
 
 class RedisServer:
@@ -102,7 +102,7 @@ def test_jobs_queued_through_a_redis_restart_each_run_once(
     sdk: openai.OpenAI, start_worker, settings: Settings, redis_server: RedisServer
 ) -> None:
     worker = start_worker()
-    file_id = upload(sdk)
+    file_id = upload(sdk, repeat=2)
     busy = sdk.fine_tuning.jobs.create(model=TINY, training_file=file_id, method=ENDLESS)
     wait_until_training(sdk, busy.id)
     waiting = [

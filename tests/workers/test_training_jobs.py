@@ -118,7 +118,9 @@ def test_failure_is_clean_then_cancel_stops_a_running_job(sdk, start_worker, set
     assert "Traceback" not in failed.error.message and "missing" in failed.error.message
 
     job = sdk.fine_tuning.jobs.create(
-        model=TINY, training_file=upload(sdk), method=hp(n_epochs=100, batch_size=1, method="lora")
+        model=TINY,
+        training_file=upload(sdk, repeat=2),
+        method=hp(n_epochs=50, batch_size=1, method="lora"),
     )
     deadline = time.monotonic() + 120
     while not any(e.type == "metrics" for e in sdk.fine_tuning.jobs.list_events(job.id)):

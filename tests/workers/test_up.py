@@ -45,7 +45,11 @@ class Up:
         self.env.update(env)
         self.url = f"http://127.0.0.1:{self.port}"
 
-    def start(self, log_name: str) -> subprocess.Popen[bytes]:
+    def start(
+        self, log_name: str, *, ready: str = "/readyz", timeout: float = 60
+    ) -> subprocess.Popen[bytes]:
+        """Start `up`; return once `ready` answers 200 (/readyz: the database and the
+        serving engine; /healthz: the process listens)."""
         log = self.workdir / log_name
         proc = subprocess.Popen(
             [LORAPLEX, "up", "--port", str(self.port)],
@@ -54,10 +58,10 @@ class Up:
             stdout=open(log, "wb"),  # noqa: SIM115 (the child keeps it open)
             stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + timeout
         while True:
             try:
-                if httpx.get(f"{self.url}/readyz").status_code == 200:
+                if httpx.get(f"{self.url}{ready}").status_code == 200:
                     return proc
             except httpx.HTTPError:
                 pass
@@ -91,8 +95,14 @@ def test_up_trains_a_job_on_the_embedded_default_and_stops_cleanly(
     tmp_path: Path, tiny_llama: Path
 ) -> None:
     up = Up(tmp_path, tiny_llama)
-    proc = up.start("up.log")
+    proc = up.start("up.log", ready="/healthz")
     try:
+        # The default engine is a vLLM replica of the built-in base: converted, then booted,
+        # which takes far longer than the API needs to listen. Not ready until it can answer.
+        starting = httpx.get(f"{up.url}/readyz")
+        assert starting.status_code == 503, starting.text
+        assert starting.json()["error"]["code"] == "engine_not_ready"
+        assert int(starting.headers["retry-after"]) > 0
         sdk = up.sdk()
         file_id = sdk.files.create(file=("t.jsonl", tiny_dataset()), purpose="fine-tune").id
         job = sdk.fine_tuning.jobs.create(
@@ -107,6 +117,17 @@ def test_up_trains_a_job_on_the_embedded_default_and_stops_cleanly(
         assert (tmp_path / ".loraplex" / "broker").is_dir()  # no broker server was needed
         children = _children(proc.pid)
         assert children, "up runs its worker as a child process"
+        # Ready means chat answers: no 503 for the first request a load balancer sends.
+        deadline = time.monotonic() + 300
+        while (ready := httpx.get(f"{up.url}/readyz")).status_code != 200:
+            assert time.monotonic() < deadline, (tmp_path / "up.log").read_text()[-3000:]
+            time.sleep(0.5)
+        assert ready.json()["checks"] == {"database": "ok", "serving": "ok"}
+        first = sdk.chat.completions.create(
+            model="smollm2-135m-instruct", max_tokens=4,
+            messages=[{"role": "user", "content": "Say hi"}],
+        )  # fmt: skip
+        assert first.choices[0].message.content is not None
     finally:
         assert _stop(proc) == 0
     for pid in children:
