@@ -125,6 +125,11 @@ def train_method(method: str, *, home: Path, work: Path) -> dict[str, Any]:
         out_dir=out,
         home=home,
         on_phase=lambda _name, message: log(f"[{method}] {message}"),
+        on_progress=lambda p: (
+            log(f"[{method}] step {p.step}/{p.total_steps}, loss {p.loss}")
+            if p.step % 10 == 0
+            else None
+        ),
     )
     seconds = time.monotonic() - started
     m = result.metrics

@@ -163,15 +163,6 @@ def learnable_llama(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) 
     return make_learnable(tiny_llama, tmp_path_factory.mktemp("learnable-llama"))
 
 
-@pytest.fixture(scope="session")
-def learnable_serve_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`learnable_llama` at a size vLLM's CPU attention serves (head_dim 64)."""
-    from tests.serving.servingdata import build_tiny_base
-
-    base = build_tiny_base(tmp_path_factory.mktemp("tiny-serve-random"))
-    return make_learnable(base, tmp_path_factory.mktemp("learnable-serve-base"))
-
-
 def make_learnable(base: Path, out: Path) -> Path:
     """`base` trained on the facts with every answer moved one along, saved in `out`."""
     import torch

@@ -27,7 +27,7 @@ PROBE_BATCH = 8
 class ProbeResult:
     n: int
     exact: int
-    samples: list[dict[str, str]] = field(default_factory=list)  # prompt, expected, got
+    samples: list[dict[str, Any]] = field(default_factory=list)  # prompt, expected, got
 
     @property
     def rate(self) -> float:
@@ -88,10 +88,12 @@ def exact_match_probe(model: Any, tokenizer: Any, examples: Sequence[Example]) -
     got = greedy_answers(
         model, tokenizer, [p for p, _ in pairs], max_new_tokens=longest + MAX_NEW_TOKENS_SLACK
     )
-    samples = [
-        {"prompt": prompt[-1]["content"], "expected": ref, "got": answer.strip()}
+    samples: list[dict[str, Any]] = [
+        # `messages`: the whole prompt, so serving/validation.py can ask the serving engine.
+        {"prompt": prompt[-1]["content"], "messages": prompt, "expected": ref,
+         "got": answer.strip()}
         for (prompt, ref), answer in zip(pairs, got, strict=True)
-    ]
+    ]  # fmt: skip
     exact = sum(_normalise(s["expected"]) == _normalise(s["got"]) for s in samples)
     return ProbeResult(n=len(samples), exact=exact, samples=samples)
 

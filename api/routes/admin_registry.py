@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Depends, Path, Query
+from fastapi import APIRouter, Body, Depends, Path, Query, Request
 from pydantic import BaseModel, Field
 from sqlmodel import col, select
 
@@ -97,7 +97,13 @@ def promote_version(
     admin: AdminDep,
     session: SessionDep,
     settings: SettingsDep,
+    request: Request,
 ) -> dict[str, Any]:
+    if body.stage == "production":
+        promotion.probe_as_served(
+            session, gateway=getattr(request.app.state, "gateway", None),
+            adapter_id=adapter_id, number=number,
+        )  # fmt: skip
     promotion.promote(
         session,
         actor=admin,

@@ -303,7 +303,9 @@ def test_a_version_never_validated_on_the_served_numerics_is_rejected(
         metrics={"quantization": "nf4", "method": "qlora", "exact_match_after": probed},
     )  # fmt: skip
     assert unchecked.stage == "rejected"
-    assert "never validated on the full base weights" in (unchecked.stage_reason or "")
+    assert "trained on nf4 base weights and never validated on the full ones" in (
+        unchecked.stage_reason or ""
+    )
     assert unchecked.metrics["numerics"] == {
         "trained": "nf4", "validated": ["nf4"], "served": "full"
     }  # fmt: skip

@@ -4,6 +4,7 @@ example answers, and usage does not count the 503s of an engine still starting."
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -168,3 +169,51 @@ def test_usage_does_not_count_the_503s_of_a_starting_engine(
     ]
     assert row["requests"] == 4 and row["unavailable"] == 19
     assert row["prompt_tokens"] == 4 * 7 and row["completion_tokens"] == 4 * 3
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_production_is_judged_on_the_probe_through_the_serving_engine(
+    settings: Settings, tiny_adapter: Path
+) -> None:
+    """Issue 20: before a promotion to production, `up` (API and gateway in one process) asks
+    its own engine the trainer's probe prompts; the gate reads that, not the trainer's
+    in-process figure. Here the trainer claims 12/12 and the tiny adapter, as served, does
+    not answer so: refused, with both figures."""
+    from api.main import create_app
+    from tests.trainer.trainer_testdata import TINY_FACTS
+
+    settings = settings.model_copy(update={
+        "base_model": TINY, "serving_engine": "transformers", "promotion_gate": True,
+        "serving_torch_threads": 1,
+    })  # fmt: skip
+    samples = [
+        {"prompt": q, "messages": [{"role": "user", "content": q}], "expected": a, "got": a}
+        for q, a in TINY_FACTS
+    ]
+    claimed = {"train": {"n": 12, "exact": 12, "rate": 1.0, "samples": samples},
+               "validation": None}  # fmt: skip
+    tenant_id, _ = new_tenant(settings)
+    admin = bearer(new_admin_key(settings))
+    version = add_version(
+        settings, tiny_adapter, tenant_id=tenant_id, suffix="bot",
+        metrics={"exact_match_before": probe(0, n=12), "exact_match_after": claimed},
+    )  # fmt: skip
+    url = f"/v1/admin/adapters/{version.adapter_id}/versions/1/promote"
+    with TestClient(create_app(settings, with_gateway=True)) as c:
+        for _ in range(600):
+            if c.get("/readyz").status_code == 200:
+                break
+            time.sleep(0.1)
+        r = c.post(url, json={"stage": "production"}, headers=admin)
+        assert r.status_code == 409, r.text
+        message = r.json()["error"]["message"]
+        assert "through the serving engine the exact-match probe is" in message
+        assert "against 1.00 on the numerics it was trained on" in message
+        shown = c.get(f"/v1/admin/adapters/{version.adapter_id}", headers=admin).json()
+        served = shown["versions"][0]["metrics"]["exact_match_served"]
+        assert served["engine"] == "transformers" and served["train"]["n"] == 12
+        assert served["train"]["exact"] < 12 and served["validation"] is None
+        got = [s["got"] for s in served["train"]["samples"]]
+        assert all(isinstance(g, str) for g in got) and got != [a for _, a in TINY_FACTS]
+        forced = c.post(url, json={"stage": "production", "force": True}, headers=admin)
+        assert forced.status_code == 200, forced.text

@@ -1,8 +1,7 @@
-"""End to end on the real SmolLM2-135M-Instruct: the default method learns a made-up domain.
+"""The real SmolLM2-135M-Instruct base: converted once, safely, by racing processes.
 
 Two processes convert the bundled GGUF into the same fresh home at once (the race the atomic
-rename guards against); the resulting base is then fine-tuned with every default ("auto")
-on examples/support-acme.jsonl, facts about a fictional kettle that the base cannot know.
+rename guards against).
 """
 
 from __future__ import annotations
@@ -16,12 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import TrainConfig
-from trainer.recipe import train
-
 ROOT = Path(__file__).resolve().parents[2]
-ACME = ROOT / "examples" / "support-acme.jsonl"
-ACME_VALID = Path(__file__).parent / "data" / "support-acme-valid.jsonl"
 BASE = "smollm2-135m-instruct"
 CONVERT = (
     "import sys; from pathlib import Path; from trainer.base_models import resolve_base_model;"
@@ -67,28 +61,5 @@ def test_racing_conversions_leave_one_complete_model(smollm2_home: RacedHome) ->
     assert "quantization_config" not in json.loads((target / "config.json").read_text())
 
 
-@pytest.mark.slow
-def test_default_adapter_answers_what_the_base_cannot_on_the_numerics_it_is_served_on(
-    smollm2_home: RacedHome, tmp_path: Path
-) -> None:
-    out = tmp_path / "adapter"
-    result = train(
-        TrainConfig(),
-        data_path=ACME,
-        validation_path=ACME_VALID,
-        out_dir=out,
-        home=smollm2_home.home,
-    )
-    before, after = result.metrics["exact_match_before"], result.metrics["exact_match_after"]
-    assert before["train"]["exact"] == 0 and before["validation"]["exact"] == 0
-    assert after["train"]["rate"] >= 0.9, after["train"]["samples"]
-    assert result.eval_loss_before is not None and result.eval_loss_after is not None
-    assert result.eval_loss_after < result.eval_loss_before / 4
-    # method auto on a 135M base and a CPU: plain LoRA on the full-precision weights, the
-    # numerics serving runs it on (QLoRA here: 20/20 on NF4, 11/20 as served; docs/trainer.md).
-    assert (result.metrics["method"], result.metrics["method_requested"]) == ("lora", "auto")
-    assert (result.metrics["device"], result.metrics["quantization"]) == ("cpu", "none")
-    assert result.exact_match_train_unquantized is None  # trained as served: nothing to redo
-
-    adapter_config = json.loads((out / "adapter_config.json").read_text())
-    assert adapter_config["base_model_name_or_path"] == BASE
+# Training SmolLM2 with every default, and serving what it trained, is the suite's one slow
+# training run: tests/test_served_quality.py, through `loraplex up` and the SDK.
