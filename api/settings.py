@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     # Its torch threads; unset: torch's default. On a busy small box, 1 can be 50x faster
     # than 2 contended OpenMP threads (docs/benchmarks.md, serving).
     serving_torch_threads: int | None = Field(None, ge=1)
+    # Every new version is asked its probe prompts through the serving engine once it lands
+    # (serving/validation.py): what the tenant will get, next to what the trainer measured.
+    serving_validate_new_versions: bool = True
     serving_cache_dir: Path | None = Field(None, description="Verified adapters; default home.")
     # Past either bound the least recently used versions no replica holds are deleted (and
     # fetched again if asked for): enough for many tenants' adapters of ~10-100 MB each.

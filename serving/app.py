@@ -35,6 +35,7 @@ from serving.ratelimit import RateLimiter, RefuseBeforeBody
 from serving.replicas import ReplicaProcess, RestartBackoff
 from serving.schemas import ChatCompletionRequest, CompletionRequest, Endpoint, SamplingRequest
 from serving.setup import EngineSetup, build_engine, say_building, say_starting, say_when_ready
+from serving.validation import watch_new_versions
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["serving"])
@@ -228,6 +229,9 @@ class ServingRuntime:
         )
         await gateway.start()
         app.state.gateway = gateway
+        if self.settings.serving_validate_new_versions:
+            watch = watch_new_versions(gateway, self.settings.database_url)
+            self._tasks.append(asyncio.create_task(watch))
         # `up` and `serve` set the address they listen on, for the console.
         url = getattr(app.state, "public_url", None)
         self._tasks.append(asyncio.create_task(say_when_ready(setup.engine, url)))

