@@ -49,6 +49,7 @@ BASE = "smollm2-135m-instruct"
 TRAIN_DATA = ROOT / "examples" / "support-acme.jsonl"
 HELD_OUT = ROOT / "tests" / "trainer" / "data" / "support-acme-valid.jsonl"
 MAX_NEW_TOKENS_SLACK = 8  # the trainer probe's room past the longest reference
+PARITY_REFERENCE = "transformers-float32"  # transformers + peft in fp32: the reference numerics
 WAVE = 12  # concurrent requests per wave under load: half adapter, half base
 # name -> (LORAPLEX_SERVING_ENGINE, LORAPLEX_SERVING_DTYPE)
 ENGINES = {
@@ -408,10 +409,28 @@ def measure_engine(
 # Report -----------------------------------------------------------------------------------
 
 
+def differing(a: list[str], b: list[str]) -> int:
+    return sum(normalise(x) != normalise(y) for x, y in zip(a, b, strict=True))
+
+
+def parity(
+    engine: dict[str, Any], r: dict[str, Any], reference: dict[str, Any] | None, method: str
+) -> str:
+    """Sequential answers (adapter / base) that differ from the reference engine's."""
+    ref = (reference or {}).get("methods", {}).get(method)
+    if reference is None or ref is None or engine is reference:
+        return "-"
+    base = differing(engine["base_sequential"], reference["base_sequential"])
+    return f"{differing(r['sequential'], ref['sequential'])} / {base}"
+
+
 def report(trained: dict[str, dict[str, Any]], engines: list[dict[str, Any]]) -> None:
     head = ["method", "engine/dtype", "train s", "probe trn/ho (trained num.)",
             "probe unquant.", "served seq train (first20)", "served load train",
-            "held-out seq/load", "changed adapter/base"]  # fmt: skip
+            "held-out seq/load", "changed adapter/base", f"seq != {PARITY_REFERENCE}"]  # fmt: skip
+    reference = next(
+        (e for e in engines if e["engine"] == PARITY_REFERENCE and "methods" in e), None
+    )
     rows = []
     for method, info in trained.items():
         probe = f"{rate_text(info['probe'], 'train')} / {rate_text(info['probe'], 'validation')}"
@@ -423,7 +442,7 @@ def report(trained: dict[str, dict[str, Any]], engines: list[dict[str, Any]]) ->
             r = e.get("methods", {}).get(method)
             common = [method, e["engine"], f"{info['train_wall_seconds']:.0f}", probe, unquant]
             if r is None:
-                rows.append([*common, f"ERROR {e.get('error', '')[:60]}", "", "", ""])
+                rows.append([*common, f"ERROR {e.get('error', '')[:60]}", "", "", "", ""])
                 continue
             rows.append([
                 *common,
@@ -431,6 +450,7 @@ def report(trained: dict[str, dict[str, Any]], engines: list[dict[str, Any]]) ->
                 r["load_train"],
                 f"{r['seq_heldout']} / {r['load_heldout']}",
                 f"{r['changed_adapter']}/{r['asked']} / {r['changed_base']}/{r['asked']}",
+                parity(e, r, reference, method),
             ])  # fmt: skip
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=False)]
     line = "  ".join(f"{{:<{w}}}" for w in widths)
@@ -446,6 +466,8 @@ def report(trained: dict[str, dict[str, Any]], engines: list[dict[str, Any]]) ->
     print("served = greedy chat completions through `loraplex serve` (24 training, 8 held-out")
     print("  prompts); load = waves of 12 concurrent requests (6 adapter + 6 base); 'changed' =")
     print("  prompts whose greedy answer under load differed from the sequential one (of 32).")
+    print(f"'seq != {PARITY_REFERENCE}' = sequential answers (adapter / base, of 32) that differ")
+    print("  from that engine's: cross-engine parity of greedy answers.")
     for e in engines:
         extra = ""
         if "prompt_token_mismatches" in e:
@@ -474,12 +496,17 @@ def main() -> None:
     default_home = Path(tempfile.gettempdir()) / "loraplex-bench-home"
     parser.add_argument("--home", type=Path, default=default_home, help="converted base, logs")
     parser.add_argument("--work", type=Path, help="adapters, registry, results (default: new)")
+    parser.add_argument("--report", type=Path, help="only reprint the table of a results.json")
     parser.add_argument("--reuse", action="store_true", help="reuse adapters trained in --work")
     parser.add_argument(
         "--torch-threads", type=int, default=1, help="transformers engine threads (1: busy box)"
     )
     args = parser.parse_args()
     os.environ["HF_HUB_OFFLINE"] = "1"
+    if args.report:
+        saved = json.loads(args.report.read_text())
+        report(saved["trained"], saved["engines"])
+        return
     methods = [m for m in args.methods.split(",") if m]
     engines = [e for e in args.engines.split(",") if e]
     unknown = [e for e in engines if e not in ENGINES] + [
