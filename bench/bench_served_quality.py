@@ -463,7 +463,7 @@ def report(trained: dict[str, dict[str, Any]], engines: list[dict[str, Any]]) ->
                 label += f" (={e['dtype']})"
             common = [method, label, f"{info['train_wall_seconds']:.0f}", probe, unquant]
             if r is None:
-                rows.append([*common, f"ERROR {e.get('error', '')[:60]}", "", "", "", ""])
+                rows.append([*common, f"ERROR {e.get('error', '')[:40]}", "", "", "", ""])
                 continue
             rows.append([
                 *common,
