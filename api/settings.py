@@ -77,6 +77,8 @@ class Settings(BaseSettings):
     serving_max_model_len: int | None = Field(None, ge=16)
     serving_startup_timeout: float = Field(300.0, gt=0, description="Seconds a replica may boot.")
     serving_health_interval: float = Field(2.0, gt=0, description="Seconds between probes.")
+    # A replica that has served and then fails every probe this long is hung: restarted.
+    serving_hang_timeout: float = Field(30.0, gt=0)
     serving_request_timeout: float = Field(600.0, gt=0)
     # Retry-After (s) on a 503 when no replica is up: about one replica boot.
     serving_retry_after: int = Field(10, ge=1)

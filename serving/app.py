@@ -251,12 +251,15 @@ class ServingRuntime:
     async def _check(self, replica: ReplicaProcess, state: Supervised, *, healthy: bool) -> None:
         now, retry = time.monotonic(), state.backoff
         if healthy:
-            state.started = now  # up: the boot clock restarts
+            state.started, state.served = now, True  # up: only a short hang is tolerated now
             retry.healthy()
             return
         if retry.due is None:
-            booting = now - state.started < self.settings.serving_startup_timeout
-            if replica.alive() and booting:
+            # A replica gets the boot timeout only until it first answers; once it has
+            # served, failing its checks for `serving_hang_timeout` means it is stuck.
+            grace = (self.settings.serving_hang_timeout if state.served
+                     else self.settings.serving_startup_timeout)  # fmt: skip
+            if replica.alive() and now - state.started < grace:
                 return
             delay = retry.failed(now)
             log.warning("replica on port %s is dead or stuck (failure %d in a row); restarting "
@@ -264,7 +267,7 @@ class ServingRuntime:
             await asyncio.to_thread(replica.stop)
         if retry.due is not None and now >= retry.due:
             replica.start()
-            state.started, retry.due = time.monotonic(), None
+            state.started, state.served, retry.due = time.monotonic(), False, None
 
     async def stop(self, app: FastAPI) -> None:
         for task in self._tasks:
@@ -285,6 +288,7 @@ class Supervised:
 
     backoff: RestartBackoff
     started: float = field(default_factory=time.monotonic)  # last (re)start or health
+    served: bool = False  # answered a health check since its last start
 
 
 async def in_daemon_thread(fn: Callable[[], T]) -> T:

@@ -89,3 +89,48 @@ def test_a_replica_that_keeps_crashing_is_restarted_with_backoff(tmp_path: Path)
     assert len(replica.starts) >= 4, replica.starts
     assert all(gap >= floor for gap, floor in zip(gaps, floors, strict=True)), (gaps, floors)
     assert len(replica.starts) <= 8, gaps
+
+
+class Toggled(NeverHealthy):
+    """The engine's view of a replica whose health a test switches."""
+
+    def __init__(self, urls: list[str]) -> None:
+        super().__init__(urls)
+        self.healthy = True
+
+    def status(self) -> list[ReplicaStatus]:
+        return [ReplicaStatus(name=url, healthy=self.healthy) for url in self.urls]
+
+
+def test_a_replica_that_hangs_after_serving_is_restarted_without_the_boot_grace(
+    tmp_path: Path,
+) -> None:
+    """A replica that served, then stopped answering while its process lives on (a wedged
+    engine), is restarted after `serving_hang_timeout`, not after the boot timeout."""
+    settings = Settings(home=tmp_path, serving_health_interval=0.05,
+                        serving_startup_timeout=300, serving_hang_timeout=0.5)  # fmt: skip
+    replica = CrashingReplica(command=["sleep", "600"], env={}, port=1,
+                              log_path=tmp_path / "replica.log")  # fmt: skip
+    runtime = ServingRuntime(settings, metrics=GatewayMetrics(CollectorRegistry()), engine=None)
+    engine = Toggled([replica.url])
+    setup = EngineSetup(engine=engine, replicas=[replica])
+
+    async def scenario() -> float:
+        task = asyncio.create_task(runtime.supervise(setup))
+        await asyncio.sleep(0.3)  # serving
+        assert len(replica.starts) == 1
+        engine.healthy, hung_at = False, time.monotonic()
+        while len(replica.starts) == 1 and time.monotonic() - hung_at < 10:
+            await asyncio.sleep(0.02)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return time.monotonic() - hung_at
+
+    replica.start()
+    try:
+        waited = asyncio.run(scenario())
+    finally:
+        replica.stop()
+    assert len(replica.starts) == 2, "a hung replica was never restarted"
+    assert 0.5 - 0.05 <= waited < 5, waited  # the last healthy check: up to 1 interval before
