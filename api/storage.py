@@ -1,8 +1,14 @@
 """Artifact store on fsspec: `file://` by default, `s3://bucket/prefix` by URL.
 
-Every write streams through a sha256 and lands atomically: bytes go to a temporary key
-next to the target and are renamed into place only once complete, so a reader never sees
-a half-written object and a failed write leaves nothing behind.
+Every write streams through a sha256 and lands atomically, so a reader never sees a
+half-written object and a failed write leaves nothing behind. On a filesystem, bytes go to a
+temporary file next to the target, renamed into place once complete. On an object store a
+PUT (or a multipart upload, past s3fs's block size) is already all or nothing: bytes go
+straight to their key and a failed write aborts the upload (no copy of a multi-GB object).
+
+S3 credentials and endpoint come from the usual AWS settings (`AWS_ACCESS_KEY_ID`,
+`AWS_SECRET_ACCESS_KEY`, `AWS_ENDPOINT_URL` for an S3-compatible server, ~/.aws, an
+instance role), read by s3fs/botocore.
 """
 
 from __future__ import annotations
@@ -52,10 +58,23 @@ class ObjectWriter:
 
 
 class ArtifactStore:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, block_size: int | None = None) -> None:
         self.url = url.rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
-        if "file" in self.fs.protocol:  # a str or a tuple of aliases, by fsspec version
+        # Upload part size on an object store (s3fs's default: 50 MiB); None: the default.
+        self.block_size = block_size
+        options = (
+            {}
+            if self.url.startswith("file:") or "://" not in self.url
+            else {
+                # Other processes write here too (workers, gateways): never answer from a stale
+                # listing cached by this one.
+                "use_listings_cache": False,
+            }
+        )
+        self.fs, self.root = fsspec.core.url_to_fs(self.url, **options)
+        # fs.protocol is a str or a tuple of aliases, by fsspec version
+        self.local = "file" in self.fs.protocol or "local" in self.fs.protocol
+        if self.local:
             Path(self.root).mkdir(parents=True, exist_ok=True)
 
     def _path(self, key: str) -> str:
@@ -161,7 +180,9 @@ class AtomicWrite:
         self.key = key.strip("/")
         self.final = store._path(key)
         parent, name = posixpath.split(self.final)
-        self.temp = posixpath.join(parent, f".{name}.tmp-{uuid.uuid4().hex}")
+        # An object store's upload is atomic by itself: no temporary key, no copy.
+        self.temp = (posixpath.join(parent, f".{name}.tmp-{uuid.uuid4().hex}")
+                     if store.local else self.final)  # fmt: skip
         self.result: StoredObject | None = None
         self._writer: ObjectWriter | None = None
         self._handle: Any = None
@@ -169,7 +190,8 @@ class AtomicWrite:
     def open(self) -> ObjectWriter:
         try:
             self.store.fs.makedirs(posixpath.dirname(self.final), exist_ok=True)
-            self._handle = self.store.fs.open(self.temp, "wb")
+            extra = {"block_size": self.store.block_size} if self.store.block_size else {}
+            self._handle = self.store.fs.open(self.temp, "wb", **extra)
         except OSError as e:
             raise StorageError(f"cannot write {self.key}: {e}") from e
         self._writer = ObjectWriter(self._handle)
@@ -187,7 +209,8 @@ class AtomicWrite:
         assert self._writer is not None, "open() first"
         try:
             self._handle.close()
-            self.store.fs.mv(self.temp, self.final)
+            if self.temp != self.final:
+                self.store.fs.mv(self.temp, self.final)
         except OSError as e:
             self.abort()
             raise StorageError(f"cannot write {self.key}: {e}") from e
@@ -196,6 +219,13 @@ class AtomicWrite:
 
     def abort(self) -> None:
         """Drop the partial object; safe to call more than once."""
+        if self._handle is not None and not self.store.local:
+            # Abort the upload: nothing was visible under the key and nothing will be.
+            with contextlib.suppress(Exception):
+                self._handle.discard()
+            self._handle.closed = True  # discarded: closing again would upload what is left
+            self._handle = None
+            return
         # Closing flushes, which fails again on a full disk: the temp object goes regardless.
         with contextlib.suppress(OSError):
             if self._handle is not None:

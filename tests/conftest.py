@@ -21,6 +21,7 @@ from api.db import get_engine, upgrade
 from api.main import create_app
 from api.services import tenants
 from api.settings import Settings
+from tests.s3server import s3, s3_server  # noqa: F401  (fixtures)
 
 PG_ADMIN_DSN = os.environ.get("LORAPLEX_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
