@@ -90,6 +90,11 @@ class Settings(BaseSettings):
     # Every new version is asked its probe prompts through the serving engine once it lands
     # (serving/validation.py): what the tenant will get, next to what the trainer measured.
     serving_validate_new_versions: bool = True
+    # Where vLLM replicas get adapters. "store": each replica fetches a version from the
+    # artifact store itself, by a content-derived name, verified (serving/vllm_plugin.py): a
+    # replica on any host needs only the storage URL and read credentials. "gateway": the
+    # gateway hands replicas a path in its own cache (replicas must share its filesystem).
+    serving_adapter_source: Literal["store", "gateway"] = "store"
     serving_cache_dir: Path | None = Field(None, description="Verified adapters; default home.")
     # Past either bound the least recently used versions no replica holds are deleted (and
     # fetched again if asked for): enough for many tenants' adapters of ~10-100 MB each.

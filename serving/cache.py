@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
 import shutil
 import tempfile
 import threading
@@ -32,6 +31,7 @@ from typing import Any
 
 from api.models.adapters import AdapterVersion
 from api.storage import ArtifactStore, StorageError
+from serving.adapter_source import replace_dir
 from serving.engines.base import LocalAdapter
 from serving.errors import AdapterIntegrityError
 
@@ -184,7 +184,7 @@ class AdapterCache:
             for path in _files(tmp):
                 path.chmod(0o444)  # verified bytes: nothing here rewrites them by accident
             tmp.chmod(0o755)  # replicas may run as another user
-            _replace(target, tmp)
+            replace_dir(target, tmp)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -262,16 +262,3 @@ def _size(directory: Path) -> int:
 
 def _files(directory: Path) -> list[Path]:
     return [p for p in directory.rglob("*") if p.is_file() or p.is_symlink()]
-
-
-def _replace(target: Path, fresh: Path) -> None:
-    """Put `fresh` at `target`; an old copy there is moved aside first, then deleted, so the
-    path is never half-written."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old.{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-        fresh.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        fresh.rename(target)

@@ -30,8 +30,10 @@ from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.errors import InvalidRequest, LoraplexError
+from api.models.adapters import AdapterVersion
 from api.services.resolver import Resolution, resolve_model
 from api.settings import Settings
+from serving.adapter_source import replica_name
 from serving.bounds import check_request
 from serving.cache import AdapterCache
 from serving.engines.base import Engine, EngineRequest, LocalAdapter, Progress
@@ -107,16 +109,31 @@ class Gateway:
             )
         if resolution.version is None:
             return Target(resolution=resolution, adapter=None)
+        return Target(resolution=resolution, adapter=await self.acquire(resolution.version))
+
+    async def acquire(self, version: AdapterVersion) -> LocalAdapter:
+        """The version as the engine loads it, held until `release`: a name its replicas
+        fetch and verify themselves, or a verified directory in this gateway's cache."""
+        if self.engine.fetches_adapters:
+            return LocalAdapter(name=replica_name(storage_prefix=version.storage_prefix,
+                                                  files=version.files), path=None)  # fmt: skip
         try:
-            adapter, fetched = await self.cache.ensure(resolution.version)
+            adapter, fetched = await self.cache.ensure(version)
         except AdapterIntegrityError as e:
-            log.error("refused adapter version %s (%s): %s",
-                      resolution.version.fine_tuned_model, e.reason, e.message)  # fmt: skip
-            self.metrics.adapter_refusals.labels(e.reason).inc()
+            self.refused(version, e)
             raise
         if fetched:
             self.metrics.adapter_loads.labels("fetch").inc()
-        return Target(resolution=resolution, adapter=adapter)
+        return adapter
+
+    def release(self, version: AdapterVersion, adapter: LocalAdapter | None) -> None:
+        if adapter is not None and adapter.path is not None:
+            self.cache.release(version.id)
+
+    def refused(self, version: AdapterVersion, error: AdapterIntegrityError) -> None:
+        log.error("refused adapter version %s (%s): %s",
+                  version.fine_tuned_model, error.reason, error.message)  # fmt: skip
+        self.metrics.adapter_refusals.labels(error.reason).inc()
 
     async def handle(
         self,
@@ -152,6 +169,8 @@ class Gateway:
                 )
             response = await self._complete_unless_gone(request, http)
         except LoraplexError as e:
+            if isinstance(e, AdapterIntegrityError) and target.resolution.version is not None:
+                self.refused(target.resolution.version, e)  # a replica checked the bytes
             meter.done(status=e.status_code, usage=None)
             raise
         except Exception:
@@ -302,7 +321,7 @@ class Meter:
             self.on_usage(usage)  # the rate limiter settles its token reservation
         version = self.target.resolution.version
         if version is not None:
-            self.gateway.cache.release(version.id)  # held since Gateway.target
+            self.gateway.release(version, self.target.adapter)  # held since Gateway.target
         elapsed = time.perf_counter() - self.started
         metrics = self.gateway.metrics
         prompt = int((usage or {}).get("prompt_tokens") or 0)

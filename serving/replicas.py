@@ -73,13 +73,29 @@ def replica_command(
     return command
 
 
-def replica_env(settings: Settings) -> dict[str, str]:
-    return {
+def replica_env(settings: Settings, *, port: int = 0) -> dict[str, str]:
+    env = {
         **os.environ,
         "VLLM_CPU_KVCACHE_SPACE": str(settings.serving_kv_cache_gib),
         "VLLM_HOST_IP": "127.0.0.1",
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+    }
+    if settings.serving_adapter_source == "store":
+        env |= adapter_source_env(settings, cache_dir=settings.home / "replica-cache" / str(port))
+    return env
+
+
+def adapter_source_env(settings: Settings, *, cache_dir: Path) -> dict[str, str]:
+    """What a replica needs to fetch adapters itself (serving/vllm_plugin.py): the plugin,
+    on its own (vLLM's directory and Hugging Face resolvers stay off), and where to read."""
+    return {
+        "VLLM_PLUGINS": "loraplex",
+        "LORAPLEX_REPLICA_STORAGE_URL": settings.storage_url,
+        "LORAPLEX_REPLICA_CACHE_DIR": str(cache_dir),
+        "LORAPLEX_REPLICA_CACHE_MAX_ADAPTERS": str(settings.serving_cache_max_adapters),
+        "LORAPLEX_REPLICA_CACHE_MAX_GIB": str(settings.serving_cache_max_gib),
+        "LORAPLEX_REPLICA_CACHE_KEEP": str(settings.serving_max_cpu_loras + 1),
     }
 
 
@@ -167,7 +183,7 @@ def plan_replicas(
             command=replica_command(
                 settings, model_dir=model_dir, served_name=served_name, port=port, lora=lora
             ),
-            env=replica_env(settings),
+            env=replica_env(settings, port=port),
             port=port,
             log_path=settings.home / "logs" / f"vllm-{port}.log",
         )

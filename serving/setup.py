@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from api.settings import Settings
-from serving.engines.base import Engine, ModelLimits
+from serving.engines.base import Engine, LocalAdapter, ModelLimits
 from serving.replicas import ReplicaProcess, plan_replicas
-from serving.zero_adapter import ensure_zero_adapter
+from serving.zero_adapter import ZERO_ADAPTER_NAME, ensure_zero_adapter
 
 log = logging.getLogger(__name__)
 READY_POLL_SECONDS = 0.5
@@ -77,7 +77,10 @@ def build_engine(
 
     base_dir = base_model_dir(settings)
     cache_root = settings.serving_cache_dir or settings.home / "adapter-cache"
-    zero = ensure_zero_adapter(base_dir=base_dir, base_name=settings.base_model, root=cache_root)
+    fetches = settings.serving_adapter_source == "store"
+    zero = (LocalAdapter(name=ZERO_ADAPTER_NAME, path=None) if fetches  # replicas write it
+            else ensure_zero_adapter(base_dir=base_dir, base_name=settings.base_model,
+                                     root=cache_root))  # fmt: skip
     replicas: list[ReplicaProcess] = []
     urls = list(settings.serving_replicas)
     if not urls:
@@ -110,6 +113,7 @@ def build_engine(
         retry_after=settings.serving_retry_after,
         on_event=on_event,
         limits=model_limits(base_dir, max_model_len=settings.serving_max_model_len),
+        fetches_adapters=fetches,
     )
     return EngineSetup(engine=vllm_engine, replicas=replicas)
 

@@ -48,7 +48,7 @@ async def probe_as_served(gateway: Gateway, version: AdapterVersion) -> dict[str
     prompts = probe_prompts(version.metrics or {})
     if not any(prompts.values()):
         return None
-    adapter, _ = await gateway.cache.ensure(version)
+    adapter = await gateway.acquire(version)
     salt = tenant_cache_salt(version.tenant_id)
 
     async def ask(sample: dict[str, Any]) -> str:
@@ -67,7 +67,7 @@ async def probe_as_served(gateway: Gateway, version: AdapterVersion) -> dict[str
             answers = await asyncio.gather(*(ask(s) for s in samples))
             result[side] = _scored(samples, answers) if samples else None
     finally:
-        gateway.cache.release(version.id)  # held since `ensure`
+        gateway.release(version, adapter)  # held since `acquire`
     return result
 
 

@@ -24,10 +24,12 @@ from serving.schemas import Endpoint
 
 @dataclass(frozen=True)
 class LocalAdapter:
-    """A verified adapter directory on this machine, under its version's name."""
+    """An adapter as an engine loads it: a verified directory on this machine under its
+    version's name, or (`path` None) a name replicas resolve and fetch themselves
+    (serving/adapter_source.py)."""
 
-    name: str  # the version's fine_tuned_model id: vLLM's lora_name, peft's adapter_name
-    path: Path
+    name: str  # vLLM's lora_name, peft's adapter_name
+    path: Path | None
 
 
 @dataclass
@@ -73,6 +75,9 @@ class ReplicaStatus:
 
 class Engine(ABC):
     kind: str
+    # True: the engine's replicas fetch adapters from the artifact store themselves, by name
+    # (LocalAdapter.path None); False: the gateway hands it verified local directories.
+    fetches_adapters: bool = False
 
     @abstractmethod
     async def start(self) -> None:

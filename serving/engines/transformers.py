@@ -293,7 +293,7 @@ class TransformersEngine(Engine):
         adapters = {
             p.job.request.adapter.name: p.job.request.adapter.path
             for p in batch
-            if p.job.request.adapter
+            if p.job.request.adapter and p.job.request.adapter.path  # local: fetches_adapters
         }
         self._ensure_adapters(adapters)
         kwargs = generate_kwargs(

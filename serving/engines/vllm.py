@@ -25,6 +25,7 @@ from typing import Any
 
 import httpx
 
+from serving.adapter_source import LOAD_PATH
 from serving.engines.base import (
     Engine,
     EngineRequest,
@@ -32,7 +33,13 @@ from serving.engines.base import (
     ModelLimits,
     ReplicaStatus,
 )
-from serving.errors import NO_RETRY, EngineError, no_replica, upstream_error
+from serving.errors import (
+    NO_RETRY,
+    AdapterIntegrityError,
+    EngineError,
+    no_replica,
+    upstream_error,
+)
 from serving.openai_shape import conform
 from serving.router import Replica, choose_replica, eviction_order
 
@@ -65,7 +72,9 @@ class VLLMEngine(Engine):
         retry_after: int = 10,
         on_event: EventFn | None = None,
         limits: ModelLimits | None = None,
+        fetches_adapters: bool = False,
     ) -> None:
+        self.fetches_adapters = fetches_adapters
         self.replicas = [Replica(url=u.rstrip("/")) for u in urls] + [
             Replica(url=u.rstrip("/"), lora=False) for u in base_urls or []
         ]
@@ -167,8 +176,18 @@ class VLLMEngine(Engine):
             pinned = {self.zero_adapter.name, adapter.name}
             for victim in eviction_order(replica, budget=self.budget, pinned=pinned):
                 await self._unload(replica, victim)
-            body = {"lora_name": adapter.name, "lora_path": str(adapter.path)}
-            response = await self.client.post(f"{replica.url}/v1/load_lora_adapter", json=body)
+            if adapter.path is None:  # the replica fetches and verifies it (vllm_plugin.py)
+                response = await self.client.post(
+                    f"{replica.url}{LOAD_PATH}", json={"lora_name": adapter.name}
+                )
+            else:
+                body = {"lora_name": adapter.name, "lora_path": str(adapter.path)}
+                response = await self.client.post(f"{replica.url}/v1/load_lora_adapter", json=body)
+            if response.status_code == 422:  # the bytes in the store are not the version's
+                raise AdapterIntegrityError(
+                    f"A serving replica refused this adapter version: {_message(response)}",
+                    reason=_code(response),
+                )
             if response.status_code != 200:
                 # vLLM answers 400 to a second load: ask what it holds rather than parse text.
                 await self._sync_loaded(replica)
@@ -330,6 +349,13 @@ class VLLMEngine(Engine):
 
 def _openai_error(error: Any) -> dict[str, Any]:
     return {"message": error.message, "type": error.type, "param": error.param, "code": error.code}
+
+
+def _code(response: httpx.Response) -> str:
+    try:
+        return str(response.json()["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return "refused"
 
 
 def _message(response: httpx.Response) -> str:

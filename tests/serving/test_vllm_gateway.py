@@ -21,9 +21,13 @@ import pytest
 from sqlmodel import Session
 
 from api.db import get_engine
+from api.models.adapters import AdapterVersion
+from api.services.promotion import promote
+from api.services.tenants import Principal
 from api.services.usage import usage_summary
 from api.settings import Settings
 from api.storage import ArtifactStore
+from serving.adapter_source import content_digest, replica_name
 from serving.replicas import ReplicaProcess, plan_replicas
 from tests.conformance.serving_tour import assert_toured, tour
 from tests.conftest import new_tenant
@@ -82,6 +86,16 @@ def gateway(
 def held(replica: ReplicaProcess) -> set[str]:
     models = httpx.get(f"{replica.url}/v1/models", timeout=10).json()["data"]
     return {m["id"] for m in models if m.get("parent")}
+
+
+def on_replica(version: AdapterVersion) -> str:
+    """The name a replica holds a version under: its content (storage prefix @ digest)."""
+    return replica_name(storage_prefix=version.storage_prefix, files=version.files)
+
+
+def replica_copy(settings: Settings, replica: ReplicaProcess, version: AdapterVersion) -> Path:
+    """Where the replica keeps its own verified copy (never the gateway's cache)."""
+    return settings.home / "replica-cache" / str(replica.port) / content_digest(version.files)
 
 
 def test_each_tenant_gets_its_own_adapter_as_peft_would(
@@ -212,13 +226,16 @@ def test_cold_adapter_is_fetched_verified_and_loaded_on_first_use(
         serving_settings, tenant=tenants["a"], suffix="cold",
         adapter_dir=variant(adapters["b"], tmp_path / "cold", scale=1.0), stage="candidate",
     )  # fmt: skip
-    cached = gateway.app.state.gateway.cache.path_of(version.id)
-    assert not cached.exists() and version.fine_tuned_model not in held(replicas[0])
+    cached = replica_copy(serving_settings, replicas[0], version)
+    assert not cached.exists() and on_replica(version) not in held(replicas[0])
     started = time.perf_counter()
     response = chat(gateway.url, tenants["a"].key, version.fine_tuned_model, QUESTIONS[3])
     cold = time.perf_counter() - started
     assert answer(response) == answer(chat(gateway.url, tenants["b"].key, "helper", QUESTIONS[3]))
-    assert cached.is_dir() and version.fine_tuned_model in held(replicas[0])
+    assert response.json()["model"] == version.fine_tuned_model  # the content name stays inside
+    # The replica fetched the version from the artifact store itself; no gateway path crossed.
+    assert cached.is_dir() and on_replica(version) in held(replicas[0])
+    assert not gateway.app.state.gateway.cache.path_of(version.id).exists()
     assert cold < 30  # generous: a speed target lives in bench/, this only catches a hang
 
 
@@ -244,8 +261,41 @@ def test_altered_adapter_bytes_are_refused(
     assert response.headers["x-should-retry"] == "false"
     error = response.json()["error"]
     assert error["code"] == "adapter_integrity_error" and "refusing" in error["message"]
-    assert not gateway.app.state.gateway.cache.path_of(version.id).exists()
-    assert version.fine_tuned_model not in held(replicas[0])
+    assert not replica_copy(serving_settings, replicas[0], version).exists()
+    assert on_replica(version) not in held(replicas[0])
+    refusals = "loraplex_serving_adapter_refusals_total"
+    assert gateway.app.state.registry.get_sample_value(refusals, {"reason": "altered"}) == 1
+
+
+def test_a_retrained_version_is_served_on_the_very_next_request(
+    gateway: LiveServer,
+    serving_settings: Settings,
+    tenants: dict[str, TenantKey],
+    adapters: dict,
+    replicas: list[ReplicaProcess],
+    reference: Reference,
+    tmp_path: Path,
+) -> None:
+    """Same adapter name, new weights, promoted: the next call gets the new weights, not the
+    replica's slot or prefix cache for the old ones (a new content name, so a new slot)."""
+    old_dir = variant(adapters["a"], tmp_path / "old", scale=1.0)
+    new_dir = variant(adapters["b"], tmp_path / "new", scale=1.0)
+    question = QUESTIONS[2]
+    assert reference.chat(old_dir, question) != reference.chat(new_dir, question)
+    old = register(serving_settings, tenant=tenants["a"], suffix="swap", adapter_dir=old_dir)
+    for _ in range(2):  # the second call can be answered from the prefix cache
+        assert answer(chat(gateway.url, tenants["a"].key, "swap", question)) == reference.chat(
+            old_dir, question
+        )
+    new = register(serving_settings, tenant=tenants["a"], suffix="swap", adapter_dir=new_dir,
+                   stage="candidate")  # fmt: skip
+    with Session(get_engine(serving_settings.database_url)) as session:
+        promote(session, actor=Principal(key_id="test", tenant_id=None, is_admin=True),
+                adapter_id=new.adapter_id, number=new.version, stage="production")  # fmt: skip
+    response = chat(gateway.url, tenants["a"].key, "swap", question)
+    assert response.json()["model"] == new.fine_tuned_model
+    assert answer(response) == reference.chat(new_dir, question)
+    assert on_replica(new) != on_replica(old) and on_replica(new) in held(replicas[0])
 
 
 def test_lru_unloading_keeps_50_adapters_correct(
