@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     max_json_body_bytes: int = Field(8 * MiB, gt=0)
     # Training: queue routing by accelerator class, crash recovery, fairness.
     train_queue: str = Field("train-cpu", description="Queue new jobs go to (train-gpu, ...).")
+    # Per base model, the queue (accelerator class) its jobs go to: e.g. a 7B base to
+    # train-gpu while small ones stay on train-cpu; a base not listed goes to train_queue.
+    train_queues: dict[str, str] = Field(default_factory=dict)
     worker_queues: str = Field("", description="Queues a worker consumes; default train_queue.")
     heartbeat_interval: float = Field(5.0, gt=0, description="Seconds between job heartbeats.")
     # A running job with no heartbeat for this long lost its worker: re-queue or fail it.
@@ -148,6 +151,10 @@ class Settings(BaseSettings):
     def registered_base_models(self) -> dict[str, str]:
         """Registered name -> source (a built-in name, HF id or local path)."""
         return {self.base_model: self.base_model, **self.base_models}
+
+    def queue_for(self, base_model: str) -> str:
+        """The queue a new job on `base_model` goes to."""
+        return self.train_queues.get(base_model, self.train_queue)
 
     @property
     def queues(self) -> list[str]:

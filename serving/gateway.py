@@ -76,6 +76,8 @@ class Gateway:
         self.usage = UsageWriter(settings.database_url)
         self._observer: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()
+        # Served probes in flight, per version id (serving/validation.py).
+        self.probes: dict[str, asyncio.Future[dict[str, Any] | None]] = {}
 
     async def start(self) -> None:
         await self.engine.start()

@@ -136,7 +136,7 @@ def say_starting(setup: EngineSetup, settings: Settings) -> None:
     if not setup.replicas and setup.engine.kind == "transformers":
         log.info("starting the serving engine: %s in process (transformers)", settings.base_model)
     elif not setup.replicas:
-        urls = ", ".join(r.name for r in setup.engine.status())
+        urls = ", ".join(settings.serving_replicas)
         log.info("serving engine: waiting for vLLM replicas at %s", urls)
 
 

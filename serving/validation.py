@@ -44,7 +44,18 @@ def probe_prompts(metrics: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
 
 async def probe_as_served(gateway: Gateway, version: AdapterVersion) -> dict[str, Any] | None:
     """{engine, train, validation} like the trainer's probe (None per side without prompts);
-    None when the version has no stored prompts (trained before they were kept)."""
+    None when the version has no stored prompts (trained before they were kept). One probe
+    per version at a time in a gateway: a second caller (a promotion while the watcher is
+    probing the new version) shares the one in flight instead of doubling the engine's work."""
+    running = gateway.probes.get(version.id)
+    if running is None:
+        running = asyncio.ensure_future(_probe(gateway, version))
+        gateway.probes[version.id] = running
+        running.add_done_callback(lambda _: gateway.probes.pop(version.id, None))
+    return await asyncio.shield(running)
+
+
+async def _probe(gateway: Gateway, version: AdapterVersion) -> dict[str, Any] | None:
     prompts = probe_prompts(version.metrics or {})
     if not any(prompts.values()):
         return None

@@ -91,7 +91,7 @@ def test_a_fact_set_trained_with_defaults_is_served_as_trained(
             time.sleep(1)
         promoted = httpx.post(
             f"{up.url}/v1/admin/adapters/embedded:kettle/versions/1/promote",
-            json={"stage": "production"}, headers=admin, timeout=120,
+            json={"stage": "production"}, headers=admin, timeout=600,  # the probe: ~1-2 min
         )  # fmt: skip
         assert promoted.status_code == 200, promoted.text
         # Before promoting, `up` asked its own engine the trainer's probe prompts: the gate's

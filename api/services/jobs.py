@@ -278,7 +278,7 @@ def create_job(session: Session, settings: Settings, *, tenant_id: str, req: Job
         method={"type": "supervised", "supervised": {"hyperparameters": hp.model_dump()}},
         config=config.model_dump(mode="json"),
         hyperparameters=hp.model_dump(),
-        queue=settings.train_queue,
+        queue=settings.queue_for(req.model),
     )
     session.add(job)
     add_event(session, job.id, f"Created fine-tuning job: {job.id}")

@@ -20,7 +20,8 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -46,7 +47,9 @@ from serving.router import Replica, choose_replica, eviction_order
 log = logging.getLogger(__name__)
 
 PATHS = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
+DNS = "dns+"
 EventFn = Callable[[str], None]
+Resolver = Callable[[str, int], Awaitable[list[str]]]
 
 
 class AdapterLoadError(EngineError):
@@ -73,11 +76,17 @@ class VLLMEngine(Engine):
         on_event: EventFn | None = None,
         limits: ModelLimits | None = None,
         fetches_adapters: bool = False,
+        resolve: Resolver | None = None,
     ) -> None:
         self.fetches_adapters = fetches_adapters
-        self.replicas = [Replica(url=u.rstrip("/")) for u in urls] + [
+        # `dns+http://name:port` stands for every address `name` resolves to (a headless
+        # Service's pods), looked up again on every health check: replicas come and go.
+        self.discover = [u.rstrip("/") for u in urls if u.startswith(DNS)]
+        self.replicas = [Replica(url=u.rstrip("/")) for u in urls if not u.startswith(DNS)] + [
             Replica(url=u.rstrip("/"), lora=False) for u in base_urls or []
         ]
+        self.resolve = resolve or _resolve
+        self._dns_urls: set[str] = set()  # replicas that came from `discover`
         self.zero_adapter = zero_adapter
         self.served_model = served_model
         self.budget = budget
@@ -135,7 +144,32 @@ class VLLMEngine(Engine):
                 log.exception("replica health check failed")
 
     async def check_health(self) -> None:
+        if self.discover:
+            await self._rediscover()
         await asyncio.gather(*(self._probe(r) for r in self.replicas))
+
+    async def _rediscover(self) -> None:
+        """Add the replicas DNS names now, drop those it no longer names (requests in
+        flight on a dropped one finish; nothing new goes there)."""
+        found: set[str] = set()
+        for spec in self.discover:
+            scheme, _, rest = spec.removeprefix(DNS).partition("://")
+            host, _, port = rest.partition(":")
+            try:
+                addresses = await self.resolve(host, int(port or 80))
+            except OSError as e:
+                log.warning("cannot resolve replicas %s (%s); keeping the known ones", spec, e)
+                return
+            found |= {f"{scheme}://{a}:{port or 80}" for a in addresses}
+        known = {r.url for r in self.replicas if r.lora}
+        for url in sorted(found - known):
+            log.info("replica %s discovered", url)
+            self.replicas.append(Replica(url=url))
+        gone = (known - found) & self._dns_urls
+        for url in sorted(gone):
+            log.info("replica %s is no longer in DNS; dropping it", url)
+        self.replicas = [r for r in self.replicas if r.url not in gone]
+        self._dns_urls = (self._dns_urls - gone) | found
 
     async def _probe(self, replica: Replica) -> None:
         try:
@@ -144,6 +178,14 @@ class VLLMEngine(Engine):
                 await self._sync_loaded(replica)  # a restarted replica holds nothing
         except httpx.HTTPError:
             ok = False
+        if ok and replica.healthy and not replica.lock.locked():
+            # Other gateways load and unload on the same replicas: learn what it holds now,
+            # so routing prefers it for those adapters too (affinity across gateways).
+            try:
+                async with replica.lock:
+                    await self._sync_loaded(replica)
+            except httpx.HTTPError:
+                pass  # the next health check tells
         if replica.healthy != ok:
             level = logging.INFO if ok else logging.WARNING
             log.log(level, "replica %s is %s", replica.url, "up" if ok else "down")
@@ -345,6 +387,11 @@ class VLLMEngine(Engine):
                 await response.aclose()  # closing the connection makes vLLM abort the request
             finally:
                 self._release(replica, name)
+
+
+async def _resolve(host: str, port: int) -> list[str]:
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return sorted({f"[{i[4][0]}]" if i[0] == socket.AF_INET6 else str(i[4][0]) for i in infos})
 
 
 def _openai_error(error: Any) -> dict[str, Any]:

@@ -137,3 +137,37 @@ def test_a_replica_that_lost_its_adapters_gets_them_reloaded(
             await engine.close()
 
     asyncio.run(scenario())
+
+
+def test_replicas_named_by_dns_come_and_go_with_it(stubs: dict[str, LiveServer]) -> None:
+    """`dns+http://name:port` (a headless Service) stands for every address the name has,
+    looked up on each health check: a scaled-up replica takes traffic, a removed one none."""
+    port = int(stubs["lora"].url.rsplit(":", 1)[1])
+    addresses: list[str] = []
+    lookups: list[tuple[str, int]] = []
+
+    async def resolve(host: str, at: int) -> list[str]:  # the cluster's DNS, as a test sets it
+        lookups.append((host, at))
+        return list(addresses)
+
+    async def scenario() -> None:
+        engine = VLLMEngine(urls=[f"dns+http://vllm.loraplex:{port}"], zero_adapter=ZERO,
+                            served_model=SERVED, budget=3, health_interval=60,
+                            resolve=resolve)  # fmt: skip
+        await engine.start()
+        try:
+            assert engine.status() == [] and not engine.ready()
+            addresses.append("127.0.0.1")  # scaled up: a pod appears behind the name
+            await engine.check_health()
+            (replica,) = engine.status()
+            assert replica.name == stubs["lora"].url and replica.healthy and engine.ready()
+            await engine.complete(request(LocalAdapter(name="ft:z", path=Path("/z"))))
+            assert stubs["lora"].app.state.calls == ["ft:z"]
+            addresses.clear()  # scaled down
+            await engine.check_health()
+            assert engine.status() == [] and not engine.ready()
+        finally:
+            await engine.close()
+
+    asyncio.run(scenario())
+    assert set(lookups) == {("vllm.loraplex", port)}

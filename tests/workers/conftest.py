@@ -21,6 +21,7 @@ from api.models.adapters import AdapterVersion
 from api.settings import Settings
 from tests.conformance.recorder import Conformance
 from tests.conftest import new_tenant
+from tests.s3server import S3
 from tests.trainer.trainer_testdata import TINY_FACTS, chat_row
 
 LORAPLEX = str(Path(sys.executable).parent / "loraplex")
@@ -39,13 +40,26 @@ def broker_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return {"redis": REDIS_URL, "rabbitmq": RABBIT_URL, "embedded": "filesystem://"}[request.param]
 
 
+@pytest.fixture(params=["file"])
+def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The artifact store every process uses: `file` under the home, or (`s3`, indirect
+    parametrization) a bucket on the suite's S3 server, for workers on separate hosts."""
+    if request.param == "file":
+        return f"file://{tmp_path / 'home' / 'artifacts'}"
+    s3: S3 = request.getfixturevalue("s3")
+    return f"s3://{s3.new_bucket()}/loraplex"
+
+
 @pytest.fixture
-def settings(tmp_path: Path, db_url: str, broker_url: str, tiny_llama: Path) -> Settings:
+def settings(
+    tmp_path: Path, db_url: str, broker_url: str, tiny_llama: Path, storage_url: str
+) -> Settings:
     # A queue of its own: runs and tests never steal each other's messages.
     return Settings(
         home=tmp_path / "home",
         database_url=db_url,
         broker_url=broker_url,
+        storage_url=storage_url,
         train_queue=f"test-{uuid.uuid4().hex[:8]}",
         base_models={TINY: str(tiny_llama), BROKEN: str(tiny_llama.parent / "missing")},
         heartbeat_interval=0.5,
@@ -62,6 +76,7 @@ def worker_env(settings: Settings) -> dict[str, str]:
         # (tests/trainer/conftest.py): one keeps a worker's job fast whatever else runs.
         "OMP_NUM_THREADS": "1",
         "LORAPLEX_HOME": str(settings.home),
+        "LORAPLEX_STORAGE_URL": settings.storage_url,
         "LORAPLEX_DATABASE_URL": settings.database_url,
         "LORAPLEX_BROKER_URL": settings.broker_url,
         "LORAPLEX_TRAIN_QUEUE": settings.train_queue,
@@ -114,8 +129,10 @@ class Worker:
 def start_worker(settings: Settings, tmp_path: Path) -> Iterator[Callable[[], Worker]]:
     started: list[Worker] = []
 
-    def start(*, wrapper: Sequence[str] = ()) -> Worker:
-        worker = Worker(settings, tmp_path / f"worker-{len(started)}.log", wrapper=wrapper)
+    def start(*, wrapper: Sequence[str] = (), home: Path | None = None) -> Worker:
+        """`home`: a LORAPLEX_HOME of its own, as a worker on another host has."""
+        own = settings.model_copy(update={"home": home}) if home else settings
+        worker = Worker(own, tmp_path / f"worker-{len(started)}.log", wrapper=wrapper)
         started.append(worker)
         worker.wait_ready()
         return worker

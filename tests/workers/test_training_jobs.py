@@ -6,6 +6,7 @@ import csv
 import io
 import signal
 import time
+from pathlib import Path
 
 import openai
 import pytest
@@ -70,7 +71,13 @@ def test_full_flow_through_the_sdk(sdk: openai.OpenAI, start_worker, settings) -
 
 
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
-def test_sigkilled_worker_resumes_from_checkpoint_once(sdk, start_worker, settings) -> None:
+@pytest.mark.parametrize("storage_url", ["file", "s3"], indirect=True)
+def test_sigkilled_worker_resumes_from_checkpoint_once(
+    sdk, start_worker, settings, tmp_path: Path
+) -> None:
+    """On S3 the second worker is on "another host": a home of its own, nothing shared with
+    the dead one but the database, the broker and the bucket (checkpoints included)."""
+    on_s3 = settings.storage_url.startswith("s3://")
     first = start_worker()
     job = sdk.fine_tuning.jobs.create(
         model=TINY,
@@ -90,7 +97,8 @@ def test_sigkilled_worker_resumes_from_checkpoint_once(sdk, start_worker, settin
     first.kill()
     assert sdk.fine_tuning.jobs.retrieve(job.id).status == "running"
 
-    start_worker()  # its reaper sees the dead worker's stale heartbeat and re-queues the job
+    # Its reaper sees the dead worker's stale heartbeat and re-queues the job.
+    start_worker(home=tmp_path / "other-host" if on_s3 else None)
     done = wait_for_status(sdk, job.id, {"succeeded", "failed", "cancelled"}, timeout=300)
     assert done.status == "succeeded", done.error
     assert done.model_extra["attempts"] == 2
