@@ -53,7 +53,7 @@ def _ask(sdk: openai.OpenAI, model: str, messages: list[dict[str, str]]) -> str:
     answer = sdk.chat.completions.create(
         model=model,
         messages=messages,
-        max_tokens=64,
+        max_tokens=32,  # answers are at most ~20 tokens; the base runs to the limit
         temperature=0,  # type: ignore[arg-type]
     )
     return answer.choices[0].message.content or ""
