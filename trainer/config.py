@@ -95,6 +95,11 @@ class TrainConfig(BaseModel):
         description="Modules that get adapters: 'all-linear' or a list of module names "
         "(plain names such as q_proj, matched against the base model's modules; no patterns).",
     )
+    # Continued fine-tuning: start from this adapter's weights (a local directory) instead of
+    # a fresh adapter. Its own rank, alpha and target modules are used; lora_* are ignored.
+    init_adapter: str | None = Field(
+        None, max_length=4096, description="Adapter directory to continue training from."
+    )
     n_epochs: int | Auto = Field(
         "auto", description="Passes over the training set, or 'auto' (by dataset size)."
     )

@@ -187,7 +187,10 @@ def check_fits_base(model: Any, config: TrainConfig) -> None:
 
 
 def add_lora(model: Any, config: TrainConfig) -> PeftModel:
-    """Wrap `model` with a fresh LoRA adapter; `name_base` it before saving the result."""
+    """Wrap `model` with a fresh LoRA adapter, or (`init_adapter`) with that adapter's
+    weights, trainable, to continue its training; `name_base` it before saving the result."""
+    if config.init_adapter:
+        return PeftModel.from_pretrained(model, config.init_adapter, is_trainable=True)
     check_fits_base(model, config)
     torch.manual_seed(config.seed)  # LoRA A init
     return get_peft_model(model, lora_config(config))

@@ -101,7 +101,8 @@ def train(
     phase = on_phase or _no_phase
     inputs = prepare_inputs(config, data_path=data_path, validation_path=validation_path)
     run_state: dict[str, Any] = {
-        "config": config.model_dump(mode="json"),
+        # init_adapter is a local path (another host resumes from elsewhere): not compared.
+        "config": config.model_dump(mode="json", exclude={"init_adapter"}),
         "hyperparameters": inputs.hyperparameters.model_dump(),
         "data_sha256": inputs.data_sha256,
     }

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 # Outcomes of `run_training_job`, for the task and for logs.
 DONE, SKIPPED, DEFERRED, LOST, HANDED_BACK = "done", "skipped", "deferred", "lost", "handed back"
+PARKED = "paused"  # the tenant paused it: checkpointed, waiting for resume
 EVENTS_PER_RUN = 50  # metrics events per run, whatever its length
 CANCEL_POLL_SECONDS = 0.25
 # Waits before retrying work whose database connection dropped: a few seconds in all,
@@ -62,6 +63,7 @@ class JobContext:
         self.store = ArtifactStore(settings.storage_url)
         self.session = Session(get_engine(settings.database_url), expire_on_commit=False)
         self.lost = threading.Event()
+        self.paused = threading.Event()  # the tenant paused the job: checkpoint and park
         self._last_poll = 0.0
         self._phase_started: dict[str, float] = {}  # phase -> time.monotonic() it began
         self._probe_seconds = 0.0  # how long the probe before training took
@@ -108,6 +110,8 @@ class JobContext:
     def beat(self, **values: Any) -> None:
         try:
             self.transaction(lambda session: job_runs.heartbeat(session, self.claim, **values))
+        except job_runs.PauseRequested:
+            self.paused.set()
         except LeaseLost:
             self.lost.set()
         except Exception:  # the database is away for longer: the next beat tries again
@@ -126,9 +130,9 @@ class JobContext:
         return self.lost.is_set()
 
     def should_pause(self) -> bool:
-        """Asked after every step: the worker is stopping (a deploy, a scale-down), so
-        checkpoint now and hand the job back rather than make the stop wait for the run."""
-        return self.stopping.is_set()
+        """Asked after every step: the tenant paused the job, or the worker is stopping (a
+        deploy, a scale-down): checkpoint now, then park the job or hand it back."""
+        return self.paused.is_set() or self.stopping.is_set()
 
     def on_progress(self, p: Progress) -> None:
         every = max(1, p.total_steps // EVENTS_PER_RUN)
@@ -232,11 +236,30 @@ def _results_csv(metrics: dict[str, Any]) -> bytes:
     return out.getvalue().encode()
 
 
-def _training_config(job: Job, settings: Settings) -> Any:
+def _training_config(job: Job, settings: Settings, *, init_adapter: Path | None = None) -> Any:
     from trainer.config import parse_config
 
     source = settings.registered_base_models().get(job.model, job.model)
-    return parse_config({**job.config, "base_model": source})
+    extra = {"init_adapter": str(init_adapter)} if init_adapter else {}
+    return parse_config({**job.config, "base_model": source, **extra})
+
+
+def _fetch_parent(ctx: JobContext, job: Job, target: Path) -> Path:
+    """Continued fine-tuning: the parent version's files, verified against the registry."""
+    from serving.cache import mismatch
+
+    parent = ctx.transaction(lambda session: session.get(AdapterVersion, job.parent_version_id))
+    if parent is None:
+        raise RuntimeError(f"the adapter version {job.parent_version_id} this job continues "
+                           "was deleted")  # fmt: skip
+    shutil.rmtree(target, ignore_errors=True)
+    for rel, expected in sorted((parent.files or {}).items()):
+        digest = ctx.store.get_file(f"{parent.storage_prefix}/{rel}", target / rel)
+        problem = mismatch(rel, digest=digest, size=(target / rel).stat().st_size,
+                           expected=expected)  # fmt: skip
+        if problem:
+            raise RuntimeError(f"{parent.fine_tuned_model} failed verification: {problem}")
+    return target
 
 
 def _train(job: Job, ctx: JobContext, *, workdir: Path) -> TrainResult:
@@ -255,8 +278,9 @@ def _train(job: Job, ctx: JobContext, *, workdir: Path) -> TrainResult:
         ctx.store.get_dir(latest.storage_prefix, resume)
         message = f"Resuming from checkpoint at step {latest.step_number}"
         ctx.transaction(lambda session: _commit_event(session, job.id, message))
+    parent = _fetch_parent(ctx, job, workdir / "parent") if job.parent_version_id else None
     return train(
-        _training_config(job, ctx.settings),
+        _training_config(job, ctx.settings, init_adapter=parent),
         data_path=data,
         validation_path=valid,
         out_dir=workdir / "adapter",
@@ -275,8 +299,13 @@ def _lineage(session: Session, job: Job, result: TrainResult) -> dict[str, Any]:
         row = session.get(File, file_id) if file_id else None
         return {"id": row.id, "sha256": row.sha256} if row else None
 
+    parent = session.get(AdapterVersion, job.parent_version_id) if job.parent_version_id else None
     return {
         "job_id": job.id,
+        # Continued fine-tuning: the version whose weights this one started from.
+        "parent": {"version_id": parent.id, "fine_tuned_model": parent.fine_tuned_model}
+        if parent
+        else None,
         "training_file": file_info(job.training_file),
         "validation_file": file_info(job.validation_file),
         "hyperparameters": result.hyperparameters.model_dump(),
@@ -350,10 +379,12 @@ def _register(
     )
     csv_keys.append(csv_file.storage_key)
     # Compare-and-set: a cancel that committed first wins, and this whole transaction (the
-    # version and the results file with it) rolls back.
+    # version and the results file with it) rolls back. A pause that came after the last
+    # step does not throw the finished run away.
     job_runs.settle(
         session,
         ctx.claim,
+        from_paused=True,
         status="succeeded",
         finished_at=utcnow(),
         fine_tuned_model=name,
@@ -487,6 +518,14 @@ def _hand_back(ctx: JobContext, *, step: int) -> str:
     return HANDED_BACK
 
 
+def _park(ctx: JobContext, *, step: int | None) -> str:
+    parked = ctx.transaction(lambda session: job_runs.park(session, ctx.claim, step=step))
+    if parked:
+        log.info("job %s paused after step %s; the worker is free", ctx.claim.job_id, step)
+        return PARKED
+    return LOST
+
+
 def run_training_job(
     job_id: str, *, settings: Settings, worker: str, stopping: threading.Event | None = None
 ) -> str:
@@ -511,6 +550,8 @@ def run_training_job(
             _succeed(job_id, ctx, result)
             return DONE
         except TrainingPaused as e:
+            if ctx.paused.is_set():
+                return _park(ctx, step=e.step)
             return _hand_back(ctx, step=e.step)
         except (TrainingCancelled, LeaseLost):
             log.info("job %s stopped: cancelled or handed to another worker", job_id)

@@ -18,6 +18,9 @@ from api.models.tenants import new_id
 
 ACTIVE = ("validating_files", "queued", "running")
 TERMINAL = ("succeeded", "failed", "cancelled")
+# A paused job (POST .../pause, as OpenAI has it) holds no worker and waits for .../resume;
+# it can still be cancelled. While its worker checkpoints it keeps its lease.
+PAUSED = "paused"
 
 
 class Job(SQLModel, table=True):
@@ -29,6 +32,9 @@ class Job(SQLModel, table=True):
     training_file: str = Field(max_length=64)
     validation_file: str | None = Field(default=None, max_length=64)
     suffix: str | None = Field(default=None, max_length=64)
+    # Continued fine-tuning: the tenant's adapter version this job starts from (its weights,
+    # rank and target modules); `model` is then that version's base.
+    parent_version_id: str | None = Field(default=None, max_length=64)
     seed: int = 42
     job_metadata: dict[str, str] | None = Field(default=None, sa_column=Column(JSON))
     method: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))

@@ -135,6 +135,27 @@ def cancel_job(
     return job_public(jobs.cancel_job(session, tenant_id=tenant_id, job_id=fine_tuning_job_id))
 
 
+@router.post("/jobs/{fine_tuning_job_id}/pause", responses=NOT_FOUND)
+def pause_job(fine_tuning_job_id: str, tenant_id: TenantDep, session: SessionDep) -> dict[str, Any]:
+    """Pause a queued or running job (`paused`): its worker checkpoints and is freed."""
+    return job_public(jobs.pause_job(session, tenant_id=tenant_id, job_id=fine_tuning_job_id))
+
+
+@router.post("/jobs/{fine_tuning_job_id}/resume", responses=NOT_FOUND)
+def resume_job(
+    fine_tuning_job_id: str, tenant_id: TenantDep, session: SessionDep, settings: SettingsDep
+) -> dict[str, Any]:
+    """Queue a paused job again; it continues from its last checkpoint."""
+    from workers.celery_app import enqueue_training
+
+    job = jobs.resume_job(session, tenant_id=tenant_id, job_id=fine_tuning_job_id)
+    try:
+        enqueue_training(settings, job.id, queue=job.queue)
+    except Exception:  # the broker is down: queued, the workers' sweep sends it again
+        log.exception("could not enqueue resumed %s; it stays queued for the sweep", job.id)
+    return job_public(job)
+
+
 @router.get("/jobs/{fine_tuning_job_id}/events", responses=NOT_FOUND)
 def list_events(
     fine_tuning_job_id: str,

@@ -17,7 +17,7 @@ from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
 from api.db import aware, utcnow
-from api.models.jobs import Job, JobCheckpoint
+from api.models.jobs import PAUSED, Job, JobCheckpoint
 from api.models.tenants import Tenant
 from api.services.jobs import add_event
 
@@ -130,8 +130,13 @@ def _running_for_tenant(session: Session, job_id: str) -> Any:
     )
 
 
+class PauseRequested(LeaseLost):
+    """The job was paused: still this run's, to checkpoint and `park`."""
+
+
 def heartbeat(session: Session, claim: Claim, **values: Any) -> None:
-    """Prove the worker is alive (and store `values`); LeaseLost if the job is not ours."""
+    """Prove the worker is alive (and store `values`); PauseRequested if the tenant paused
+    the job, LeaseLost if the job is not ours any more."""
     result = session.execute(
         update(Job)
         .where(
@@ -141,18 +146,27 @@ def heartbeat(session: Session, claim: Claim, **values: Any) -> None:
     )
     session.commit()
     if result.rowcount != 1:  # type: ignore[attr-defined]
-        raise LeaseLost(claim.job_id)
+        paused = session.exec(
+            select(Job.id).where(
+                col(Job.id) == claim.job_id, col(Job.lease) == claim.lease,
+                col(Job.status) == PAUSED,
+            )
+        ).first()  # fmt: skip
+        raise (PauseRequested if paused else LeaseLost)(claim.job_id)
 
 
-def settle(session: Session, claim: Claim, **values: Any) -> None:
+def settle(session: Session, claim: Claim, *, from_paused: bool = False, **values: Any) -> None:
     """Move the job out of `running` (to succeeded, failed or queued) in the caller's
     transaction, only if it is still this run's: a compare-and-set, so a cancel (or the
     reaper) that got there first wins and this raises LeaseLost; the caller's transaction
     then rolls back whatever it added (a registry version, a results file)."""
+    statuses = ("running", PAUSED) if from_paused else ("running",)
     result = session.execute(
         update(Job)
         .where(
-            col(Job.id) == claim.job_id, col(Job.lease) == claim.lease, col(Job.status) == "running"
+            col(Job.id) == claim.job_id,
+            col(Job.lease) == claim.lease,
+            col(Job.status).in_(statuses),
         )
         # estimated_finish: only a running job has one.
         .values(**{"lease": None, "estimated_finish": None, **values})
@@ -161,10 +175,13 @@ def settle(session: Session, claim: Claim, **values: Any) -> None:
         raise LeaseLost(claim.job_id)
 
 
-def owned_job(session: Session, claim: Claim) -> Job:
-    """The job row, locked for update where the database can; LeaseLost if not ours."""
+def owned_job(session: Session, claim: Claim, *, paused_ok: bool = False) -> Job:
+    """The job row, locked for update where the database can; LeaseLost if not ours.
+    `paused_ok`: a paused job whose worker still holds the lease (it is checkpointing to
+    park it) is still ours."""
     job = session.exec(select(Job).where(Job.id == claim.job_id).with_for_update()).one()
-    if job.lease != claim.lease or job.status != "running":
+    statuses = ("running", PAUSED) if paused_ok else ("running",)
+    if job.lease != claim.lease or job.status not in statuses:
         raise LeaseLost(claim.job_id)
     return job
 
@@ -180,8 +197,9 @@ def record_checkpoint(
 ) -> list[str]:
     """Record the checkpoint of `step`; with `keep`, drop all but the newest `keep` rows.
     Returns the storage prefixes of the dropped ones, for the caller to delete once this
-    commits (a crash in between leaves unlisted bytes, never a listed checkpoint without)."""
-    owned_job(session, claim)
+    commits (a crash in between leaves unlisted bytes, never a listed checkpoint without).
+    A paused job's worker records the checkpoint it parks the job at."""
+    owned_job(session, claim, paused_ok=True)
     exists = session.exec(
         select(JobCheckpoint).where(
             JobCheckpoint.job_id == claim.job_id, JobCheckpoint.step_number == step
@@ -260,6 +278,29 @@ def hand_back(session: Session, claim: Claim, *, step: int) -> str:
     )
     session.commit()
     return job.queue
+
+
+def park(session: Session, claim: Claim, *, step: int | None) -> bool:
+    """A paused job's worker checkpointed at `step` (None: before training started) and
+    lets it go: the job stays `paused`, without a worker, until resumed. False when it is
+    not this run's any more (cancelled meanwhile)."""
+    result = session.execute(
+        update(Job)
+        .where(
+            col(Job.id) == claim.job_id, col(Job.lease) == claim.lease, col(Job.status) == PAUSED
+        )
+        .values(lease=None, worker=None, estimated_finish=None)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        session.rollback()
+        return False
+    job = session.get(Job, claim.job_id)
+    assert job is not None
+    job.attempts = max(0, job.attempts - 1)  # a pause is not a failed attempt
+    where = f"after step {step}; it resumes from that checkpoint" if step else "before training"
+    add_event(session, claim.job_id, f"Fine-tuning job paused {where}")
+    session.commit()
+    return True
 
 
 def requeue_or_fail_stale(session: Session, *, stale_after: float, max_attempts: int) -> list[str]:

@@ -18,8 +18,9 @@ from sqlmodel import Session, col, select
 
 from api.db import utcnow
 from api.errors import InvalidRequest, NotFound
+from api.models.adapters import Adapter, AdapterVersion
 from api.models.files import File
-from api.models.jobs import ACTIVE, Job, JobCheckpoint, JobEvent
+from api.models.jobs import ACTIVE, PAUSED, Job, JobCheckpoint, JobEvent
 from api.models.tenants import Tenant
 from api.services.files import FINE_TUNE
 from api.services.limits import (
@@ -30,6 +31,7 @@ from api.services.limits import (
 )
 from api.services.pagination import page
 from api.services.quotas import storage_room
+from api.services.resolver import own_model_names, resolve_model
 from api.services.suggest import did_you_mean
 from api.settings import Settings
 from trainer.config import TrainConfig, parse_config, resolve_hyperparameters
@@ -138,8 +140,9 @@ def _hyperparameters(req: JobRequest) -> tuple[dict[str, Any], str]:
     return dict(req.hyperparameters or {}), "hyperparameters"
 
 
-def build_config(req: JobRequest, *, seed: int) -> TrainConfig:
-    """The trainer config for a request; 400 naming the first bad field."""
+def build_config(req: JobRequest, *, seed: int, base_model: str | None = None) -> TrainConfig:
+    """The trainer config for a request (on `base_model`, default `req.model`); 400 naming
+    the first bad field."""
     raw, where = _hyperparameters(req)
     values: dict[str, Any] = {}
     for key, value in raw.items():
@@ -148,7 +151,7 @@ def build_config(req: JobRequest, *, seed: int) -> TrainConfig:
             raise _fail(f"unknown hyperparameter {key!r}", param=f"{where}.{key}")
         values[name] = value
     try:
-        return parse_config({**values, "base_model": req.model, "seed": seed})
+        return parse_config({**values, "base_model": base_model or req.model, "seed": seed})
     except ConfigError as e:
         field = e.problems[0].split(":", 1)[0]
         raise _fail("; ".join(e.problems), param=f"{where}.{field}") from e
@@ -232,18 +235,50 @@ def _check_quotas(
         )
 
 
-def create_job(session: Session, settings: Settings, *, tenant_id: str, req: JobRequest) -> Job:
-    """Validate everything, then store the job as `queued` (the caller enqueues it)."""
-    if req.model not in settings.registered_base_models():
-        hint = did_you_mean(req.model, settings.registered_base_models())
+def _parent_version(
+    session: Session, settings: Settings, *, tenant_id: str, model: str
+) -> AdapterVersion:
+    """Continued fine-tuning: `model` names one of the tenant's adapter versions (an `ft:` id,
+    or an adapter name: its production version); 400 otherwise, alike for another tenant's
+    names and names that do not exist."""
+    try:
+        found = resolve_model(session, settings, tenant_id=tenant_id, model=model, canary=False)
+    except (NotFound, InvalidRequest) as e:
+        names = own_model_names(session, settings, tenant_id=tenant_id)
         raise _fail(
-            f"model {req.model!r} is not a registered base model.{hint}",
+            f"model {model!r} is neither a registered base model nor one of your adapter "
+            f"versions ({e.message}).{did_you_mean(model, names)}",
+            param="model",
+            code="model_not_available",
+        ) from e
+    version = found.version
+    assert version is not None  # a base model name never gets here
+    if version.base_model not in settings.registered_base_models():
+        raise _fail(
+            f"{version.fine_tuned_model} was trained on {version.base_model!r}, which this "
+            "deployment no longer has; it cannot be trained further here",
             param="model",
             code="model_not_available",
         )
+    return version
+
+
+def create_job(session: Session, settings: Settings, *, tenant_id: str, req: JobRequest) -> Job:
+    """Validate everything, then store the job as `queued` (the caller enqueues it). `model`
+    is a base model, or one of the tenant's adapter versions to continue training from."""
+    parent = None
+    if req.model not in settings.registered_base_models():
+        parent = _parent_version(session, settings, tenant_id=tenant_id, model=req.model)
+    base = parent.base_model if parent else req.model
     _check_suffix_and_metadata(req)
     seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
-    config = build_config(req, seed=seed)
+    config = build_config(req, seed=seed, base_model=base)
+    suffix = req.suffix
+    if parent is not None:
+        # Its weights, rank and target modules: a new version of the same adapter by default.
+        config = config.model_copy(update={"lora_r": parent.rank})
+        adapter = session.get(Adapter, parent.adapter_id)
+        suffix = suffix or (adapter.name if adapter else None)
     train = _usable_file(
         session,
         tenant_id=tenant_id,
@@ -269,19 +304,22 @@ def create_job(session: Session, settings: Settings, *, tenant_id: str, req: Job
         config = config.model_copy(update={"checkpoint_interval": max(1, steps // 4)})
     job = Job(
         tenant_id=tenant_id,
-        model=req.model,
+        model=base,
+        parent_version_id=parent.id if parent else None,
         training_file=req.training_file,
         validation_file=req.validation_file,
-        suffix=req.suffix,
+        suffix=suffix,
         seed=seed,
         job_metadata=req.metadata,
         method={"type": "supervised", "supervised": {"hyperparameters": hp.model_dump()}},
         config=config.model_dump(mode="json"),
         hyperparameters=hp.model_dump(),
-        queue=settings.queue_for(req.model),
+        queue=settings.queue_for(base),
     )
     session.add(job)
     add_event(session, job.id, f"Created fine-tuning job: {job.id}")
+    if parent is not None:
+        add_event(session, job.id, f"Continuing the training of {parent.fine_tuned_model}")
     add_event(session, job.id, f"Validating training file: {req.training_file}")
     job.status, job.dispatched_at = "queued", utcnow()  # the caller sends it after commit
     add_event(session, job.id, "Files validated, moving job to queued state")
@@ -342,7 +380,7 @@ def cancel_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
     # changes nothing and says so) or loses its lease (its result is rolled back).
     result = session.execute(
         update(Job)
-        .where(col(Job.id) == job_id, col(Job.status).in_(ACTIVE))
+        .where(col(Job.id) == job_id, col(Job.status).in_((*ACTIVE, PAUSED)))
         .values(
             status="cancelled",
             lease=None,
@@ -360,6 +398,61 @@ def cancel_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
             code="job_not_cancellable",
         )
     add_event(session, job_id, "Fine-tuning job cancelled")
+    session.commit()
+    session.refresh(job)
+    return job
+
+
+def pause_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
+    """Pause a queued or running job: a queued one is simply held; a running one's worker
+    checkpoints within a step or two and lets it go (the job keeps its lease until then).
+    Pausing a paused job changes nothing."""
+    job = get_job(session, tenant_id=tenant_id, job_id=job_id)
+    if job.status == PAUSED:
+        return job
+    result = session.execute(
+        update(Job)
+        .where(
+            col(Job.id) == job_id, col(Job.status).in_(("validating_files", "queued", "running"))
+        )
+        .values(status=PAUSED, estimated_finish=None)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        session.rollback()
+        session.refresh(job)
+        raise InvalidRequest(
+            f"Job {job_id} has already {job.status}; it cannot be paused.",
+            param="fine_tuning_job_id",
+            code="job_not_pausable",
+        )
+    session.refresh(job)
+    if job.lease is None:
+        add_event(session, job_id, "Fine-tuning job paused before training")
+    else:
+        add_event(session, job_id, "Pausing: the job is saved at its next step")
+    session.commit()
+    session.refresh(job)
+    return job
+
+
+def resume_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
+    """Queue a paused job again; it continues from its last checkpoint. The caller sends its
+    message after commit (as for a new job). Resuming a job that is not paused is a 400."""
+    job = get_job(session, tenant_id=tenant_id, job_id=job_id)
+    result = session.execute(
+        update(Job)
+        .where(col(Job.id) == job_id, col(Job.status) == PAUSED)
+        .values(status="queued", lease=None, worker=None, dispatched_at=utcnow())
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        session.rollback()
+        session.refresh(job)
+        raise InvalidRequest(
+            f"Job {job_id} is {job.status}, not paused; only a paused job can be resumed.",
+            param="fine_tuning_job_id",
+            code="job_not_paused",
+        )
+    add_event(session, job_id, "Fine-tuning job resumed: queued again")
     session.commit()
     session.refresh(job)
     return job

@@ -27,7 +27,7 @@ from sqlmodel import Session, col, func, select
 from api.db import aware, utcnow
 from api.errors import RateLimited
 from api.models.files import File
-from api.models.jobs import ACTIVE, Job
+from api.models.jobs import ACTIVE, PAUSED, Job
 from api.models.tenants import Tenant
 from api.services.tenants import get_tenant
 from api.settings import Settings
@@ -157,13 +157,17 @@ def check_backlog(session: Session, *, tenant_id: str, limit: int) -> None:
     waiting = session.exec(
         select(func.count())
         .select_from(Job)
-        .where(Job.tenant_id == tenant_id, col(Job.status).in_(("validating_files", "queued")))
+        # Paused jobs wait too: pausing must not be a way around the backlog cap.
+        .where(
+            Job.tenant_id == tenant_id,
+            col(Job.status).in_(("validating_files", "queued", PAUSED)),
+        )
     ).one()
     if waiting < limit:
         return
     raise rate_limited(
-        f"You have {waiting} fine-tuning jobs waiting to run, the most allowed ({limit}). "
-        "Wait for some to start, or cancel some, before creating more.",
+        f"You have {waiting} fine-tuning jobs waiting to run or paused, the most allowed "
+        f"({limit}). Wait for some to start, or cancel some, before creating more.",
         kind="requests",
         retry_after=None,
         headers=window_headers("requests", limit=limit, remaining=0, reset=0),
@@ -225,7 +229,7 @@ def training_tokens_used(session: Session, *, tenant_id: str, since: datetime) -
     for status, trained, hyperparameters, stats in rows:
         if trained is not None:
             total += trained
-        elif status in ACTIVE:
+        elif status in ACTIVE or status == PAUSED:
             epochs = (hyperparameters or {}).get("n_epochs")
             total += planned_training_tokens(
                 file_stats=stats, n_epochs=epochs if isinstance(epochs, int) else 1

@@ -72,14 +72,14 @@ def _by_id(session: Session, *, tenant_id: str, model: str) -> Resolution | None
 
 
 def _by_name(
-    session: Session, *, tenant_id: str, model: str, rng: random.Random
+    session: Session, *, tenant_id: str, model: str, rng: random.Random | None
 ) -> Resolution | None:
     adapter = session.exec(
         select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.name == model)
     ).first()
     if adapter is None:
         return None
-    if adapter.canary_version_id and rng.random() * 100 < adapter.canary_percent:
+    if adapter.canary_version_id and rng and rng.random() * 100 < adapter.canary_percent:
         canary = session.get(AdapterVersion, adapter.canary_version_id)
         if canary is not None:
             return Resolution(
@@ -107,13 +107,16 @@ def resolve_model(
     tenant_id: str,
     model: str,
     rng: random.Random | None = None,
+    canary: bool = True,
 ) -> Resolution:
+    """`canary=False`: an adapter name is its production version, never a canary draw."""
     if model in settings.registered_base_models():
         return Resolution(requested=model, base_model=model)
     if model.startswith("ft:"):
         found = _by_id(session, tenant_id=tenant_id, model=model)
     else:
-        found = _by_name(session, tenant_id=tenant_id, model=model, rng=rng or random.Random())
+        draw = (rng or random.Random()) if canary else None
+        found = _by_name(session, tenant_id=tenant_id, model=model, rng=draw)
     if found is None:
         names = own_model_names(session, settings, tenant_id=tenant_id)
         raise model_not_found(model, hint=did_you_mean(model, names))

@@ -122,6 +122,8 @@ REFUSED_BEYOND_SCHEMA = {
     ("training_file", None),  # an uploaded, processed file of this tenant
     ("validation_file", None),
     ("fine_tuning_job_id", "job_not_cancellable"),  # cancelling a finished job
+    ("fine_tuning_job_id", "job_not_pausable"),  # pausing a finished job
+    ("fine_tuning_job_id", "job_not_paused"),  # resuming a job that is not paused
     # Across fields: hyperparameters in `method` or at the top level, not both.
     ("hyperparameters", "invalid_value"),
 }

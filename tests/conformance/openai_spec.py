@@ -44,6 +44,15 @@ EXTENSIONS: dict[str, set[str]] = {
     "ListFineTuningJobCheckpointsResponse": set(),  # first_id/last_id are the spec's own
 }
 
+# What OpenAI's API reference has that the vendored spec commit predates: pausing and resuming
+# a fine-tuning job (POST .../pause, .../resume, answering the job) and the job's `paused`
+# status. Added here, to the same schemas, rather than left unchecked.
+ADDED_OPERATIONS = {
+    "POST /fine_tuning/jobs/{fine_tuning_job_id}/pause": "FineTuningJob",
+    "POST /fine_tuning/jobs/{fine_tuning_job_id}/resume": "FineTuningJob",
+}
+ADDED_ENUM_VALUES = {("FineTuningJob", "status"): ["paused"]}
+
 
 def _nullable(node: Any) -> Any:
     """OpenAPI 3.0 leftovers as JSON Schema 2020-12: `nullable: true` is the schema or null;
@@ -81,6 +90,10 @@ def _strict(node: Any, extra: frozenset[str] = frozenset()) -> Any:
 @cache
 def _registry() -> tuple[dict[str, Any], Registry]:
     document = json.loads(SCHEMAS.read_text())
+    document["operations"] = {**ADDED_OPERATIONS, **document["operations"]}
+    for (name, field), values in ADDED_ENUM_VALUES.items():
+        enum = document["components"]["schemas"][name]["properties"][field]["enum"]
+        enum += [v for v in values if v not in enum]
     schemas = {}
     for name, schema in document["components"]["schemas"].items():
         extra = frozenset(EXTENSIONS.get(name, ()))

@@ -30,6 +30,8 @@ _OPERATIONS = {
     ("GET", "/fine_tuning/jobs"),
     ("GET", "/fine_tuning/jobs/{fine_tuning_job_id}"),
     ("POST", "/fine_tuning/jobs/{fine_tuning_job_id}/cancel"),
+    ("POST", "/fine_tuning/jobs/{fine_tuning_job_id}/pause"),
+    ("POST", "/fine_tuning/jobs/{fine_tuning_job_id}/resume"),
     ("GET", "/fine_tuning/jobs/{fine_tuning_job_id}/events"),
     ("GET", "/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints"),
     ("GET", "/models"),

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import openai
 import pytest
+import redis
 from sqlmodel import Session, select
 
 from api.db import get_engine
@@ -19,6 +20,7 @@ from tests.workers.conftest import BROKEN, TINY, hp, upload, versions, wait_for_
 from workers.celery_app import enqueue_training
 
 pytestmark = pytest.mark.timeout(600)
+FINISHED = {"succeeded", "failed", "cancelled"}
 
 
 @pytest.mark.parametrize("broker_url", ["redis", "rabbitmq", "embedded"], indirect=True)
@@ -223,3 +225,117 @@ def test_sigterm_checkpoints_and_hands_the_job_back(sdk, start_worker, settings)
     messages = [e.message for e in sdk.fine_tuning.jobs.list_events(job.id, limit=1000)]
     assert f"Resuming from checkpoint at step {step}" in messages
     assert len(versions(settings, job.id)) == 1
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_pause_frees_the_worker_and_resume_finishes_from_that_step(
+    sdk, start_worker, settings
+) -> None:
+    """POST .../pause (OpenAI's): the running job checkpoints and lets its worker go, which
+    then trains another job; POST .../resume queues it, and it continues from that step."""
+    start_worker()  # one worker: only a freed worker can run the second job
+    long = sdk.fine_tuning.jobs.create(
+        model=TINY,
+        training_file=upload(sdk),
+        suffix="pausable",
+        method=hp(n_epochs=30, batch_size=1, method="lora", checkpoint_interval=100_000),
+    )
+    deadline = time.monotonic() + 120
+    while _last_step(sdk, long.id) < 5:
+        assert time.monotonic() < deadline, "training never got going"
+        time.sleep(0.2)
+    assert sdk.fine_tuning.jobs.pause(long.id).status == "paused"
+    deadline = time.monotonic() + 60
+    while not (parked := _event(sdk, long.id, "Fine-tuning job paused after step")):
+        assert time.monotonic() < deadline, "the worker never let the job go"
+        time.sleep(0.2)
+    step = int(parked.split("after step ")[1].split(";")[0])
+    assert [c.step_number for c in sdk.fine_tuning.jobs.checkpoints.list(long.id)] == [step]
+
+    quick = sdk.fine_tuning.jobs.create(
+        model=TINY, training_file=upload(sdk), method=hp(n_epochs=1, method="lora")
+    )
+    assert wait_for_status(sdk, quick.id, FINISHED).status == "succeeded"
+    assert sdk.fine_tuning.jobs.retrieve(long.id).status == "paused"  # waited, untouched
+    with pytest.raises(openai.BadRequestError, match="not paused"):
+        sdk.fine_tuning.jobs.resume(quick.id)
+    with pytest.raises(openai.BadRequestError, match="cannot be paused"):
+        sdk.fine_tuning.jobs.pause(quick.id)
+
+    assert sdk.fine_tuning.jobs.resume(long.id).status == "queued"
+    done = wait_for_status(sdk, long.id, FINISHED, timeout=300)
+    assert done.status == "succeeded", done.error
+    assert done.model_extra["attempts"] == 1  # a pause is not a failed attempt
+    messages = [e.message for e in sdk.fine_tuning.jobs.list_events(long.id, limit=1000)]
+    assert f"Resuming from checkpoint at step {step}" in messages
+    assert len(versions(settings, long.id)) == 1
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_queued_job_paused_never_starts_until_resumed(sdk, start_worker, settings) -> None:
+    job = sdk.fine_tuning.jobs.create(
+        model=TINY, training_file=upload(sdk), method=hp(n_epochs=1, method="lora")
+    )
+    assert sdk.fine_tuning.jobs.pause(job.id).status == "paused"
+    assert sdk.fine_tuning.jobs.pause(job.id).status == "paused"  # idempotent
+    start_worker()
+    broker = redis.Redis.from_url(settings.broker_url)
+    deadline = time.monotonic() + 30
+    while broker.llen(settings.train_queue):  # the worker takes the job's message ...
+        assert time.monotonic() < deadline, "the worker never took the message"
+        time.sleep(0.1)
+    time.sleep(1)
+    assert sdk.fine_tuning.jobs.retrieve(job.id).status == "paused"  # ... and leaves it be
+    assert sdk.fine_tuning.jobs.resume(job.id).status == "queued"
+    assert wait_for_status(sdk, job.id, FINISHED).status == "succeeded"
+    paused_then_cancelled = sdk.fine_tuning.jobs.create(
+        model=TINY, training_file=upload(sdk), method=hp(n_epochs=1, method="lora")
+    )
+    sdk.fine_tuning.jobs.pause(paused_then_cancelled.id)
+    assert sdk.fine_tuning.jobs.cancel(paused_then_cancelled.id).status == "cancelled"
+
+
+def _event(sdk: openai.OpenAI, job_id: str, prefix: str) -> str | None:
+    messages = [e.message for e in sdk.fine_tuning.jobs.list_events(job_id, limit=100)]
+    return next((m for m in messages if m.startswith(prefix)), None)
+
+
+def _losses(sdk: openai.OpenAI, job_id: str) -> dict[int, float]:
+    events = sdk.fine_tuning.jobs.list_events(job_id, limit=1000)
+    return {int(e.data["step"]): float(e.data["train_loss"]) for e in events
+            if e.type == "metrics" and e.data.get("train_loss") is not None}  # fmt: skip
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_continued_job_starts_from_its_parents_weights(sdk, start_worker, settings) -> None:
+    """`model` = one of the tenant's `ft:` ids: the job starts from that version's weights
+    (its loss where the parent's ended, not where the base starts), becomes the next version
+    of the same adapter, and its lineage names the parent."""
+    start_worker()
+    data = upload(sdk)
+    # As tests/serving/servingdata.py trains: a random tiny model needs a big push.
+    fast = {"batch_size": 4, "method": "lora", "learning_rate_multiplier": 50}
+    parent = sdk.fine_tuning.jobs.create(
+        model=TINY, training_file=data, suffix="facts", method=hp(n_epochs=30, **fast)
+    )
+    parent_done = wait_for_status(sdk, parent.id, FINISHED)
+    assert parent_done.status == "succeeded", parent_done.error
+    before = _losses(sdk, parent.id)
+    first, last = before[min(before)], before[max(before)]
+    assert first - last > 0.3, before  # the parent learned something to continue from
+
+    with pytest.raises(openai.BadRequestError, match="no production version"):
+        sdk.fine_tuning.jobs.create(model="facts", training_file=data)  # a candidate only
+    child = sdk.fine_tuning.jobs.create(
+        model=parent_done.fine_tuned_model, training_file=data, method=hp(n_epochs=1, **fast)
+    )
+    assert child.model == TINY  # the base it trains on
+    child_done = wait_for_status(sdk, child.id, FINISHED)
+    assert child_done.status == "succeeded", child_done.error
+    after = _losses(sdk, child.id)
+    assert after[min(after)] < (first + last) / 2, (before, after)  # from the parent's weights
+    (version,) = versions(settings, child.id)
+    assert version.version == 2  # the next version of `facts`
+    assert version.lineage["parent"]["fine_tuned_model"] == parent_done.fine_tuned_model
+    messages = [e.message for e in sdk.fine_tuning.jobs.list_events(child.id, limit=100)]
+    assert f"Continuing the training of {parent_done.fine_tuned_model}" in messages
