@@ -42,7 +42,9 @@ SUFFIX_RE = re.compile(r"^[a-z0-9-]{1,64}$")
 OPENAI_HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
 ALIASES = {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
 # Trainer fields a tenant may set; base model, seed and device come from elsewhere.
-TUNABLE = frozenset(TrainConfig.model_fields) - {"base_model", "seed", "device"}
+# init_adapter is a path on the worker: set only by the worker, from a job's parent version
+# (a tenant naming one could start from any directory there, another tenant's included).
+TUNABLE = frozenset(TrainConfig.model_fields) - {"base_model", "seed", "device", "init_adapter"}
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
 # Checkpoints or evals one job may ask for: each costs an upload or a pass over the data.
 MAX_PERIODIC_RUNS = 100

@@ -68,6 +68,8 @@ def _create(sdk: openai.OpenAI, train_file: str, **hyperparameters: object):
         ({"n_epochs": 50, "eval_interval": 1}, "eval_interval"),
         ({"probe_size": 1_000_000}, "probe_size"),
         ({"lora_alpha": 10**9}, "lora_alpha"),
+        # A path on the worker (another tenant's adapter in its work dir): the worker's own.
+        ({"init_adapter": "/var/lib/loraplex/work/ftjob-other/adapter"}, "init_adapter"),
     ],
     ids=lambda v: str(v)[:40],
 )
