@@ -103,9 +103,14 @@ class ReplicaAdapterStore:
         self._verified: set[str] = set()
 
     def _still_intact(self, target: Path) -> bool:
-        files = {p.relative_to(target).as_posix(): {"sha256": _sha256(p), "size": p.stat().st_size}
-                 for p in _files(target) if p.is_file() and not p.is_symlink()}  # fmt: skip
-        intact = content_digest(files) == target.name and len(files) == len(_files(target))
+        present = files_in(target)
+        if any(p.is_symlink() for p in present):
+            intact = False
+        else:
+            files = {p.relative_to(target).as_posix(): {"sha256": sha256_of(p),
+                                                        "size": p.stat().st_size}
+                     for p in present}  # fmt: skip
+            intact = content_digest(files) == target.name
         if not intact:
             log.warning("replica adapter cache: %s was altered on disk; fetching it again",
                         target.name[:12])  # fmt: skip
@@ -156,7 +161,7 @@ class ReplicaAdapterStore:
                     "or replaced in the artifact store; refusing to load them",
                     reason="altered",
                 )
-            for path in _files(tmp):
+            for path in files_in(tmp):
                 path.chmod(0o444)
             tmp.chmod(0o755)
             replace_dir(target, tmp)
@@ -172,7 +177,7 @@ class ReplicaAdapterStore:
                 key=lambda p: p.stat().st_mtime,
                 reverse=True,  # most recent first
             )
-            sizes = [_size(p) for p in entries]
+            sizes = [dir_size(p) for p in entries]
             count, total = len(entries), sum(sizes)
             evicted = []
             for path, size in reversed(list(zip(entries, sizes, strict=True))[self.keep :]):
@@ -200,7 +205,7 @@ def replace_dir(target: Path, fresh: Path) -> None:
         fresh.rename(target)
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
@@ -210,9 +215,10 @@ def _touch(path: Path) -> None:
     os.utime(path, (now, now))
 
 
-def _size(directory: Path) -> int:
-    return sum(p.stat().st_size for p in _files(directory))
+def dir_size(directory: Path) -> int:
+    return sum(p.stat().st_size for p in files_in(directory)) if directory.is_dir() else 0
 
 
-def _files(directory: Path) -> list[Path]:
+def files_in(directory: Path) -> list[Path]:
+    """Every file under `directory` (symbolic links included, to be refused)."""
     return [p for p in directory.rglob("*") if p.is_file() or p.is_symlink()]

@@ -19,7 +19,6 @@ adapter's files again). An evicted version asked for again is fetched and verifi
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import shutil
 import tempfile
@@ -31,7 +30,7 @@ from typing import Any
 
 from api.models.adapters import AdapterVersion
 from api.storage import ArtifactStore, StorageError
-from serving.adapter_source import replace_dir
+from serving.adapter_source import dir_size, files_in, replace_dir, sha256_of
 from serving.engines.base import LocalAdapter
 from serving.errors import AdapterIntegrityError
 
@@ -111,7 +110,7 @@ class AdapterCache:
             for vid in [v for v in self._used if not self.path_of(v).is_dir()]:
                 if not self._pins[vid]:
                     del self._used[vid]  # refused, or deleted by hand: nothing to count
-            sizes = {vid: _size(self.path_of(vid)) for vid in self._used}
+            sizes = {vid: dir_size(self.path_of(vid)) for vid in self._used}
             count, total = len(sizes), sum(sizes.values())
             evicted = []
             for vid, name in list(self._used.items()):
@@ -168,49 +167,57 @@ class AdapterCache:
         return True
 
     def _fetch(self, version: AdapterVersion, target: Path) -> None:
-        files: dict[str, Any] = dict(version.files or {})
-        missing = [name for name in REQUIRED if name not in files]
-        if missing:
-            raise AdapterIntegrityError(
-                f"Adapter version {version.fine_tuned_model} is incomplete in the registry "
-                f"(missing {', '.join(missing)}); it cannot be served.",
-                reason="incomplete",
-            )
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{version.id}.", dir=self.root))
-        try:
-            for rel, expected in sorted(files.items()):
-                self._fetch_file(version, rel, expected, tmp)
-            for path in _files(tmp):
-                path.chmod(0o444)  # verified bytes: nothing here rewrites them by accident
-            tmp.chmod(0o755)  # replicas may run as another user
-            replace_dir(target, tmp)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        download_verified(self.store, version, target)
 
-    def _fetch_file(
-        self, version: AdapterVersion, rel: str, expected: dict[str, Any], tmp: Path
-    ) -> None:
-        local = tmp / rel
-        if not local.resolve().is_relative_to(tmp.resolve()):
-            raise AdapterIntegrityError(
-                f"Adapter file path {rel!r} escapes its directory.", reason="unsafe_path"
-            )
-        try:
-            digest = self.store.get_file(f"{version.storage_prefix}/{rel}", local)
-        except (FileNotFoundError, StorageError) as e:
-            raise AdapterIntegrityError(
-                f"Adapter version {version.fine_tuned_model}: cannot read {rel} from the "
-                f"artifact store ({type(e).__name__}); it cannot be served.",
-                reason="unreadable",
-            ) from e
-        problem = mismatch(rel, digest=digest, size=local.stat().st_size, expected=expected)
-        if problem:
-            raise AdapterIntegrityError(
-                f"Adapter version {version.fine_tuned_model} failed verification: {problem}. "
-                "The stored bytes were altered; refusing to serve it.",
-                reason="altered",
-            )
+
+def download_verified(store: ArtifactStore, version: AdapterVersion, target: Path) -> None:
+    """The version's files from the artifact store into `target` (replaced whole, read-only),
+    every file checked against the registry row first; AdapterIntegrityError (nothing left
+    behind) when one is missing, unreadable or not the bytes the registry recorded."""
+    files: dict[str, Any] = dict(version.files or {})
+    missing = [name for name in REQUIRED if name not in files]
+    if missing:
+        raise AdapterIntegrityError(
+            f"Adapter version {version.fine_tuned_model} is incomplete in the registry "
+            f"(missing {', '.join(missing)}); it cannot be served.",
+            reason="incomplete",
+        )
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version.id}.", dir=target.parent))
+    try:
+        for rel, expected in sorted(files.items()):
+            _fetch_file(store, version, rel, expected, tmp)
+        for path in files_in(tmp):
+            path.chmod(0o444)  # verified bytes: nothing here rewrites them by accident
+        tmp.chmod(0o755)  # replicas may run as another user
+        replace_dir(target, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fetch_file(
+    store: ArtifactStore, version: AdapterVersion, rel: str, expected: dict[str, Any], tmp: Path
+) -> None:
+    local = tmp / rel
+    if not local.resolve().is_relative_to(tmp.resolve()):
+        raise AdapterIntegrityError(
+            f"Adapter file path {rel!r} escapes its directory.", reason="unsafe_path"
+        )
+    try:
+        digest = store.get_file(f"{version.storage_prefix}/{rel}", local)
+    except (FileNotFoundError, StorageError) as e:
+        raise AdapterIntegrityError(
+            f"Adapter version {version.fine_tuned_model}: cannot read {rel} from the "
+            f"artifact store ({type(e).__name__}); it cannot be served.",
+            reason="unreadable",
+        ) from e
+    problem = mismatch(rel, digest=digest, size=local.stat().st_size, expected=expected)
+    if problem:
+        raise AdapterIntegrityError(
+            f"Adapter version {version.fine_tuned_model} failed verification: {problem}. "
+            "The stored bytes were altered; refusing to serve it.",
+            reason="altered",
+        )
 
 
 def mismatch(rel: str, *, digest: str, size: int, expected: dict[str, Any]) -> str | None:
@@ -228,7 +235,7 @@ def mismatch(rel: str, *, digest: str, size: int, expected: dict[str, Any]) -> s
 def local_problems(version: AdapterVersion, directory: Path) -> list[str]:
     """Every way a local copy differs from the registry row (missing, extra, altered files)."""
     expected: dict[str, Any] = dict(version.files or {})
-    present = {p.relative_to(directory).as_posix() for p in _files(directory)}
+    present = {p.relative_to(directory).as_posix() for p in files_in(directory)}
     problems = [f"{rel} is missing" for rel in sorted(expected.keys() - present)]
     problems += [f"{rel} is not in the registry" for rel in sorted(present - expected.keys())]
     for rel in sorted(expected.keys() & present):
@@ -236,8 +243,7 @@ def local_problems(version: AdapterVersion, directory: Path) -> list[str]:
         if path.is_symlink():
             problems.append(f"{rel} is a symbolic link")
             continue
-        with open(path, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        digest = sha256_of(path)
         problem = mismatch(rel, digest=digest, size=path.stat().st_size, expected=expected[rel])
         if problem:
             problems.append(problem)
@@ -249,16 +255,8 @@ def fingerprint(directory: Path) -> Fingerprint:
     if not directory.is_dir():
         return ()
     entries = []
-    for path in _files(directory):
+    for path in files_in(directory):
         st = path.stat()
         entries.append((path.relative_to(directory).as_posix(), st.st_size, st.st_mtime_ns,
                         st.st_ino))  # fmt: skip
     return tuple(sorted(entries))
-
-
-def _size(directory: Path) -> int:
-    return sum(p.stat().st_size for p in _files(directory)) if directory.is_dir() else 0
-
-
-def _files(directory: Path) -> list[Path]:
-    return [p for p in directory.rglob("*") if p.is_file() or p.is_symlink()]

@@ -23,7 +23,6 @@ LORAPLEX_REPLICA_CACHE_MAX_GIB (20), LORAPLEX_REPLICA_CACHE_KEEP (16).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 from argparse import Namespace
@@ -40,7 +39,7 @@ from serving.adapter_source import (
     ReplicaAdapterStore,
     parse_replica_name,
 )
-from serving.zero_adapter import ZERO_ADAPTER_NAME, zero_adapter_files
+from serving.zero_adapter import ZERO_ADAPTER_NAME, ensure_zero_adapter
 
 log = logging.getLogger("loraplex.replica")
 NAME = "loraplex"
@@ -64,24 +63,6 @@ def source() -> ReplicaAdapterStore | None:
     return _source
 
 
-def zero_adapter_dir(base_model: str, root: Path) -> Path:
-    """The all-zero adapter for the base model vLLM serves (`--model`, a local directory)."""
-    target = root / "_zero"
-    if not (target / "adapter_model.safetensors").is_file():
-        config = json.loads((Path(base_model) / "config.json").read_text())
-        tmp = root / f".zero.{os.getpid()}"
-        tmp.mkdir(parents=True, exist_ok=True)
-        for name, data in zero_adapter_files(config, base_name=base_model).items():
-            (tmp / name).write_bytes(data)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process wrote it first: theirs is identical
-            for f in tmp.iterdir():
-                f.unlink()
-            tmp.rmdir()
-    return target
-
-
 async def local_path(base_model: str, lora_name: str) -> Path | None:
     """Where the adapter `lora_name` is on this replica, fetched and verified if needed;
     None when the name is not Loraplex's. Raises AdapterRefused."""
@@ -89,7 +70,13 @@ async def local_path(base_model: str, lora_name: str) -> Path | None:
     if store is None:
         return None
     if lora_name == ZERO_ADAPTER_NAME:
-        return await asyncio.to_thread(zero_adapter_dir, base_model, store.root)
+        # For the base model vLLM serves (`--model`, a local directory); in a hidden folder,
+        # which the cache's pruning never counts or deletes.
+        zero = await asyncio.to_thread(
+            ensure_zero_adapter, base_dir=Path(base_model), base_name=base_model,
+            root=store.root / ".base",
+        )  # fmt: skip
+        return zero.path
     if parse_replica_name(lora_name) is None:
         return None
     return await asyncio.to_thread(store.fetch, lora_name)

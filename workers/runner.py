@@ -246,19 +246,17 @@ def _training_config(job: Job, settings: Settings, *, init_adapter: Path | None 
 
 def _fetch_parent(ctx: JobContext, job: Job, target: Path) -> Path:
     """Continued fine-tuning: the parent version's files, verified against the registry."""
-    from serving.cache import mismatch
+    from serving.cache import download_verified
+    from serving.errors import AdapterIntegrityError
 
     parent = ctx.transaction(lambda session: session.get(AdapterVersion, job.parent_version_id))
     if parent is None:
         raise RuntimeError(f"the adapter version {job.parent_version_id} this job continues "
                            "was deleted")  # fmt: skip
-    shutil.rmtree(target, ignore_errors=True)
-    for rel, expected in sorted((parent.files or {}).items()):
-        digest = ctx.store.get_file(f"{parent.storage_prefix}/{rel}", target / rel)
-        problem = mismatch(rel, digest=digest, size=(target / rel).stat().st_size,
-                           expected=expected)  # fmt: skip
-        if problem:
-            raise RuntimeError(f"{parent.fine_tuned_model} failed verification: {problem}")
+    try:
+        download_verified(ctx.store, parent, target)
+    except AdapterIntegrityError as e:
+        raise RuntimeError(f"cannot continue from {parent.fine_tuned_model}: {e.message}") from e
     return target
 
 

@@ -374,31 +374,43 @@ def list_jobs(
     return page(session, query, model=Job, after=after, limit=limit)
 
 
-def cancel_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
-    """Cancel at once: a queued job never starts; a running one loses its lease and its
-    worker stops within one step without writing a result."""
-    job = get_job(session, tenant_id=tenant_id, job_id=job_id)
-    # Compare-and-set: a worker finishing the job at this moment either commits first (this
-    # changes nothing and says so) or loses its lease (its result is rolled back).
+def _transition(
+    session: Session,
+    job: Job,
+    *,
+    allowed: tuple[str, ...],
+    values: dict[str, Any],
+    code: str,
+    refused: str,
+) -> None:
+    """Compare-and-set the job's row from one of `allowed` to `values`: a worker finishing it
+    at this moment either commits first (this changes nothing and says so: a 400 `code`,
+    `refused` formatted with the job's `id` and `status`) or loses its lease. The caller adds
+    its event and commits."""
     result = session.execute(
-        update(Job)
-        .where(col(Job.id) == job_id, col(Job.status).in_((*ACTIVE, PAUSED)))
-        .values(
-            status="cancelled",
-            lease=None,
-            cancel_requested=True,
-            finished_at=utcnow(),
-            estimated_finish=None,  # null unless running, as OpenAI has it
-        )
+        update(Job).where(col(Job.id) == job.id, col(Job.status).in_(allowed)).values(**values)
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
         session.rollback()
         session.refresh(job)
         raise InvalidRequest(
-            f"Job {job_id} has already {job.status}; it cannot be cancelled.",
-            param="fine_tuning_job_id",
-            code="job_not_cancellable",
+            refused.format(id=job.id, status=job.status), param="fine_tuning_job_id", code=code
         )
+    session.refresh(job)
+
+
+def cancel_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
+    """Cancel at once: a queued (or paused) job never starts; a running one loses its lease
+    and its worker stops within one step without writing a result."""
+    job = get_job(session, tenant_id=tenant_id, job_id=job_id)
+    _transition(
+        session, job, allowed=(*ACTIVE, PAUSED),
+        values={"status": "cancelled", "lease": None, "cancel_requested": True,
+                "finished_at": utcnow(),
+                "estimated_finish": None},  # null unless running, as OpenAI has it
+        code="job_not_cancellable",
+        refused="Job {id} has already {status}; it cannot be cancelled.",
+    )  # fmt: skip
     add_event(session, job_id, "Fine-tuning job cancelled")
     session.commit()
     session.refresh(job)
@@ -412,22 +424,10 @@ def pause_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
     job = get_job(session, tenant_id=tenant_id, job_id=job_id)
     if job.status == PAUSED:
         return job
-    result = session.execute(
-        update(Job)
-        .where(
-            col(Job.id) == job_id, col(Job.status).in_(("validating_files", "queued", "running"))
-        )
-        .values(status=PAUSED, estimated_finish=None)
-    )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
-        session.rollback()
-        session.refresh(job)
-        raise InvalidRequest(
-            f"Job {job_id} has already {job.status}; it cannot be paused.",
-            param="fine_tuning_job_id",
-            code="job_not_pausable",
-        )
-    session.refresh(job)
+    _transition(
+        session, job, allowed=ACTIVE, values={"status": PAUSED, "estimated_finish": None},
+        code="job_not_pausable", refused="Job {id} has already {status}; it cannot be paused.",
+    )  # fmt: skip
     if job.lease is None:
         add_event(session, job_id, "Fine-tuning job paused before training")
     else:
@@ -441,19 +441,12 @@ def resume_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
     """Queue a paused job again; it continues from its last checkpoint. The caller sends its
     message after commit (as for a new job). Resuming a job that is not paused is a 400."""
     job = get_job(session, tenant_id=tenant_id, job_id=job_id)
-    result = session.execute(
-        update(Job)
-        .where(col(Job.id) == job_id, col(Job.status) == PAUSED)
-        .values(status="queued", lease=None, worker=None, dispatched_at=utcnow())
-    )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
-        session.rollback()
-        session.refresh(job)
-        raise InvalidRequest(
-            f"Job {job_id} is {job.status}, not paused; only a paused job can be resumed.",
-            param="fine_tuning_job_id",
-            code="job_not_paused",
-        )
+    _transition(
+        session, job, allowed=(PAUSED,),
+        values={"status": "queued", "lease": None, "worker": None, "dispatched_at": utcnow()},
+        code="job_not_paused",
+        refused="Job {id} is {status}, not paused; only a paused job can be resumed.",
+    )  # fmt: skip
     add_event(session, job_id, "Fine-tuning job resumed: queued again")
     session.commit()
     session.refresh(job)
