@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
 from api.errors import InvalidRequest, LoraplexError
-from api.services.files import Upload
 
 MAX_FIELD_BYTES = 64 * 1024
 # OpenAI's upload form has one text field (`purpose`); room for clients that add a few.
@@ -26,6 +26,19 @@ MAX_FIELDS = 16
 MAX_FORM_BYTES = 256 * 1024
 # All a body may hold besides the file's bytes: the above plus boundaries and punctuation.
 MAX_ENVELOPE_BYTES = MAX_FORM_BYTES + 64 * 1024
+
+
+class Upload(Protocol):
+    """Where a file part's bytes go as they arrive (a dataset upload, an adapter upload)."""
+
+    size: int
+
+    def write(self, chunk: bytes) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+U = TypeVar("U", bound=Upload)
 
 
 @dataclass
@@ -38,12 +51,12 @@ class _PartState:
     is_file: bool = False
 
 
-class UploadForm:
+class UploadForm(Generic[U]):
     """Parses one request; `fields` holds the small text fields, `upload` the file part."""
 
-    def __init__(self, boundary: bytes, *, file_field: str, new_upload: Callable[[str], Upload]):
+    def __init__(self, boundary: bytes, *, file_field: str, new_upload: Callable[[str], U]):
         self.fields: dict[str, str] = {}
-        self.upload: Upload | None = None
+        self.upload: U | None = None
         self.complete = False
         self._file_field = file_field
         self._new_upload = new_upload
@@ -161,8 +174,8 @@ def least_file_bytes(request: Request) -> int:
 
 
 async def read_upload_form(
-    request: Request, *, new_upload: Callable[[str], Upload], file_field: str = "file"
-) -> UploadForm:
+    request: Request, *, new_upload: Callable[[str], U], file_field: str = "file"
+) -> UploadForm[U]:
     """Stream the body through the parser; on any failure the partial upload is dropped."""
     form = UploadForm(_boundary(request), file_field=file_field, new_upload=new_upload)
     received = 0

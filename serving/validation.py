@@ -169,11 +169,12 @@ def _record(database_url: str, version_id: str, served: dict[str, Any]) -> None:
             for side in SIDES
             if served.get(side)
         }
-        add_event(
-            session,
-            version.job_id,
-            f"As served by the {served['engine']} engine, {version.fine_tuned_model} "
-            f"answered as trained: {', '.join(parts)}",
-            data=figures,  # a message: "metrics" events are training steps to the SDKs
-        )
+        if version.job_id is not None:  # an uploaded version has no job to tell
+            add_event(
+                session,
+                version.job_id,
+                f"As served by the {served['engine']} engine, {version.fine_tuned_model} "
+                f"answered as trained: {', '.join(parts)}",
+                data=figures,  # a message: "metrics" events are training steps to the SDKs
+            )
         session.commit()

@@ -49,7 +49,10 @@ class AdapterVersion(SQLModel, table=True):
     tenant_id: str = Field(foreign_key="tenants.id", index=True, max_length=64)
     version: int
     # One version per job, enforced by the database: a job that runs twice registers once.
-    job_id: str = Field(foreign_key="fine_tuning_jobs.id", unique=True, max_length=64)
+    # None for a version a tenant uploaded (bring your own adapter).
+    job_id: str | None = Field(
+        default=None, foreign_key="fine_tuning_jobs.id", unique=True, max_length=64
+    )
     fine_tuned_model: str = Field(unique=True, max_length=256)
     base_model: str = Field(max_length=256)
     storage_prefix: str = Field(max_length=512)

@@ -8,14 +8,18 @@ import tarfile
 from collections.abc import Iterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Request
 from fastapi.responses import StreamingResponse
 from sqlmodel import Session, col, select
+from starlette.concurrency import run_in_threadpool
 
 from api.db import unix
-from api.deps import SessionDep, StoreDep, TenantDep
+from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from api.errors import ErrorResponse, LoraplexError, NotFound, error_responses
 from api.models.adapters import MAX_VERSION, Adapter, AdapterVersion
+from api.models.tenants import Tenant
+from api.multipart import least_file_bytes, read_upload_form
+from api.services import adapter_upload, quotas
 from api.services.promotion import verify_version
 from api.storage import ArtifactStore
 
@@ -182,3 +186,108 @@ def download_version(
             "X-Loraplex-Files-Sha256": json.dumps(digests),
         },
     )
+
+
+_UPLOAD_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "A tar of a peft LoRA adapter directory: "
+                            "adapter_config.json and adapter_model.safetensors.",
+                        },
+                        "base_model": {
+                            "type": "string",
+                            "description": "The base model it adapts; default: the served one.",
+                        },
+                        "check_only": {
+                            "type": "string",
+                            "enum": ["true", "false"],
+                            "description": "'true': answer the report, register nothing.",
+                        },
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+AdapterName = Annotated[
+    str, Path(pattern=r"^[a-z0-9-]{1,64}$", description="1-64 characters of a-z, 0-9 and '-'.")
+]
+
+
+@router.post(
+    "/adapters/{name}/versions",
+    openapi_extra=_UPLOAD_SCHEMA,
+    responses=error_responses(400, 413),
+)
+async def upload_version(
+    name: AdapterName,
+    request: Request,
+    tenant_id: TenantDep,
+    session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
+) -> dict[str, Any]:
+    """Register a peft LoRA adapter trained elsewhere as the next version of `name`.
+
+    The answer is the new version with `report`: what the adapter is and what would stop
+    it being served. An adapter with problems is refused (400 `adapter_not_servable`, the
+    problems in the message) and nothing is stored; `check_only=true` only reports.
+    """
+    room = await run_in_threadpool(quotas.storage_room, session, settings, tenant_id=tenant_id)
+    room.check(least_file_bytes(request))
+    form = await read_upload_form(
+        request,
+        new_upload=lambda filename: adapter_upload.AdapterSpool(
+            max_bytes=settings.max_upload_bytes, filename=filename, room=room
+        ),
+    )
+    spool = form.upload
+    assert spool is not None
+    try:
+        base_model = form.fields.get("base_model") or settings.base_model
+        adapter_upload.check_request(name, base_model, settings)
+        adapter_dir, ignored = await run_in_threadpool(spool.unpack)
+        report = await run_in_threadpool(
+            adapter_upload.inspect,
+            adapter_dir,
+            base_model=base_model,
+            settings=settings,
+            ignored=ignored,
+        )
+        if form.fields.get("check_only", "").lower() == "true":
+            return report
+        if report["problems"]:
+            raise adapter_upload.AdapterRefused(
+                f"Adapter refused; it could not be served: {'; '.join(report['problems'])}.",
+                param="file",
+            )
+        tenant = session.get(Tenant, tenant_id)
+        assert tenant is not None
+        version = await run_in_threadpool(
+            adapter_upload.register_upload,
+            session,
+            store,
+            settings,
+            tenant=tenant,
+            name=name,
+            base_model=base_model,
+            adapter_dir=adapter_dir,
+            report=report,
+            filename=spool.filename,
+        )
+        adapter = session.get(Adapter, version.adapter_id)
+        assert adapter is not None
+        return {**version_public(version, adapter), "report": report}
+    finally:
+        spool.abort()  # the spool is temporary either way

@@ -109,8 +109,9 @@ def _weight_problems(
     return problems
 
 
-def safetensors_shapes(path: Path) -> dict[str, list[int]]:
-    """Tensor name -> shape from a safetensors file's header (no torch, no tensor reads).
+def safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
+    """Tensor name -> {dtype, shape, data_offsets} from a safetensors file's header (no
+    torch, no tensor reads).
 
     The format is an 8-byte little-endian header length, then that many bytes of JSON.
     Raises ValueError for a file that is not safetensors (truncated, another format).
@@ -128,14 +129,23 @@ def safetensors_shapes(path: Path) -> dict[str, list[int]]:
             raise ValueError("the header is not JSON") from e
     if not isinstance(header, dict):
         raise ValueError("the header is not a JSON object")
-    return {
-        name: [int(n) for n in info.get("shape", [])]
-        for name, info in header.items()
-        if name != "__metadata__" and isinstance(info, dict)
-    }
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__" or not isinstance(info, dict):
+            continue
+        shape = info.get("shape", [])
+        if not isinstance(shape, list) or not all(isinstance(n, int) for n in shape):
+            raise ValueError(f"tensor {name!r} has no valid shape")
+        tensors[name] = info
+    return tensors
 
 
-def _modules(value: Any) -> list[str]:
+def safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape (see `safetensors_header`)."""
+    return {name: list(info.get("shape", [])) for name, info in safetensors_header(path).items()}
+
+
+def modules_of(value: Any) -> list[str]:
     if isinstance(value, str):
         return [value]
     return sorted(value or [])
@@ -156,14 +166,14 @@ def _get_or_create_adapter(session: Session, *, job: Job) -> Adapter:
     return adapter
 
 
-def _next_version(session: Session, adapter: Adapter) -> int:
+def next_version(session: Session, adapter: Adapter) -> int:
     current = session.exec(
         select(func.max(AdapterVersion.version)).where(AdapterVersion.adapter_id == adapter.id)
     ).one()
     return int(current or 0) + 1
 
 
-def _next_serial(session: Session) -> int:
+def next_serial(session: Session) -> int:
     current = session.exec(select(func.max(AdapterVersion.serial))).one()
     return int(current or 0) + 1
 
@@ -210,8 +220,8 @@ def register_version(
         version = AdapterVersion(
             adapter_id=adapter.id,
             tenant_id=job.tenant_id,
-            version=_next_version(session, adapter),
-            serial=_next_serial(session),
+            version=next_version(session, adapter),
+            serial=next_serial(session),
             job_id=job.id,
             fine_tuned_model=fine_tuned_model,
             base_model=job.model,
@@ -219,7 +229,7 @@ def register_version(
             files={k: {"sha256": v.sha256, "size": v.size} for k, v in stored.items()},
             size_bytes=sum(v.size for v in stored.values()),
             rank=int(config.get("r", 0)),
-            target_modules=_modules(config.get("target_modules")),
+            target_modules=modules_of(config.get("target_modules")),
             metrics=metrics,
             lineage=lineage,
             stage="rejected" if problems else "candidate",

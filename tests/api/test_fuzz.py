@@ -124,6 +124,9 @@ REFUSED_BEYOND_SCHEMA = {
     ("fine_tuning_job_id", "job_not_cancellable"),  # cancelling a finished job
     ("fine_tuning_job_id", "job_not_pausable"),  # pausing a finished job
     ("fine_tuning_job_id", "job_not_paused"),  # resuming a job that is not paused
+    # An uploaded adapter's bytes: a tar of a LoRA adapter this deployment can serve.
+    ("file", "adapter_not_servable"),
+    ("base_model", "model_not_found"),  # a registered base model
     # Across fields: hyperparameters in `method` or at the top level, not both.
     ("hyperparameters", "invalid_value"),
 }

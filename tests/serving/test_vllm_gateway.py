@@ -18,9 +18,11 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from fastapi.testclient import TestClient
 from sqlmodel import Session
 
 from api.db import get_engine
+from api.main import create_app
 from api.models.adapters import AdapterVersion
 from api.services.promotion import promote
 from api.services.tenants import Principal
@@ -30,7 +32,7 @@ from api.storage import ArtifactStore
 from serving.adapter_source import content_digest, replica_name
 from serving.replicas import ReplicaProcess, plan_replicas
 from tests.conformance.serving_tour import assert_toured, tour
-from tests.conftest import new_tenant
+from tests.conftest import bearer, new_admin_key, new_tenant
 from tests.serving.conftest import (
     LiveServer,
     Reference,
@@ -361,6 +363,45 @@ def test_usage_and_metrics_are_recorded(
         "loraplex_serving_queue_depth{",
     ):
         assert name in text
+
+
+def test_a_peft_adapter_made_elsewhere_uploads_and_serves_as_peft_would(
+    gateway: LiveServer,
+    serving_settings: Settings,
+    tenants: dict[str, TenantKey],
+    tiny_base: Path,
+    reference: Reference,
+    tmp_path: Path,
+) -> None:
+    """Bring your own adapter: made by peft (not our trainer), with its own idea of the base's
+    name and its own rank and modules; uploaded, promoted through the admin API, called by
+    name, it answers as transformers + peft answer with it, not as the base does."""
+    from tests.api.test_adapter_upload import peft_adapter, tar_of
+
+    made = peft_adapter(tiny_base, tmp_path / "made-elsewhere", r=4, lora_alpha=4,
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])  # fmt: skip
+    expected = [reference.chat(made, q) for q in QUESTIONS]
+    assert expected != [reference.chat(None, q) for q in QUESTIONS]
+    with TestClient(create_app(serving_settings)) as control:
+        uploaded = control.post(
+            "/v1/adapters/brought/versions",
+            headers=bearer(tenants["b"].key),
+            files={"file": ("adapter.tar.gz", tar_of(made))},
+        )
+        assert uploaded.status_code == 200, uploaded.text
+        version = uploaded.json()
+        adapter_id = control.get("/v1/adapters/brought", headers=bearer(tenants["b"].key))
+        promoted = control.post(
+            f"/v1/admin/adapters/{adapter_id.json()['id']}/versions/1/promote",
+            headers=bearer(new_admin_key(serving_settings)),
+            json={"stage": "production"},
+        )
+        assert promoted.status_code == 200, promoted.text
+    response = chat(gateway.url, tenants["b"].key, "brought", QUESTIONS[0])
+    assert response.json()["model"] == version["id"]
+    assert [
+        answer(chat(gateway.url, tenants["b"].key, "brought", q)) for q in QUESTIONS
+    ] == expected
 
 
 def test_a_killed_replica_is_routed_around_then_503_then_recovered(
