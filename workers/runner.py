@@ -179,7 +179,12 @@ class JobContext:
 
     def on_checkpoint(self, ckpt: Checkpoint) -> None:
         prefix = f"jobs/{self.claim.job_id}/checkpoints/step-{ckpt.step}"
-        self.store.put_dir(prefix, ckpt.path)
+        stored = self.store.put_dir(prefix, ckpt.path)
+        adapter_files = {
+            rel: {"sha256": obj.sha256, "size": obj.size}
+            for rel, obj in stored.items()
+            if rel in registry.REQUIRED_FILES
+        }
         try:
             dropped = self.transaction(
                 lambda session: job_runs.record_checkpoint(
@@ -189,6 +194,7 @@ class JobContext:
                     prefix=prefix,
                     metrics=dict(ckpt.metrics),
                     keep=self.settings.keep_checkpoints,
+                    files=adapter_files,
                 )
             )
         except LeaseLost:

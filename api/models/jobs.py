@@ -83,4 +83,7 @@ class JobCheckpoint(SQLModel, table=True):
     step_number: int
     storage_prefix: str = Field(max_length=512)
     metrics: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    # The adapter's files in the checkpoint (path -> sha256, size): what serving it by its
+    # `fine_tuned_model_checkpoint` name fetches and verifies. None: recorded before 0009.
+    files: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     created_at: datetime = Field(default_factory=utcnow, index=True)

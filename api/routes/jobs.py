@@ -11,9 +11,11 @@ from api.db import unix
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.errors import error_responses
 from api.models.jobs import Job, JobCheckpoint, JobEvent
+from api.models.tenants import Tenant
 from api.services import jobs
 from api.services.jobs import JobRequest
 from api.services.pagination import list_body
+from api.services.resolver import checkpoint_model_name
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/fine_tuning", tags=["fine-tuning"])
@@ -65,13 +67,13 @@ def event_public(event: JobEvent) -> dict[str, Any]:
     return body
 
 
-def checkpoint_public(ckpt: JobCheckpoint, job: Job) -> dict[str, Any]:
-    name = job.fine_tuned_model or job.id
+def checkpoint_public(ckpt: JobCheckpoint, job: Job, tenant: Tenant) -> dict[str, Any]:
+    """`fine_tuned_model_checkpoint` is a model name: chat with it as with any version."""
     return {
         "id": ckpt.id,
         "object": "fine_tuning.job.checkpoint",
         "created_at": unix(ckpt.created_at),
-        "fine_tuned_model_checkpoint": f"{name}:ckpt-step-{ckpt.step_number}",
+        "fine_tuned_model_checkpoint": checkpoint_model_name(job, tenant, ckpt.step_number),
         "fine_tuning_job_id": job.id,
         "step_number": ckpt.step_number,
         "metrics": {"step": ckpt.step_number, **ckpt.metrics},
@@ -182,4 +184,6 @@ def list_checkpoints(
     rows, has_more = jobs.list_checkpoints(
         session, tenant_id=tenant_id, job_id=fine_tuning_job_id, after=after, limit=limit
     )
-    return list_body([checkpoint_public(c, job) for c in rows], has_more)
+    tenant = session.get(Tenant, tenant_id)
+    assert tenant is not None
+    return list_body([checkpoint_public(c, job, tenant) for c in rows], has_more)

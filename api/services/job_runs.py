@@ -194,11 +194,13 @@ def record_checkpoint(
     prefix: str,
     metrics: dict[str, Any],
     keep: int | None = None,
+    files: dict[str, Any] | None = None,
 ) -> list[str]:
     """Record the checkpoint of `step`; with `keep`, drop all but the newest `keep` rows.
     Returns the storage prefixes of the dropped ones, for the caller to delete once this
     commits (a crash in between leaves unlisted bytes, never a listed checkpoint without).
-    A paused job's worker records the checkpoint it parks the job at."""
+    A paused job's worker records the checkpoint it parks the job at. `files`: the adapter's
+    files in it (path -> sha256, size), so it can be served by name."""
     owned_job(session, claim, paused_ok=True)
     exists = session.exec(
         select(JobCheckpoint).where(
@@ -208,7 +210,11 @@ def record_checkpoint(
     if exists is None:
         session.add(
             JobCheckpoint(
-                job_id=claim.job_id, step_number=step, storage_prefix=prefix, metrics=metrics
+                job_id=claim.job_id,
+                step_number=step,
+                storage_prefix=prefix,
+                metrics=metrics,
+                files=files,
             )
         )
         add_event(session, claim.job_id, f"Checkpoint created at step {step}", data={"step": step})

@@ -3,6 +3,8 @@
     a registered base model name        -> the base model
     an adapter name (the job's suffix)  -> its production version, or its canary by share
     an exact `ft:...` id the tenant owns -> that version (candidate, staging or production)
+    `<ft id>:ckpt-step-N`, a job's checkpoint -> that checkpoint's adapter, as OpenAI serves
+                                           its `fine_tuned_model_checkpoint` names
 
 Anything else, another tenant's names included, is `model_not_found` with one message
 shape, so a name's existence in another tenant cannot be probed; its "Did you mean ...?"
@@ -12,16 +14,21 @@ is drawn from the caller's own names and the base models only.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 from sqlmodel import Session, col, select
 
 from api.errors import InvalidRequest, NotFound
 from api.models.adapters import Adapter, AdapterVersion
+from api.models.jobs import Job, JobCheckpoint
+from api.models.tenants import Tenant
 from api.services.suggest import did_you_mean
 from api.settings import Settings
 
 SERVABLE_BY_ID = ("candidate", "staging", "production")
+# A job's `ft:` name (its last field: the job id's first characters) and a step.
+CHECKPOINT_RE = re.compile(r"^(ft:.+:([0-9a-f]{8})):ckpt-step-([0-9]{1,9})$")
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,62 @@ def _by_id(session: Session, *, tenant_id: str, model: str) -> Resolution | None
     return Resolution(requested=model, base_model=version.base_model, version=version)
 
 
+def checkpoint_model_name(job: Job, tenant: Tenant, step: int) -> str:
+    """A checkpoint's `fine_tuned_model_checkpoint`: its job's `ft:` name and the step."""
+    from api.services.jobs import fine_tuned_model_name  # jobs imports this module
+
+    return f"{fine_tuned_model_name(job, tenant)}:ckpt-step-{step}"
+
+
+def _by_checkpoint(session: Session, *, tenant_id: str, model: str) -> Resolution | None:
+    """A checkpoint, served like a version of its own: the adapter files it holds, verified
+    as any version's are. It is not in the registry (no stage, no promotion)."""
+    match = CHECKPOINT_RE.match(model)
+    tenant = session.get(Tenant, tenant_id)
+    if match is None or tenant is None:
+        return None
+    _, short, step = match.groups()
+    candidates = session.exec(
+        select(Job).where(Job.tenant_id == tenant_id, col(Job.id).startswith(f"ftjob-{short}"))
+    ).all()
+    job = next(
+        (j for j in candidates if checkpoint_model_name(j, tenant, int(step)) == model), None
+    )
+    if job is None:
+        return None
+    ckpt = session.exec(
+        select(JobCheckpoint).where(
+            JobCheckpoint.job_id == job.id, JobCheckpoint.step_number == int(step)
+        )
+    ).first()
+    if ckpt is None:
+        return None
+    if not ckpt.files:
+        raise InvalidRequest(
+            f"The checkpoint '{model}' was recorded before checkpoints could be served",
+            param="model",
+            code="model_not_servable",
+        )
+    # Never added to a session: a view of the checkpoint in the shape serving takes.
+    version = AdapterVersion(
+        id=ckpt.id,
+        adapter_id="",
+        tenant_id=tenant_id,
+        version=0,
+        job_id=job.id,
+        fine_tuned_model=model,
+        base_model=job.model,
+        storage_prefix=ckpt.storage_prefix,
+        files=ckpt.files,
+        size_bytes=sum(int(f["size"]) for f in ckpt.files.values()),
+        rank=int((job.config or {}).get("lora_r") or 0),
+        target_modules=[],
+        lineage={"checkpoint": ckpt.id, "step": ckpt.step_number, "job": job.id},
+        stage="candidate",
+    )
+    return Resolution(requested=model, base_model=job.model, version=version)
+
+
 def _by_name(
     session: Session, *, tenant_id: str, model: str, rng: random.Random | None
 ) -> Resolution | None:
@@ -113,7 +176,9 @@ def resolve_model(
     if model in settings.registered_base_models():
         return Resolution(requested=model, base_model=model)
     if model.startswith("ft:"):
-        found = _by_id(session, tenant_id=tenant_id, model=model)
+        found = _by_id(session, tenant_id=tenant_id, model=model) or _by_checkpoint(
+            session, tenant_id=tenant_id, model=model
+        )
     else:
         draw = (rng or random.Random()) if canary else None
         found = _by_name(session, tenant_id=tenant_id, model=model, rng=draw)

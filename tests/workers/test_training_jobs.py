@@ -339,3 +339,61 @@ def test_a_continued_job_starts_from_its_parents_weights(sdk, start_worker, sett
     assert version.lineage["parent"]["fine_tuned_model"] == parent_done.fine_tuned_model
     messages = [e.message for e in sdk.fine_tuning.jobs.list_events(child.id, limit=100)]
     assert f"Continuing the training of {parent_done.fine_tuned_model}" in messages
+
+    # The parent's checkpoints are models too, as OpenAI serves them: each one's
+    # `fine_tuned_model_checkpoint` name answers with that checkpoint's weights.
+    _chat_with_checkpoints(sdk, settings, parent.id)
+
+
+def _chat_with_checkpoints(sdk: openai.OpenAI, settings, job_id: str) -> None:
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from tests.trainer.trainer_testdata import TINY_FACTS
+
+    question = TINY_FACTS[0][0]
+    checkpoints = list(sdk.fine_tuning.jobs.checkpoints.list(job_id))
+    assert checkpoints
+    earliest = min(checkpoints, key=lambda c: c.step_number)
+    name = earliest.fine_tuned_model_checkpoint
+    assert name.startswith(f"ft:{TINY}:support:facts:") and name.endswith(
+        f":ckpt-step-{earliest.step_number}"
+    )
+    with Session(get_engine(settings.database_url)) as session:
+        row = session.get(JobCheckpoint, earliest.id)
+        assert row is not None and row.files
+        local = settings.home / "ckpt-download"
+        ArtifactStore(settings.storage_url).get_dir(row.storage_prefix, local)
+    expected = _peft_answer(Path(settings.base_models[TINY]), local, question)
+
+    gateway = settings.model_copy(update={"serving_engine": "transformers", "base_model": TINY})
+    with TestClient(create_app(gateway, with_gateway=True)) as client:
+        body = {"messages": [{"role": "user", "content": question}], "max_tokens": 12,
+                "temperature": 0}  # fmt: skip
+        headers = {"Authorization": f"Bearer {sdk.api_key}"}
+        response = client.post("/v1/chat/completions", json={"model": name, **body},
+                               headers=headers)  # fmt: skip
+        assert response.status_code == 200, response.text
+        assert response.json()["model"] == name
+        assert response.json()["choices"][0]["message"]["content"] == expected
+        missing = name.replace(f"ckpt-step-{earliest.step_number}", "ckpt-step-999999")
+        gone = client.post("/v1/chat/completions", json={"model": missing, **body},
+                           headers=headers)  # fmt: skip
+        assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
+
+
+def _peft_answer(base_dir: Path, adapter_dir: Path, question: str) -> str:
+    """Greedy, 12 tokens, with transformers + peft: what the checkpoint's weights answer."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                        add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True)  # fmt: skip
+    with torch.inference_mode():
+        out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
