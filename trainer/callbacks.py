@@ -30,6 +30,8 @@ class Progress:
     tokens_per_second: float | None
     eta_seconds: float | None
     elapsed_seconds: float
+    reward_margin: float | None = None  # DPO only: mean implicit reward margin of the step
+    reward_accuracy: float | None = None  # DPO only: share of pairs the rewards rank right
 
 
 @dataclass(frozen=True)
@@ -66,14 +68,16 @@ class ProgressCallback(TrainerCallback):
             self.evals.append({"step": state.global_step, "eval_loss": logs["eval_loss"]})
         if "loss" not in logs:
             return
-        self.curve.append(
-            {
-                "step": state.global_step,
-                "loss": logs["loss"],
-                "learning_rate": logs.get("learning_rate", math.nan),
-                "token_accuracy": logs.get("mean_token_accuracy", math.nan),
-            }
-        )
+        point = {
+            "step": state.global_step,
+            "loss": logs["loss"],
+            "learning_rate": logs.get("learning_rate", math.nan),
+            "token_accuracy": logs.get("mean_token_accuracy", math.nan),
+        }
+        if "rewards/margins" in logs:  # DPO: implicit reward of preferred minus rejected
+            point["reward_margin"] = logs["rewards/margins"]
+            point["reward_accuracy"] = logs.get("rewards/accuracies", math.nan)
+        self.curve.append(point)
         if self.on_progress is not None:
             self.on_progress(self._progress(state, logs))
 
@@ -94,6 +98,8 @@ class ProgressCallback(TrainerCallback):
             tokens_per_second=rate,
             eta_seconds=eta,
             elapsed_seconds=elapsed,
+            reward_margin=logs.get("rewards/margins"),
+            reward_accuracy=logs.get("rewards/accuracies"),
         )
 
 

@@ -40,6 +40,9 @@ AUTO_EXAMPLE_PASSES = 500  # examples x epochs that got 20-50 examples memorised
 AUTO_MIN_EPOCHS, AUTO_MAX_EPOCHS = 3, 25  # 3 = OpenAI's default for large datasets
 AUTO_MAX_BATCH_SIZE = 8
 AUTO_SMALL_DATASET = 2000  # up to here lr 1e-3 (multiplier 5); above it, the paper's 2e-4
+# DPO's "auto" beta: trl's and the DPO paper's 0.1 (docs/training.md, measured on SmolLM2).
+AUTO_DPO_BETA = 0.1
+MAX_DPO_BETA = 2.0  # OpenAI's bound on beta
 
 # Bounds a tenant cannot pass, whatever the operator's settings (those can only be tighter).
 MAX_LORA_RANK = 256
@@ -61,6 +64,9 @@ Method = Literal["auto", "qlora", "lora"]
 # (docs/trainer.md, "Which method").
 AUTO_LORA_MAX_MEMORY_SHARE = 0.4
 Quantization = Literal["nf4", "fp4", "int8", "none"]
+# What the adapter is trained to do: sft (supervised: maximise the likelihood of the answers)
+# or dpo (preference: raise preferred answers over rejected ones, Rafailov et al. 2023).
+Objective = Literal["sft", "dpo"]
 
 
 class TrainConfig(BaseModel):
@@ -72,6 +78,16 @@ class TrainConfig(BaseModel):
         DEFAULT_BASE_MODEL,
         min_length=1,
         description="Registered base model name, Hugging Face id, or local HF directory.",
+    )
+    objective: Objective = Field(
+        "sft",
+        description="sft: supervised fine-tuning on chat examples; dpo: direct preference "
+        "optimisation on preference examples (a prompt, a preferred and a rejected answer).",
+    )
+    dpo_beta: float | Auto = Field(
+        "auto",
+        description=f"DPO only: how far the adapter may move from the reference (higher: "
+        f"closer to it), in (0, {MAX_DPO_BETA}]; 'auto' is {AUTO_DPO_BETA}.",
     )
     method: Method = Field(
         "auto",
@@ -218,6 +234,13 @@ def cross_field_problems(config: TrainConfig) -> list[str]:
         problems.append("target_modules: must name at least one module")
     if config.early_stopping_patience is not None and config.eval_interval is None:
         problems.append("eval_interval: early_stopping_patience needs an eval interval in steps")
+    beta = config.dpo_beta
+    if isinstance(beta, float) and not 0 < beta <= MAX_DPO_BETA:
+        problems.append(f"dpo_beta: must be in (0, {MAX_DPO_BETA}] or 'auto'")
+    if config.objective != "dpo" and beta != "auto":
+        problems.append("dpo_beta: only the dpo objective has a beta")
+    if config.objective == "dpo" and config.packing:
+        problems.append("packing: the dpo objective trains on whole pairs; it does not pack")
     return problems
 
 
@@ -230,6 +253,7 @@ class Hyperparameters(BaseModel):
     batch_size: int = Field(description="Examples per optimizer step.")
     learning_rate_multiplier: float = Field(description="Multiplier of BASE_LEARNING_RATE.")
     learning_rate: float = Field(description="Peak learning rate used.")
+    beta: float | None = Field(None, description="DPO's beta; None for supervised runs.")
 
 
 def resolve_hyperparameters(config: TrainConfig, *, n_examples: int) -> Hyperparameters:
@@ -237,7 +261,8 @@ def resolve_hyperparameters(config: TrainConfig, *, n_examples: int) -> Hyperpar
 
     Rule (measurements in docs/trainer.md): aim for ~500 example passes, i.e. epochs =
     ceil(500 / n) clamped to 3-25 (20 examples -> 25 epochs, 50 -> 10, >=167 -> 3); batch =
-    min(8, n // 2); lr multiplier 5 (lr 1e-3) up to 2000 examples, 1 (2e-4) beyond.
+    min(8, n // 2); lr multiplier 5 (lr 1e-3) up to 2000 examples, 1 (2e-4) beyond; DPO's
+    beta 0.1. The same rule serves DPO (docs/training.md has its measurements).
     """
     n = max(1, n_examples)
     epochs = config.n_epochs
@@ -249,11 +274,15 @@ def resolve_hyperparameters(config: TrainConfig, *, n_examples: int) -> Hyperpar
     lrm = config.learning_rate_multiplier
     if lrm == "auto":
         lrm = 5.0 if n <= AUTO_SMALL_DATASET else 1.0
+    beta = None
+    if config.objective == "dpo":
+        beta = AUTO_DPO_BETA if config.dpo_beta == "auto" else config.dpo_beta
     return Hyperparameters(
         n_epochs=epochs,
         batch_size=batch,
         learning_rate_multiplier=lrm,
         learning_rate=BASE_LEARNING_RATE * lrm,
+        beta=beta,
     )
 
 

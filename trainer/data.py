@@ -5,7 +5,8 @@ every assistant message with weight 1 (its content and end-of-turn token) is fou
 rendering the conversation up to that message with and without it; tokens starting inside a
 span keep their id as label, all others get -100. Over-long examples keep their start and are
 counted; an example left with no trained token is dropped and counted.
-`prepare_inputs` does everything that needs no model: read, split, resolve "auto".
+`prepare_inputs` does everything that needs no model: read, check the dataset's kind against
+the objective (sft: supervised examples; dpo: preference examples), split, resolve "auto".
 """
 
 from __future__ import annotations
@@ -16,13 +17,24 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from trainer.config import Hyperparameters, TrainConfig, resolve_hyperparameters
 from trainer.errors import ConfigError, DataError
-from trainer.formats import DatasetError, Example, Message, read_examples
+from trainer.formats import (
+    PREFERENCE,
+    SUPERVISED,
+    AnyExample,
+    DatasetError,
+    Example,
+    Message,
+    PreferenceExample,
+    read_examples,
+)
 
 IGNORE_INDEX = -100  # label value the loss skips (torch/transformers convention)
+KIND_OF_OBJECTIVE = {"sft": SUPERVISED, "dpo": PREFERENCE}
+T = TypeVar("T")
 
 
 class ChatTokenizer(Protocol):
@@ -58,6 +70,10 @@ class TokenizedData:
     def n_trained_tokens(self) -> int:
         return sum(row.n_trained for row in self.rows)
 
+    @property
+    def n_examples(self) -> int:
+        return len(self.rows)
+
     def as_columns(self) -> dict[str, list[list[int]]]:
         return {
             "input_ids": [row.input_ids for row in self.rows],
@@ -81,7 +97,7 @@ def packed_row_length(data: Sequence[TokenizedData], *, batch_size: int, max_len
     return min(max_length, max(max(lengths), target))
 
 
-def load_examples(path: str | Path) -> list[Example]:
+def load_examples(path: str | Path) -> list[AnyExample]:
     """Read a JSONL dataset; raise `DataError` naming each bad line (no model needed)."""
     try:
         return read_examples(path)
@@ -91,9 +107,19 @@ def load_examples(path: str | Path) -> list[Example]:
         raise DataError(str(e), e.problems) from e
 
 
+def check_kind(examples: Sequence[AnyExample], *, objective: str, what: str) -> None:
+    """A dpo run needs preference examples, an sft run supervised ones (`DataError` if not)."""
+    wanted = KIND_OF_OBJECTIVE[objective]
+    if examples and examples[0].kind != wanted:
+        raise DataError(
+            f"{what} holds {examples[0].kind} examples; the {objective} objective trains on "
+            f"{wanted} examples"
+        )
+
+
 def split_validation(
-    examples: Sequence[Example], *, fraction: float, seed: int
-) -> tuple[list[Example], list[Example]]:
+    examples: Sequence[T], *, fraction: float, seed: int
+) -> tuple[list[T], list[T]]:
     """Hold out `fraction` of the examples (at least one when fraction > 0), seeded."""
     if fraction <= 0:
         return list(examples), []
@@ -168,12 +194,75 @@ def tokenize_examples(
     return data
 
 
+@dataclass
+class TokenizedPairs:
+    """Preference pairs that keep answer tokens on both sides; trl tokenizes them itself."""
+
+    pairs: list[PreferenceExample] = field(default_factory=list)
+    n_tokens: int = 0  # both sequences of each pair, prompt included
+    n_truncated: int = 0
+    n_dropped: int = 0
+
+    @property
+    def n_examples(self) -> int:
+        return len(self.pairs)
+
+
+class TokenCounts(Protocol):
+    """What metrics.json counts of either objective's data."""
+
+    @property
+    def n_tokens(self) -> int: ...
+    @property
+    def n_examples(self) -> int: ...
+
+    n_truncated: int
+    n_dropped: int
+
+
+def tokenize_pairs(
+    tokenizer: ChatTokenizer, pairs: Sequence[PreferenceExample], *, max_length: int, what: str
+) -> TokenizedPairs:
+    """Keep the pairs whose two answers both keep a token within `max_length`."""
+    data = TokenizedPairs()
+    for pair in pairs:
+        sides = [
+            tokenize_example(tokenizer, pair.with_answer(answer), max_length=max_length)
+            for answer in (pair.preferred, pair.rejected)
+        ]
+        data.n_truncated += any(side.truncated for side in sides)
+        if not all(side.n_trained for side in sides):
+            data.n_dropped += 1  # truncation cut an answer entirely
+            continue
+        data.pairs.append(pair)
+        data.n_tokens += sum(len(side.input_ids) for side in sides)
+    if pairs and not data.pairs:
+        raise DataError(
+            f"{what}: every pair lost an answer's tokens to max_seq_length={max_length}"
+        )
+    return data
+
+
 @dataclass(frozen=True)
 class RunInputs:
+    """`train`/`valid`: supervised examples, what the probe asks; for a dpo run, each
+    preference prompt with its preferred answer, and the pairs themselves in `pairs_*`."""
+
     train: list[Example]
     valid: list[Example]
     hyperparameters: Hyperparameters
     data_sha256: str
+    pairs_train: list[PreferenceExample] = field(default_factory=list)
+    pairs_valid: list[PreferenceExample] = field(default_factory=list)
+
+
+def _as_supervised(examples: Sequence[AnyExample]) -> list[Example]:
+    return [ex.with_answer(ex.preferred) if isinstance(ex, PreferenceExample) else ex
+            for ex in examples]  # fmt: skip
+
+
+def _preferences(examples: Sequence[AnyExample]) -> list[PreferenceExample]:
+    return [ex for ex in examples if isinstance(ex, PreferenceExample)]
 
 
 def prepare_inputs(
@@ -181,8 +270,10 @@ def prepare_inputs(
 ) -> RunInputs:
     """Read and check the data and resolve "auto": everything that needs no model."""
     examples = load_examples(data_path)
+    check_kind(examples, objective=config.objective, what="the training file")
     if validation_path is not None:
         train, valid = examples, load_examples(validation_path)
+        check_kind(valid, objective=config.objective, what="the validation file")
     else:
         train, valid = split_validation(
             examples, fraction=config.validation_split, seed=config.seed
@@ -194,4 +285,11 @@ def prepare_inputs(
         )
     digest = hashlib.sha256(Path(data_path).read_bytes()).hexdigest()
     hp = resolve_hyperparameters(config, n_examples=len(train))
-    return RunInputs(train=train, valid=valid, hyperparameters=hp, data_sha256=digest)
+    return RunInputs(
+        train=_as_supervised(train),
+        valid=_as_supervised(valid),
+        hyperparameters=hp,
+        data_sha256=digest,
+        pairs_train=_preferences(train),
+        pairs_valid=_preferences(valid),
+    )

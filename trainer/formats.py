@@ -5,10 +5,15 @@ Accepted JSONL line formats (one JSON object per line):
     {"messages": [{"role": ..., "content": ..., "weight"?: 0|1}, ...]}   -> "chat"
     {"prompt": ..., "completion": ...}                                   -> "prompt_completion"
     {"instruction": ..., "input"?: ..., "output": ...}                   -> "instruction"
+    {"input": {"messages": [...]}, "preferred_output": [{"role": "assistant", ...}],
+     "non_preferred_output": [{"role": "assistant", ...}]}               -> "preference"
 
-Every line becomes an `Example`: a list of messages whose assistant turns carry a weight
-(1 = trained on, 0 = context only). The files API validates uploads with `DatasetScanner`
-(streaming, chunk by chunk); the trainer reads a validated file with `read_examples`.
+The first three are supervised lines: each becomes an `Example`, a list of messages whose
+assistant turns carry a weight (1 = trained on, 0 = context only). A preference line (OpenAI's
+DPO format) becomes a `PreferenceExample`: a prompt and a preferred and a rejected answer.
+A file holds one kind (`SUPERVISED` or `PREFERENCE`); its stats say which. The files API
+validates uploads with `DatasetScanner` (streaming, chunk by chunk); the trainer reads a
+validated file with `read_examples`.
 
 Exceptions:
 
@@ -21,12 +26,16 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 ROLES = ("system", "user", "assistant")
 MESSAGE_KEYS = frozenset({"role", "content", "name", "function_call", "weight"})
+SUPERVISED, PREFERENCE = "supervised", "preference"  # the two kinds of dataset
+PREFERENCE_KEYS = ("input", "preferred_output", "non_preferred_output")
+PREFERENCE_INPUT_KEYS = frozenset({"messages", "tools", "parallel_tool_calls"})
+OUTPUT_KEYS = frozenset({"role", "content"})
 MIN_EXAMPLES = 10  # OpenAI's rule for a fine-tune
 MAX_REPORTED_PROBLEMS = 20
 CHARS_PER_TOKEN = 4  # rough estimate, good enough for sizing; the trainer counts exactly
@@ -66,10 +75,42 @@ class Message:
 class Example:
     messages: tuple[Message, ...]
     format: str
+    kind: ClassVar[str] = SUPERVISED
 
     @property
     def n_chars(self) -> int:
         return sum(len(m.content) for m in self.messages)
+
+    @property
+    def n_messages(self) -> int:
+        return len(self.messages)
+
+
+@dataclass(frozen=True)
+class PreferenceExample:
+    """A prompt and two answers to it, `preferred` over `rejected` (OpenAI's DPO lines)."""
+
+    prompt: tuple[Message, ...]
+    preferred: str
+    rejected: str
+    format: str = "preference"
+    kind: ClassVar[str] = PREFERENCE
+
+    @property
+    def n_chars(self) -> int:
+        return sum(len(m.content) for m in self.prompt) + len(self.preferred) + len(self.rejected)
+
+    @property
+    def n_messages(self) -> int:
+        return len(self.prompt) + 2
+
+    def with_answer(self, answer: str) -> Example:
+        """The prompt answered by `answer`, the one trained turn (earlier ones are context)."""
+        context = tuple(replace(m, weight=0) if m.role == "assistant" else m for m in self.prompt)
+        return Example(messages=(*context, Message("assistant", answer)), format=self.format)
+
+
+AnyExample = Example | PreferenceExample
 
 
 def _non_empty_string(value: Any, what: str) -> str:
@@ -88,13 +129,19 @@ def _non_empty_string(value: Any, what: str) -> str:
     return value
 
 
-def _parse_message(raw: Any, index: int) -> Message:
-    where = f"messages[{index}]"
+def _object(raw: Any, where: str, *, allowed: frozenset[str]) -> dict[str, Any]:
+    """`raw`, an object holding only `allowed` keys; else `InvalidExample` naming `where`."""
     if not isinstance(raw, dict):
         raise InvalidExample(f"{where} must be an object, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - MESSAGE_KEYS)
+    unknown = sorted(set(raw) - allowed)
     if unknown:
         raise InvalidExample(f"{where} has unknown key(s): {', '.join(unknown)}")
+    return raw
+
+
+def _parse_message(raw: Any, index: int, *, prefix: str = "messages") -> Message:
+    where = f"{prefix}[{index}]"
+    raw = _object(raw, where, allowed=MESSAGE_KEYS)
     role = raw.get("role")
     if role not in ROLES:
         raise InvalidExample(f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}")
@@ -140,11 +187,59 @@ def _instruction(obj: dict[str, Any]) -> Example:
     )
 
 
-def normalize_record(obj: Any) -> Example:
-    """Turn one decoded JSON line into an `Example`, or raise `InvalidExample`."""
+def _preference_prompt(raw: Any) -> tuple[Message, ...]:
+    raw = _object(raw, "input", allowed=PREFERENCE_INPUT_KEYS)
+    tools = raw.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise InvalidExample(f"input.tools must be a list, got {type(tools).__name__}")
+    if tools:  # refused rather than dropped: the answers were judged with those tools in view
+        raise InvalidExample("input.tools: tool definitions are not supported in training data")
+    parallel = raw.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise InvalidExample("input.parallel_tool_calls must be true or false")
+    messages = raw.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidExample("input.messages must be a non-empty list")
+    for i, message in enumerate(messages):
+        if isinstance(message, dict) and "weight" in message:
+            raise InvalidExample(f"input.messages[{i}].weight: the prompt is never trained on")
+    prompt = tuple(_parse_message(m, i, prefix="input.messages") for i, m in enumerate(messages))
+    if prompt[-1].role != "user":
+        raise InvalidExample("input.messages must end with a user message (the turn answered)")
+    return prompt
+
+
+def _preference_output(raw: Any, key: str) -> str:
+    if not isinstance(raw, list) or len(raw) != 1:
+        raise InvalidExample(f"{key} must be a list of exactly one assistant message")
+    message = _object(raw[0], f"{key}[0]", allowed=OUTPUT_KEYS)
+    if message.get("role") != "assistant":
+        raise InvalidExample(f"{key}[0].role must be 'assistant', got {message.get('role')!r}")
+    return _non_empty_string(message.get("content"), f"{key}[0].content")
+
+
+def _preference(obj: dict[str, Any]) -> PreferenceExample:
+    missing = [key for key in PREFERENCE_KEYS if key not in obj]
+    if missing:
+        raise InvalidExample(f"preference example lacks {', '.join(missing)}")
+    unknown = sorted(set(obj) - set(PREFERENCE_KEYS))
+    if unknown:
+        raise InvalidExample(f"preference example has unknown key(s): {', '.join(unknown)}")
+    prompt = _preference_prompt(obj["input"])
+    preferred = _preference_output(obj["preferred_output"], "preferred_output")
+    rejected = _preference_output(obj["non_preferred_output"], "non_preferred_output")
+    if " ".join(preferred.split()) == " ".join(rejected.split()):
+        raise InvalidExample("preferred_output and non_preferred_output are the same answer")
+    return PreferenceExample(prompt=prompt, preferred=preferred, rejected=rejected)
+
+
+def normalize_record(obj: Any) -> AnyExample:
+    """Turn one decoded JSON line into an example of either kind, or raise `InvalidExample`."""
     if not isinstance(obj, dict):
         kind = "an array" if isinstance(obj, list) else type(obj).__name__
         raise InvalidExample(f"expected a JSON object, got {kind}")
+    if "preferred_output" in obj or "non_preferred_output" in obj:
+        return _preference(obj)
     if "messages" in obj:
         return _chat(obj)
     if "prompt" in obj and "completion" in obj:
@@ -152,11 +247,12 @@ def normalize_record(obj: Any) -> Example:
     if "instruction" in obj and "output" in obj:
         return _instruction(obj)
     raise InvalidExample(
-        "unknown format: expected keys messages, prompt+completion, or instruction+output"
+        "unknown format: expected keys messages, prompt+completion, instruction+output, or "
+        "input+preferred_output+non_preferred_output"
     )
 
 
-def parse_line(raw: bytes) -> Example | None:
+def parse_line(raw: bytes) -> AnyExample | None:
     """Decode one JSONL line (without its newline); None for a blank line."""
     raw = raw.rstrip(b"\r")
     if not raw.strip():
@@ -212,11 +308,15 @@ class DatasetStats:
     longest_example_tokens: int = 0
     longest_example_line: int | None = None
     formats: Counter[str] = field(default_factory=Counter)
+    kind: str | None = None  # SUPERVISED or PREFERENCE, from the first example
+    kind_line: int | None = None
 
-    def add(self, example: Example, line_no: int) -> None:
+    def add(self, example: AnyExample, line_no: int) -> None:
         tokens = max(1, example.n_chars // CHARS_PER_TOKEN)
+        if self.kind is None:
+            self.kind, self.kind_line = example.kind, line_no
         self.examples += 1
-        self.messages += len(example.messages)
+        self.messages += example.n_messages
         self.estimated_tokens += tokens
         self.formats[example.format] += 1
         if tokens > self.longest_example_tokens:
@@ -231,6 +331,7 @@ class DatasetStats:
             "longest_example_tokens": self.longest_example_tokens,
             "longest_example_line": self.longest_example_line,
             "formats": dict(self.formats),
+            "kind": self.kind,  # supervised | preference (null: no example)
             "min_examples_for_fine_tune": MIN_EXAMPLES,
             "enough_for_fine_tune": self.examples >= MIN_EXAMPLES,
         }
@@ -316,8 +417,17 @@ class DatasetScanner:
         except InvalidExample as e:
             self._problem(str(e), line_no=line_no)
             return
-        if example is not None:
-            self.stats.add(example, line_no)
+        if example is None:
+            return
+        kind = self.stats.kind
+        if kind is not None and example.kind != kind:
+            self._problem(
+                f"a {example.kind} example in a file of {kind} examples (the first, line "
+                f"{self.stats.kind_line}, is {kind}); a file holds one kind",
+                line_no=line_no,
+            )
+            return
+        self.stats.add(example, line_no)
 
     def _problem(self, what: str, *, line_no: int | None) -> None:
         self.n_problems += 1
@@ -325,7 +435,7 @@ class DatasetScanner:
             self.problems.append(f"line {line_no}: {what}" if line_no else what)
 
 
-def iter_examples(lines: Iterable[bytes]) -> Iterator[tuple[int, Example]]:
+def iter_examples(lines: Iterable[bytes]) -> Iterator[tuple[int, AnyExample]]:
     """Yield (line number, example) for each non-blank line; raise on the first bad one."""
     for line_no, raw in enumerate(lines, start=1):
         if line_no == 1 and raw.startswith(UTF8_BOM):
@@ -338,7 +448,7 @@ def iter_examples(lines: Iterable[bytes]) -> Iterator[tuple[int, Example]]:
             yield line_no, example
 
 
-def read_examples(path: str | Path) -> list[Example]:
+def read_examples(path: str | Path) -> list[AnyExample]:
     """Read and validate a whole JSONL dataset; raise `DatasetError` listing every problem."""
     scanner = DatasetScanner()
     with open(path, "rb") as f:

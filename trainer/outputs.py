@@ -18,7 +18,7 @@ from typing import Any
 
 from trainer.callbacks import ProgressCallback
 from trainer.config import Hyperparameters, TrainConfig
-from trainer.data import RunInputs, TokenizedData
+from trainer.data import RunInputs, TokenCounts
 from trainer.modeling import RuntimePlan
 
 VERSIONED_PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes")
@@ -65,8 +65,8 @@ def build_metrics(
     config: TrainConfig,
     inputs: RunInputs,
     plan: RuntimePlan,
-    train_data: TokenizedData,
-    valid_data: TokenizedData,
+    train_counts: TokenCounts,
+    valid_counts: TokenCounts,
     state: Any,
     progress: ProgressCallback,
     before: dict[str, Any],
@@ -75,10 +75,11 @@ def build_metrics(
     stopped_early: bool,
     runtime: float,
 ) -> dict[str, Any]:
-    """Everything metrics.json holds (keys documented in docs/trainer.md)."""
+    """Everything metrics.json holds (keys documented in docs/trainer.md; DPO's `preference`
+    block in docs/training.md)."""
     done = state.global_step / max(1, state.max_steps)
-    trained_tokens = round(train_data.n_tokens * inputs.hyperparameters.n_epochs * done)
-    return {
+    trained_tokens = round(train_counts.n_tokens * inputs.hyperparameters.n_epochs * done)
+    metrics = {
         "steps": state.global_step,
         "total_steps": state.max_steps,
         "epochs": state.epoch,
@@ -93,10 +94,10 @@ def build_metrics(
         "exact_match_after": after["exact_match"],
         "exact_match_unquantized": served,
         "trained_tokens": trained_tokens,
-        "train_examples": len(train_data.rows),
-        "validation_examples": len(valid_data.rows),
-        "truncated_examples": train_data.n_truncated + valid_data.n_truncated,
-        "dropped_examples": train_data.n_dropped + valid_data.n_dropped,
+        "train_examples": train_counts.n_examples,
+        "validation_examples": valid_counts.n_examples,
+        "truncated_examples": train_counts.n_truncated + valid_counts.n_truncated,
+        "dropped_examples": train_counts.n_dropped + valid_counts.n_dropped,
         "tokens_per_second": trained_tokens / runtime if runtime else None,
         "runtime_seconds": runtime,
         "stopped_early": stopped_early,
@@ -109,6 +110,31 @@ def build_metrics(
         "hyperparameters": inputs.hyperparameters.model_dump(),
         "data_sha256": inputs.data_sha256,
         "versions": package_versions(),
+        "objective": config.objective,
+    }
+    if config.objective == "dpo":
+        metrics["preference"] = preference_metrics(progress, before=before, after=after)
+    return metrics
+
+
+def preference_metrics(
+    progress: ProgressCallback, *, before: dict[str, Any], after: dict[str, Any]
+) -> dict[str, Any]:
+    """DPO's own numbers: trl's loss and implicit rewards (first and last step, held-out before
+    and after), and the measured log-likelihood margin of preferred over rejected answers."""
+    curve = progress.curve
+    first, last = (curve[0], curve[-1]) if curve else ({}, {})
+    return {
+        "loss_first_step": first.get("loss"),
+        "loss_last_step": last.get("loss"),
+        "reward_margin_last_step": last.get("reward_margin"),
+        "reward_accuracy_last_step": last.get("reward_accuracy"),
+        "eval_reward_margin_before": before.get("eval_reward_margin"),
+        "eval_reward_margin_after": after.get("eval_reward_margin"),
+        "eval_reward_accuracy_after": after.get("eval_reward_accuracy"),
+        # log p(preferred) - log p(rejected), mean over the probed pairs ({train, validation}).
+        "margin_before": before.get("preference_margin"),
+        "margin_after": after.get("preference_margin"),
     }
 
 

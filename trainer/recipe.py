@@ -1,8 +1,9 @@
-"""`train()`: one supervised LoRA/QLoRA fine-tune, from config + JSONL to an adapter directory.
+"""`train()`: one LoRA/QLoRA fine-tune, from config + JSONL to an adapter directory.
 
 Everything that can be wrong with the inputs (config, data, resume checkpoint) is checked
-before a model is loaded. Then: base model -> tokenizer -> token ids + labels -> quantized
-model + LoRA -> trl SFTTrainer -> eval/probe before -> train -> eval/probe after -> outputs.
+before a model is loaded. Then: base model -> tokenizer -> token ids + labels (or preference
+pairs) -> quantized model + LoRA -> trl SFTTrainer or DPOTrainer (trainer/objectives.py) ->
+eval/probe before -> train -> eval/probe after -> outputs.
 """
 
 from __future__ import annotations
@@ -18,9 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import Dataset
-from transformers import PrinterCallback
-from trl import SFTConfig, SFTTrainer
 
 from trainer.base_models import needs_conversion, resolve_base_model
 from trainer.callbacks import (
@@ -35,7 +33,16 @@ from trainer.callbacks import (
     ProgressFn,
 )
 from trainer.config import Hyperparameters, TrainConfig
-from trainer.data import RunInputs, packed_row_length, prepare_inputs, tokenize_examples
+from trainer.data import (
+    RunInputs,
+    TokenCounts,
+    TokenizedData,
+    TokenizedPairs,
+    packed_row_length,
+    prepare_inputs,
+    tokenize_examples,
+    tokenize_pairs,
+)
 from trainer.errors import CheckpointError, TrainingCancelled, TrainingFailed, TrainingPaused
 from trainer.evaluate import measure, probe_as_served
 from trainer.modeling import (
@@ -46,6 +53,7 @@ from trainer.modeling import (
     load_tokenizer,
     name_base,
 )
+from trainer.objectives import TRAINED_ADAPTER, dpo_trainer, sft_trainer
 from trainer.outputs import build_metrics, write_outputs
 
 # pytest turns this into an error too; here it guards production runs (ML-NOTES.md).
@@ -103,7 +111,7 @@ def train(
     run_state: dict[str, Any] = {
         # init_adapter is a local path (another host resumes from elsewhere): not compared.
         "config": config.model_dump(mode="json", exclude={"init_adapter"}),
-        "hyperparameters": inputs.hyperparameters.model_dump(),
+        "hyperparameters": inputs.hyperparameters.model_dump(exclude_none=True),
         "data_sha256": inputs.data_sha256,
     }
     resumed = read_run_state(resume_from, expected=run_state) if resume_from else None
@@ -116,12 +124,7 @@ def train(
         )
     base_dir = resolve_base_model(config.base_model, home=home)
     tokenizer = load_tokenizer(base_dir)
-    train_data = tokenize_examples(
-        tokenizer, inputs.train, max_length=config.max_seq_length, what="training data"
-    )
-    valid_data = tokenize_examples(
-        tokenizer, inputs.valid, max_length=config.max_seq_length, what="validation data"
-    )
+    train_data, valid_data = tokenize_inputs(tokenizer, inputs, config)
     plan = choose_plan(config, base_dir)
     phase(
         "loading_base_model",
@@ -133,44 +136,40 @@ def train(
     progress = ProgressCallback(on_progress)
     cancel = CancelCallback(should_cancel, should_pause)
     stopper = EarlyStopping(config.early_stopping_patience or 0)
-    packed_length = packed_row_length(
-        [train_data, valid_data],
-        batch_size=inputs.hyperparameters.batch_size,
-        max_length=config.max_seq_length,
-    )
     callbacks: list[Any] = [progress, cancel, CheckpointCallback(on_checkpoint, run_state)]
     if config.early_stopping_patience:
         callbacks.append(stopper)
-    trainer = SFTTrainer(
-        model=model,
-        args=sft_config(
-            config,
-            inputs.hyperparameters,
-            plan,
-            out_dir=out_dir,
-            has_eval=bool(valid_data.rows),
-            packed_length=packed_length,
-        ),
-        train_dataset=Dataset.from_dict(train_data.as_columns()),
-        eval_dataset=Dataset.from_dict(valid_data.as_columns()) if valid_data.rows else None,
-        processing_class=tokenizer,
-        callbacks=callbacks,
-    )
-    trainer.remove_callback(PrinterCallback)  # a library prints nothing; on_progress reports
+    hp = inputs.hyperparameters
+    common = {"tokenizer": tokenizer, "out_dir": out_dir, "callbacks": callbacks}
+    if isinstance(train_data, TokenizedPairs) and isinstance(valid_data, TokenizedPairs):
+        trainer: Any = dpo_trainer(
+            model, config, plan, inputs=inputs, train_pairs=train_data.pairs,
+            valid_pairs=valid_data.pairs, **common,
+        )  # fmt: skip
+    else:
+        assert isinstance(train_data, TokenizedData) and isinstance(valid_data, TokenizedData)
+        packed_length = packed_row_length(
+            [train_data, valid_data], batch_size=hp.batch_size, max_length=config.max_seq_length
+        )
+        trainer = sft_trainer(
+            model, config, plan, hp=hp, train_data=train_data, valid_data=valid_data,
+            packed_length=packed_length, **common,
+        )  # fmt: skip
     peft_model: Any = trainer.model  # trl keeps our PeftModel, typed loosely upstream
     keep_lora_fp32(peft_model)
+    measured = {"probe_size": config.probe_size, "max_length": config.max_seq_length}
 
     if resumed:
         before = resumed["before"]
     else:
         phase("probing_before", _measuring("the base model before training", config, inputs))
-        before = measure(trainer, tokenizer, inputs, probe_size=config.probe_size)
+        before = measure(trainer, tokenizer, inputs, **measured)
     run_state["before"] = before
-    hp = inputs.hyperparameters
+    beta = f", DPO beta {hp.beta:g}" if hp.beta is not None else ""
     phase(
         "training",
         f"Training: {hp.n_epochs} epochs, batch size {hp.batch_size}, "
-        f"learning rate {hp.learning_rate:g}",
+        f"learning rate {hp.learning_rate:g}{beta}",
     )
     with fail_on_wrong_gradients():
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -179,12 +178,15 @@ def train(
     if cancel.paused_at is not None:
         raise TrainingPaused(cancel.paused_at)
     phase("probing_after", _measuring("the adapter after training", config, inputs))
-    after = measure(trainer, tokenizer, inputs, probe_size=config.probe_size)
+    after = measure(trainer, tokenizer, inputs, **measured)
 
     phase("saving", "Saving the adapter")
     name_base(peft_model, config.base_model)
     # The base is named, not a path: skip peft's embedding check (LoRA never touches them).
-    peft_model.save_pretrained(out_dir, save_embedding_layers=False)
+    # Only the trained adapter: DPO's frozen reference copy is no part of the result.
+    peft_model.save_pretrained(
+        out_dir, save_embedding_layers=False, selected_adapters=[TRAINED_ADAPTER]
+    )
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     state = trainer.state
     del trainer, model, peft_model  # free the quantized model before loading another
@@ -207,8 +209,8 @@ def train(
         config=config,
         inputs=inputs,
         plan=plan,
-        train_data=train_data,
-        valid_data=valid_data,
+        train_counts=train_data,
+        valid_counts=valid_data,
         state=state,
         progress=progress,
         before=before,
@@ -237,54 +239,25 @@ def _measuring(what: str, config: TrainConfig, inputs: RunInputs) -> str:
     if config.probe_size:
         n = min(config.probe_size, len(inputs.train))
         parts.append(f"exact-match probe on {n} training prompts")
+        if inputs.pairs_train:
+            parts.append("preferred-vs-rejected margin")
     return f"Measuring {what}: {' and '.join(parts) or 'nothing to measure'}"
 
 
-def sft_config(
-    config: TrainConfig,
-    hp: Hyperparameters,
-    plan: RuntimePlan,
-    *,
-    out_dir: Path,
-    has_eval: bool,
-    packed_length: int,
-) -> SFTConfig:
-    """trl settings; precision and gradient checkpointing always chosen explicitly.
-
-    With packing, a step is one row of `packed_length` tokens holding ~batch_size examples.
-    """
-    evaluating = has_eval and config.eval_interval is not None
-    return SFTConfig(
-        output_dir=str(out_dir / "checkpoints"),
-        num_train_epochs=hp.n_epochs,
-        per_device_train_batch_size=1 if config.packing else hp.batch_size,
-        per_device_eval_batch_size=hp.batch_size,
-        learning_rate=hp.learning_rate,
-        lr_scheduler_type=config.lr_scheduler,
-        warmup_steps=config.warmup_ratio,  # a float < 1 is a fraction of all steps
-        weight_decay=config.weight_decay,
-        bf16=plan.bf16,  # trl defaults to True: never leave it implicit
-        fp16=False,
-        gradient_checkpointing=plan.gradient_checkpointing,  # trl defaults to True
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-        use_cpu=plan.device == "cpu",
-        seed=config.seed,
-        data_seed=config.seed,
-        # Examples are already cut to max_seq_length; trl cuts eval rows to this too.
-        max_length=packed_length if config.packing else config.max_seq_length,
-        packing=config.packing,
-        packing_strategy="bfd",  # padding-free: packed examples never attend to each other
-        eval_packing=False,
-        logging_strategy="steps",
-        logging_steps=1,
-        save_strategy="steps" if config.checkpoint_interval else "no",
-        save_steps=config.checkpoint_interval or 500,
-        save_total_limit=1,  # on_checkpoint copies each one away; keep the disk bounded
-        eval_strategy="steps" if evaluating else "no",
-        eval_steps=config.eval_interval if evaluating else None,
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
+def tokenize_inputs(
+    tokenizer: Any, inputs: RunInputs, config: TrainConfig
+) -> tuple[TokenCounts, TokenCounts]:
+    """Training and validation data as the objective trains on it: token ids + labels (sft)
+    or the preference pairs that keep answer tokens within max_seq_length (dpo)."""
+    kw: dict[str, Any] = {"max_length": config.max_seq_length}
+    if config.objective == "dpo":
+        return (
+            tokenize_pairs(tokenizer, inputs.pairs_train, what="training data", **kw),
+            tokenize_pairs(tokenizer, inputs.pairs_valid, what="validation data", **kw),
+        )
+    return (
+        tokenize_examples(tokenizer, inputs.train, what="training data", **kw),
+        tokenize_examples(tokenizer, inputs.valid, what="validation data", **kw),
     )
 
 

@@ -28,7 +28,7 @@ from api.models.tenants import Tenant
 from api.services import job_runs, promotion, registry
 from api.services.files import store_result_file
 from api.services.job_runs import Claim, LeaseLost
-from api.services.jobs import add_event, fine_tuned_model_name
+from api.services.jobs import METHODS, add_event, fine_tuned_model_name
 from api.services.limits import load_limits
 from api.settings import Settings
 from api.storage import ArtifactStore, StorageError, StoredObject
@@ -148,6 +148,9 @@ class JobContext:
             "tokens_per_second": p.tokens_per_second,
             "eta_seconds": p.eta_seconds,
         }
+        if p.reward_margin is not None:  # DPO: the implicit reward margin and its accuracy
+            data["train_reward_margin"] = p.reward_margin
+            data["train_reward_accuracy"] = p.reward_accuracy
         message = f"Step {p.step}/{p.total_steps}: training loss={loss}"
         self.transaction(
             lambda session: _commit_event(
@@ -243,11 +246,14 @@ def _results_csv(metrics: dict[str, Any]) -> bytes:
 
 
 def _training_config(job: Job, settings: Settings, *, init_adapter: Path | None = None) -> Any:
+    """The trainer's config: the job's, on the base's local source, with the objective its
+    method names (sft or dpo) and, when it continues a version, that version's weights."""
     from trainer.config import parse_config
 
     source = settings.registered_base_models().get(job.model, job.model)
+    objective, _ = METHODS[(job.method or {}).get("type", "supervised")]
     extra = {"init_adapter": str(init_adapter)} if init_adapter else {}
-    return parse_config({**job.config, "base_model": source, **extra})
+    return parse_config({**job.config, "base_model": source, "objective": objective, **extra})
 
 
 def _fetch_parent(ctx: JobContext, job: Job, target: Path) -> Path:
@@ -334,6 +340,8 @@ def _version_metrics(m: dict[str, Any]) -> dict[str, Any]:
         "precision",
         "method",  # what `method: auto` resolved to
         "quantization",
+        "objective",  # sft | dpo
+        "preference",  # dpo: rewards and the preferred-vs-rejected margin before and after
     )
     metrics = {k: m.get(k) for k in keys}
     metrics["no_measurable_improvement"] = promotion.no_improvement(metrics) is not None

@@ -36,28 +36,38 @@ from api.services.suggest import did_you_mean
 from api.settings import Settings
 from trainer.config import TrainConfig, parse_config, resolve_hyperparameters
 from trainer.errors import ConfigError
-from trainer.formats import MIN_EXAMPLES
+from trainer.formats import MIN_EXAMPLES, PREFERENCE, SUPERVISED
 
 SUFFIX_RE = re.compile(r"^[a-z0-9-]{1,64}$")
 OPENAI_HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
 ALIASES = {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
+DPO_ALIASES = {**ALIASES, "beta": "dpo_beta"}  # OpenAI's name for DPO's beta
 # Trainer fields a tenant may set; base model, seed and device come from elsewhere.
 # init_adapter is a path on the worker: set only by the worker, from a job's parent version
 # (a tenant naming one could start from any directory there, another tenant's included).
-TUNABLE = frozenset(TrainConfig.model_fields) - {"base_model", "seed", "device", "init_adapter"}
+# The objective follows `method.type`, and dpo_beta is `method.dpo.hyperparameters.beta`.
+TUNABLE = frozenset(TrainConfig.model_fields) - {
+    "base_model", "seed", "device", "init_adapter", "objective", "dpo_beta",
+}  # fmt: skip
+# method.type -> (the trainer's objective, the dataset kind it trains on)
+METHODS = {"supervised": ("sft", SUPERVISED), "dpo": ("dpo", PREFERENCE)}
+KIND_WORDS = {
+    SUPERVISED: "supervised examples (messages, prompt/completion or instruction/output)",
+    PREFERENCE: "preference examples (input, preferred_output, non_preferred_output)",
+}
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
 # Checkpoints or evals one job may ask for: each costs an upload or a pass over the data.
 MAX_PERIODIC_RUNS = 100
 
 
-def _hyperparameters_schema() -> JsonDict:
+def _hyperparameters_schema(aliases: dict[str, str]) -> JsonDict:
     """What `build_config` accepts, for the OpenAPI schema: the trainer's own field schemas.
 
     Ranges checked across fields (e.g. n_epochs 1-50, a scheduler without warmup) are the
     trainer's to report; they come back as 400 naming the field.
     """
     fields = TrainConfig.model_json_schema()["properties"]
-    names = {**{name: name for name in TUNABLE}, **ALIASES}
+    names = {**{name: name for name in TUNABLE}, **aliases}
     properties = {key: fields[name] for key, name in sorted(names.items())}
     return {"properties": properties, "additionalProperties": False}
 
@@ -70,7 +80,8 @@ DOCUMENTED: dict[str, JsonDict] = {
         "propertyNames": {"minLength": 1, "maxLength": MAX_METADATA_KEY},
         "additionalProperties": {"type": "string", "maxLength": MAX_METADATA_VALUE},
     },
-    "hyperparameters": _hyperparameters_schema(),
+    "hyperparameters": _hyperparameters_schema(ALIASES),
+    "dpo_hyperparameters": _hyperparameters_schema(DPO_ALIASES),
     "integrations": {"maxItems": 0},
 }
 
@@ -82,10 +93,21 @@ class SupervisedMethod(BaseModel):
     )
 
 
+class DpoMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: dict[str, Any] = Field(
+        default_factory=dict, json_schema_extra=DOCUMENTED["dpo_hyperparameters"]
+    )
+
+
 class Method(BaseModel):
     model_config = ConfigDict(extra="allow")
-    type: Literal["supervised"] = Field(description="Only supervised fine-tuning is offered.")
-    supervised: SupervisedMethod = Field(default_factory=SupervisedMethod)
+    type: Literal["supervised", "dpo"] = Field(
+        description="supervised (chat examples) or dpo (preference pairs); the settings go "
+        "under the key of the same name. Reinforcement fine-tuning is not offered."
+    )
+    supervised: SupervisedMethod | None = None
+    dpo: DpoMethod | None = None
 
 
 class JobRequest(BaseModel):
@@ -134,33 +156,54 @@ def _check_suffix_and_metadata(req: JobRequest) -> None:
         raise _fail("integrations are not supported", param="integrations")
 
 
+def method_type(req: JobRequest) -> str:
+    return req.method.type if req.method is not None else "supervised"
+
+
 def _hyperparameters(req: JobRequest) -> tuple[dict[str, Any], str]:
+    """The request's hyperparameters and where they were given; the method's settings must
+    sit under the key its `type` names (as OpenAI has it)."""
     if req.method is not None and req.hyperparameters is not None:
         raise _fail("give hyperparameters in method, not both", param="hyperparameters")
-    if req.method is not None:
-        return dict(req.method.supervised.hyperparameters), "method.supervised.hyperparameters"
-    return dict(req.hyperparameters or {}), "hyperparameters"
+    if req.method is None:
+        return dict(req.hyperparameters or {}), "hyperparameters"
+    kind = req.method.type
+    given = [key for key in (*METHODS, *(req.method.model_extra or {})) if key != kind]
+    for key in given:
+        if key in METHODS and getattr(req.method, key) is None:
+            continue
+        raise _fail(
+            f"method.type is {kind!r}, so its settings go under method.{kind}, not method.{key}",
+            param=f"method.{key}",
+        )
+    block = getattr(req.method, kind)
+    return dict(block.hyperparameters if block else {}), f"method.{kind}.hyperparameters"
 
 
 def build_config(req: JobRequest, *, seed: int, base_model: str | None = None) -> TrainConfig:
     """The trainer config for a request (on `base_model`, default `req.model`); 400 naming
     the first bad field."""
     raw, where = _hyperparameters(req)
+    objective, _ = METHODS[method_type(req)]
+    aliases = DPO_ALIASES if objective == "dpo" else ALIASES
     values: dict[str, Any] = {}
     for key, value in raw.items():
-        name = ALIASES.get(key, key)
-        if name not in TUNABLE:
+        name = aliases.get(key, key)
+        if key not in aliases and name not in TUNABLE:
             raise _fail(f"unknown hyperparameter {key!r}", param=f"{where}.{key}")
         values[name] = value
+    fixed = {"base_model": base_model or req.model, "seed": seed, "objective": objective}
     try:
-        return parse_config({**values, "base_model": base_model or req.model, "seed": seed})
+        return parse_config({**values, **fixed})
     except ConfigError as e:
-        field = e.problems[0].split(":", 1)[0]
-        raise _fail("; ".join(e.problems), param=f"{where}.{field}") from e
+        # Worded with the name the tenant used: OpenAI's `beta` is the trainer's dpo_beta.
+        problems = [re.sub(r"^dpo_beta:", "beta:", problem) for problem in e.problems]
+        field = problems[0].split(":", 1)[0]
+        raise _fail("; ".join(problems), param=f"{where}.{field}") from e
 
 
 def _usable_file(
-    session: Session, *, tenant_id: str, file_id: str, param: str, min_examples: int
+    session: Session, *, tenant_id: str, file_id: str, param: str, min_examples: int, kind: str
 ) -> File:
     row = session.get(File, file_id)
     code = f"invalid_{param}"
@@ -175,6 +218,17 @@ def _usable_file(
     if row.status != "processed":
         raise _fail(
             f"{param} {file_id!r} is not usable ({row.status}): {row.status_details}",
+            param=param,
+            code=code,
+        )
+    # Files validated before preference data existed have no kind: they are supervised.
+    has = (row.stats or {}).get("kind") or SUPERVISED
+    if has != kind:
+        method = next(name for name, (_, wanted) in METHODS.items() if wanted == kind)
+        other = next(name for name, (_, wanted) in METHODS.items() if wanted == has)
+        raise _fail(
+            f"{param} {file_id!r} holds {KIND_WORDS[has]}; method {method!r} trains on "
+            f"{KIND_WORDS[kind]}. Use method type {other!r} for this file.",
             param=param,
             code=code,
         )
@@ -281,12 +335,14 @@ def create_job(session: Session, settings: Settings, *, tenant_id: str, req: Job
         config = config.model_copy(update={"lora_r": parent.rank})
         adapter = session.get(Adapter, parent.adapter_id)
         suffix = suffix or (adapter.name if adapter else None)
+    kind = METHODS[method_type(req)][1]
     train = _usable_file(
         session,
         tenant_id=tenant_id,
         file_id=req.training_file,
         param="training_file",
         min_examples=MIN_EXAMPLES,
+        kind=kind,
     )
     if req.validation_file is not None:
         _usable_file(
@@ -295,9 +351,11 @@ def create_job(session: Session, settings: Settings, *, tenant_id: str, req: Job
             file_id=req.validation_file,
             param="validation_file",
             min_examples=1,
+            kind=kind,
         )
     n_examples = int((train.stats or {})["examples"])
     hp = resolve_hyperparameters(config, n_examples=n_examples)
+    resolved = hp.model_dump(exclude_none=True)  # beta only for dpo
     steps = total_steps(n_examples=n_examples, n_epochs=hp.n_epochs, batch_size=hp.batch_size)
     _check_bounds(config, settings, steps=steps, where=_hyperparameters(req)[1])
     _check_quotas(session, settings, tenant_id=tenant_id, train=train, n_epochs=hp.n_epochs)
@@ -313,9 +371,10 @@ def create_job(session: Session, settings: Settings, *, tenant_id: str, req: Job
         suffix=suffix,
         seed=seed,
         job_metadata=req.metadata,
-        method={"type": "supervised", "supervised": {"hyperparameters": hp.model_dump()}},
+        # OpenAI's shape: the method's resolved hyperparameters under its type's key.
+        method={"type": method_type(req), method_type(req): {"hyperparameters": resolved}},
         config=config.model_dump(mode="json"),
-        hyperparameters=hp.model_dump(),
+        hyperparameters=resolved,
         queue=settings.queue_for(base),
     )
     session.add(job)

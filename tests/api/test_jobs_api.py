@@ -1,4 +1,5 @@
-"""The fine-tuning jobs API up to the queue: validation, shapes, listing, cancel, isolation.
+"""The fine-tuning jobs API up to the queue: validation, shapes, listing, cancel, isolation,
+supervised and DPO.
 
 Training itself (a real worker process) is exercised in tests/workers.
 """
@@ -6,6 +7,7 @@ Training itself (a real worker process) is exercised in tests/workers.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import openai
 import pytest
@@ -15,6 +17,7 @@ from sqlmodel import Session, select
 from api.db import get_engine
 from api.models.jobs import Job
 from api.settings import Settings
+from tests.conformance.recorder import Conformance
 from tests.conftest import bearer, new_tenant
 
 BASE = "smollm2-135m-instruct"
@@ -115,7 +118,7 @@ def test_deprecated_top_level_hyperparameters_are_accepted(sdk, train_file) -> N
             "method.supervised.hyperparameters.warp",
             None,
         ),
-        ({"method": {"type": "dpo"}}, "method.type", None),
+        ({"method": {"type": "reinforcement"}}, "method.type", None),
         ({"hyperparameters": {"batch_size": "big"}}, "hyperparameters.batch_size", None),
         ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata", None),
         ({"training_file": "file-nope"}, "training_file", "invalid_training_file"),
@@ -208,3 +211,128 @@ def test_other_tenants_get_404_on_every_job_route(
         assert theirs.status_code == mine.status_code == 404
         assert theirs.json()["error"]["code"] == mine.json()["error"]["code"]
     assert client.get("/v1/fine_tuning/jobs", headers=bearer(other)).json()["data"] == []
+
+
+# DPO jobs: OpenAI's `method: {type: "dpo", dpo: {hyperparameters}}`, the preference file
+# kind, and every way such a request is a 400 naming the field.
+
+
+def preferences(n: int) -> bytes:
+    rows = [
+        {
+            "input": {"messages": [{"role": "user", "content": f"q{i}"}]},
+            "preferred_output": [{"role": "assistant", "content": f"Short answer {i}."}],
+            "non_preferred_output": [{"role": "assistant", "content": f"A long answer {i}..."}],
+        }
+        for i in range(n)
+    ]
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+@pytest.fixture
+def pref_file(sdk: openai.OpenAI) -> str:
+    return sdk.files.create(file=("prefs.jsonl", preferences(12)), purpose="fine-tune").id
+
+
+def dpo(**hyperparameters: Any) -> Any:  # the SDK's `Method` TypedDict, loosely
+    return {"type": "dpo", "dpo": {"hyperparameters": hyperparameters}}
+
+
+def conformance(client: TestClient) -> Conformance:
+    """Checks every answer `client` (and an SDK on it) gets against OpenAI's schemas."""
+    checked = Conformance()
+    client.event_hooks["response"].append(checked.hook)
+    return checked
+
+
+def test_a_dpo_job_answers_in_openais_shape(
+    client: TestClient, sdk: openai.OpenAI, pref_file: str
+) -> None:
+    checked = conformance(client)
+    stats = (sdk.files.retrieve(pref_file).model_extra or {})["stats"]
+    assert stats["kind"] == "preference" and stats["formats"] == {"preference": 12}
+    auto = sdk.fine_tuning.jobs.create(model=BASE, training_file=pref_file, method=dpo())
+    assert auto.method is not None and auto.method.type == "dpo" and auto.method.dpo
+    hp = auto.method.dpo.hyperparameters
+    assert hp is not None and hp.beta == 0.1 and isinstance(hp.n_epochs, int)
+    assert (auto.model_extra or {})["config"]["objective"] == "dpo"
+
+    job = sdk.fine_tuning.jobs.create(
+        model=BASE,
+        training_file=pref_file,
+        validation_file=pref_file,
+        method=dpo(beta=0.5, n_epochs=2, r=8, learning_rate_multiplier=2),
+    )
+    body: dict[str, Any] = sdk.fine_tuning.jobs.retrieve(job.id).to_dict()
+    assert body["method"] == {
+        "type": "dpo",
+        "dpo": {"hyperparameters": {"n_epochs": 2, "batch_size": 6, "learning_rate_multiplier": 2.0,
+                                    "learning_rate": 4e-4, "beta": 0.5}},
+    }  # fmt: skip
+    assert (body["config"]["dpo_beta"], body["config"]["lora_r"]) == (0.5, 8)
+    checked.assert_clean()
+
+
+def test_a_file_mixing_kinds_is_refused_naming_the_line(sdk: openai.OpenAI) -> None:
+    chat = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    data = preferences(3) + (json.dumps(chat) + "\n").encode() + preferences(1)
+    refused = sdk.files.create(file=("mixed.jsonl", data), purpose="fine-tune")
+    assert refused.status == "error"
+    assert "line 4: a supervised example in a file of preference examples" in (
+        refused.status_details or ""
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "files", "param", "code"),
+    [
+        (dpo(), ("chat", None), "training_file", "invalid_training_file"),
+        (None, ("pref", None), "training_file", "invalid_training_file"),
+        ({"type": "supervised"}, ("pref", None), "training_file", "invalid_training_file"),
+        (dpo(), ("pref", "chat"), "validation_file", "invalid_validation_file"),
+        (dpo(beta=0), ("pref", None), "method.dpo.hyperparameters.beta", None),
+        (dpo(beta=2.5), ("pref", None), "method.dpo.hyperparameters.beta", None),
+        (dpo(beta="big"), ("pref", None), "method.dpo.hyperparameters.beta", None),
+        (dpo(dpo_beta=0.2), ("pref", None), "method.dpo.hyperparameters.dpo_beta", None),
+        (dpo(objective="sft"), ("pref", None), "method.dpo.hyperparameters.objective", None),
+        (dpo(packing=True), ("pref", None), "method.dpo.hyperparameters.packing", None),
+        (
+            {"type": "supervised", "supervised": {"hyperparameters": {"beta": 0.1}}},
+            ("chat", None),
+            "method.supervised.hyperparameters.beta",
+            None,
+        ),
+        ({**dpo(), "supervised": {"hyperparameters": {}}}, ("pref", None), "method.supervised",
+         None),
+        ({"type": "supervised", "dpo": {"hyperparameters": {}}}, ("chat", None), "method.dpo",
+         None),
+        ({**dpo(), "reinforcement": {}}, ("pref", None), "method.reinforcement", None),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # validation only: one database
+def test_bad_dpo_requests_are_400_naming_the_field(
+    client: TestClient,
+    tenant,
+    settings: Settings,
+    train_file: str,
+    pref_file: str,
+    method: dict[str, Any] | None,
+    files: tuple[str, str | None],
+    param: str,
+    code: str | None,
+) -> None:
+    ids = {"chat": train_file, "pref": pref_file}
+    body: dict[str, Any] = {"model": BASE, "training_file": ids[files[0]]}
+    if files[1]:
+        body["validation_file"] = ids[files[1]]
+    if method is not None:
+        body["method"] = method
+    checked = conformance(client)
+    r = client.post("/v1/fine_tuning/jobs", headers=bearer(tenant[1]), json=body)
+    assert r.status_code == 400, r.text
+    checked.assert_clean()
+    err = r.json()["error"]
+    assert err["param"] == param, err
+    if code:
+        assert err["code"] == code
+    assert jobs_in_db(settings) == []

@@ -39,6 +39,7 @@ EXTENSIONS: dict[str, set[str]] = {
     "OpenAIFile": {"sha256", "stats"},
     "FineTuningJob": {"user_provided_suffix", "attempts", "config"},
     "FineTuneSupervisedHyperparameters": {"learning_rate"},
+    "FineTuneDPOHyperparameters": {"learning_rate"},
     "ListPaginatedFineTuningJobsResponse": {"first_id", "last_id"},
     "ListFineTuningJobEventsResponse": {"first_id", "last_id"},
     "ListFineTuningJobCheckpointsResponse": set(),  # first_id/last_id are the spec's own
