@@ -117,6 +117,50 @@ def create_key(
 
 
 @app.command()
+def export(
+    name: Annotated[str, typer.Argument(help="The adapter's name.")],
+    out: Annotated[Path, typer.Option("--out", help="Directory to write (new or empty).")],
+    version: Annotated[
+        int | None, typer.Option(help="Version number; default: production, else the newest.")
+    ] = None,
+    url: Annotated[
+        str, typer.Option(envvar="LORAPLEX_URL", help="The Loraplex API's base URL.")
+    ] = "http://127.0.0.1:8000",
+    key: Annotated[
+        str,
+        typer.Option(envvar=["LORAPLEX_API_KEY", "OPENAI_API_KEY"], help="Your API key."),
+    ] = "",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+) -> None:
+    """Download an adapter version merged into its base: a plain transformers model
+    (safetensors, tokenizer, chat template) for use elsewhere. docs/training.md, Export."""
+    from trainer.errors import BaseModelError
+    from trainer.export import ExportError, export_version
+
+    if not key:
+        _fail("give your API key with --key or LORAPLEX_API_KEY")
+    settings = get_settings()
+    try:
+        done = export_version(
+            url=url,
+            key=key,
+            name=name,
+            out_dir=out,
+            home=settings.home,
+            base_models=settings.registered_base_models(),
+            number=version,
+            dtype=dtype,
+            step=lambda message: typer.echo(f"... {message}", err=True),
+        )
+    except (ExportError, BaseModelError) as e:
+        _fail(str(e))
+    typer.echo(
+        f"exported {done.fine_tuned_model} merged into {done.base_model}: {done.out_dir} "
+        f"({done.size_bytes / 2**20:.1f} MiB of weights)"
+    )
+
+
+@app.command()
 def api(host: HostOpt = "127.0.0.1", port: PortOpt = 8000) -> None:
     """Run the control-plane API alone."""
     import uvicorn
