@@ -40,8 +40,12 @@ AUTO_EXAMPLE_PASSES = 500  # examples x epochs that got 20-50 examples memorised
 AUTO_MIN_EPOCHS, AUTO_MAX_EPOCHS = 3, 25  # 3 = OpenAI's default for large datasets
 AUTO_MAX_BATCH_SIZE = 8
 AUTO_SMALL_DATASET = 2000  # up to here lr 1e-3 (multiplier 5); above it, the paper's 2e-4
-# DPO's "auto" beta: trl's and the DPO paper's 0.1 (docs/training.md, measured on SmolLM2).
+# DPO's "auto": beta 0.1 (trl's and the DPO paper's), lr 2e-4 and at most 10 epochs: on
+# SmolLM2 with 24 pairs, SFT's lr 1e-3 (6 or 21 epochs) drove the loss to 0 and the greedy
+# answers into repetition; 2e-4 for 10 epochs raised the margin without (docs/training.md).
 AUTO_DPO_BETA = 0.1
+AUTO_DPO_LR_MULTIPLIER = 1.0
+AUTO_DPO_MAX_EPOCHS = 10
 MAX_DPO_BETA = 2.0  # OpenAI's bound on beta
 
 # Bounds a tenant cannot pass, whatever the operator's settings (those can only be tighter).
@@ -261,21 +265,23 @@ def resolve_hyperparameters(config: TrainConfig, *, n_examples: int) -> Hyperpar
 
     Rule (measurements in docs/trainer.md): aim for ~500 example passes, i.e. epochs =
     ceil(500 / n) clamped to 3-25 (20 examples -> 25 epochs, 50 -> 10, >=167 -> 3); batch =
-    min(8, n // 2); lr multiplier 5 (lr 1e-3) up to 2000 examples, 1 (2e-4) beyond; DPO's
-    beta 0.1. The same rule serves DPO (docs/training.md has its measurements).
+    min(8, n // 2); lr multiplier 5 (lr 1e-3) up to 2000 examples, 1 (2e-4) beyond. DPO
+    (docs/training.md): at most 10 epochs, lr multiplier 1, beta 0.1.
     """
     n = max(1, n_examples)
+    dpo = config.objective == "dpo"
     epochs = config.n_epochs
     if epochs == "auto":
-        epochs = min(AUTO_MAX_EPOCHS, max(AUTO_MIN_EPOCHS, math.ceil(AUTO_EXAMPLE_PASSES / n)))
+        most = AUTO_DPO_MAX_EPOCHS if dpo else AUTO_MAX_EPOCHS
+        epochs = min(most, max(AUTO_MIN_EPOCHS, math.ceil(AUTO_EXAMPLE_PASSES / n)))
     batch = config.batch_size
     if batch == "auto":
         batch = min(AUTO_MAX_BATCH_SIZE, max(1, n // 2))
     lrm = config.learning_rate_multiplier
     if lrm == "auto":
-        lrm = 5.0 if n <= AUTO_SMALL_DATASET else 1.0
+        lrm = AUTO_DPO_LR_MULTIPLIER if dpo else 5.0 if n <= AUTO_SMALL_DATASET else 1.0
     beta = None
-    if config.objective == "dpo":
+    if dpo:
         beta = AUTO_DPO_BETA if config.dpo_beta == "auto" else config.dpo_beta
     return Hyperparameters(
         n_epochs=epochs,
