@@ -161,6 +161,75 @@ def export(
 
 
 @app.command()
+def migrate(
+    source_url: Annotated[
+        str,
+        typer.Option("--from", help="The source's OpenAI API URL, e.g. https://api.openai.com."),
+    ],
+    source_key: Annotated[str, typer.Option("--key", help="The source account's API key.")],
+    url: Annotated[
+        str, typer.Option("--to", envvar="LORAPLEX_URL", help="This Loraplex's API URL.")
+    ] = "http://127.0.0.1:8000",
+    key: Annotated[
+        str, typer.Option("--to-key", envvar="LORAPLEX_API_KEY", help="Your Loraplex API key.")
+    ] = "",
+    base: Annotated[
+        str | None, typer.Option(help="The base model to train on here; default: the served one.")
+    ] = None,
+    job: Annotated[
+        list[str] | None,
+        typer.Option(help="Only this source job (repeatable); default: all succeeded."),
+    ] = None,
+    distill: Annotated[
+        bool, typer.Option(help="Train on the source model's own answers to the training prompts.")
+    ] = False,
+    rps: Annotated[
+        float, typer.Option(help="Most calls per second to the source.", min=0.01)
+    ] = 2.0,
+    state: Annotated[Path, typer.Option(help="Progress file: run again with it to resume.")] = Path(
+        "loraplex-migrate.json"
+    ),
+) -> None:
+    """Recreate a hosted account's fine-tunes here (files, jobs, suffixes) through the OpenAI
+    API, and make the old ft: model ids aliases of the new adapters. docs/migrate.md."""
+    import contextlib
+    import sys
+
+    import openai
+
+    from api.migrate import Migration, State, outcomes_table, v1
+
+    if not key:
+        _fail("give your Loraplex API key with --to-key or LORAPLEX_API_KEY")
+
+    @contextlib.contextmanager
+    def bar(length: int, label: str) -> Any:
+        with typer.progressbar(length=length, label=label, file=sys.stderr) as progress:
+            yield progress
+
+    migration = Migration(
+        source=openai.OpenAI(base_url=v1(source_url), api_key=source_key, max_retries=5),
+        dest=openai.OpenAI(base_url=v1(url), api_key=key, max_retries=2),
+        base_model=base or get_settings().base_model,
+        state=State.load(state),
+        distill=distill,
+        rps=rps,
+        say=lambda message: typer.echo(f"... {message}", err=True),
+        progress=bar,
+    )
+    try:
+        outcomes = migration.run(job)
+    except openai.APIConnectionError as e:
+        _fail(f"cannot reach {e.request.url}: {e}")
+    except openai.APIStatusError as e:
+        _fail(f"{e.request.url}: {e.message}")
+    for line in outcomes_table(outcomes):
+        typer.echo(line)
+    if any(o.problem for o in outcomes):
+        raise typer.Exit(1)
+
+
+@app.command()
 def api(host: HostOpt = "127.0.0.1", port: PortOpt = 8000) -> None:
     """Run the control-plane API alone."""
     import uvicorn

@@ -17,6 +17,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
+from api.errors import InvalidRequest
 from serving.engines.base import EngineRequest
 from serving.gateway import tenant_cache_salt
 
@@ -67,9 +68,19 @@ async def _probe(gateway: Gateway, version: AdapterVersion) -> dict[str, Any] | 
         limit = min(len(sample["expected"]) + 8, MAX_ANSWER_TOKENS)
         body = {"model": version.fine_tuned_model, "messages": sample["messages"],
                 "temperature": 0, "max_tokens": limit}  # fmt: skip
-        answer = await gateway.engine.complete(
-            EngineRequest(endpoint="chat", body=body, adapter=adapter, cache_salt=salt)
-        )
+        try:
+            answer = await gateway.engine.complete(
+                EngineRequest(endpoint="chat", body=body, adapter=adapter, cache_salt=salt)
+            )
+        except InvalidRequest as e:
+            if e.code != "context_length_exceeded":
+                raise
+            # A long expected answer after its prompt passes the context: ask for what fits
+            # (the engine's default, bounded by the room left), as a client would.
+            body.pop("max_tokens")
+            answer = await gateway.engine.complete(
+                EngineRequest(endpoint="chat", body=body, adapter=adapter, cache_salt=salt)
+            )
         return str(answer["choices"][0]["message"].get("content") or "").strip()
 
     result: dict[str, Any] = {"engine": gateway.engine.kind}

@@ -107,7 +107,7 @@ def bearer(key: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def serve_in_thread(settings: Settings) -> Iterator[str]:
+def serve_in_thread(settings: Settings, *, with_gateway: bool = False) -> Iterator[str]:
     """The app on a real uvicorn server on a free loopback port, in a thread."""
     import socket
     import threading
@@ -119,7 +119,12 @@ def serve_in_thread(settings: Settings) -> Iterator[str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+        uvicorn.Config(
+            create_app(settings, with_gateway=with_gateway),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+        )
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

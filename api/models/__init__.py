@@ -1,6 +1,6 @@
 """SQLModel tables, one module per domain. No FastAPI here: workers reuse these."""
 
-from api.models.adapters import Adapter, AdapterVersion
+from api.models.adapters import Adapter, AdapterVersion, ModelAlias
 from api.models.audit import AuditEntry
 from api.models.files import File
 from api.models.jobs import Job, JobCheckpoint, JobEvent
@@ -16,6 +16,7 @@ __all__ = [
     "Job",
     "JobCheckpoint",
     "JobEvent",
+    "ModelAlias",
     "Tenant",
     "UsageRecord",
 ]

@@ -68,3 +68,19 @@ class AdapterVersion(SQLModel, table=True):
     serial: int | None = Field(default=None, unique=True)
     created_at: datetime = Field(default_factory=utcnow, index=True)
     promoted_at: datetime | None = None
+
+
+class ModelAlias(SQLModel, table=True):
+    """Another name a tenant's clients call an adapter by: typically the `ft:gpt-...` id of
+    the hosted model it replaced (`loraplex migrate`), so a client changes only its base URL
+    and key. It resolves as the adapter's name does (its production version), and may be
+    set before the adapter exists: a migrated job's adapter appears when the job succeeds."""
+
+    __tablename__ = "model_aliases"
+    __table_args__ = (UniqueConstraint("tenant_id", "alias"),)
+
+    id: str = Field(default_factory=lambda: new_id("alias-"), primary_key=True, max_length=64)
+    tenant_id: str = Field(foreign_key="tenants.id", index=True, max_length=64)
+    alias: str = Field(max_length=256)
+    adapter_name: str = Field(max_length=64)
+    created_at: datetime = Field(default_factory=utcnow)

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
 from sqlmodel import Session, col, select
 from starlette.concurrency import run_in_threadpool
 
@@ -19,13 +20,16 @@ from api.errors import ErrorResponse, LoraplexError, NotFound, error_responses
 from api.models.adapters import MAX_VERSION, Adapter, AdapterVersion
 from api.models.tenants import Tenant
 from api.multipart import least_file_bytes, read_upload_form
-from api.services import adapter_upload, quotas
+from api.services import adapter_upload, aliases, quotas
 from api.services.promotion import verify_version
 from api.storage import ArtifactStore
 
 router = APIRouter(prefix="/v1", tags=["adapters"])
 # Bounded so an out-of-range number is a 400, not a database overflow.
 VersionNumber = Annotated[int, Path(ge=1, le=MAX_VERSION, description="The version number.")]
+AdapterName = Annotated[
+    str, Path(pattern=r"^[a-z0-9-]{1,64}$", description="1-64 characters of a-z, 0-9 and '-'.")
+]
 
 
 class ArtifactCorrupted(LoraplexError):
@@ -117,7 +121,49 @@ def list_adapters(tenant_id: TenantDep, session: SessionDep) -> dict[str, Any]:
 @router.get("/adapters/{name}", responses=error_responses(404))
 def retrieve_adapter(name: str, tenant_id: TenantDep, session: SessionDep) -> dict[str, Any]:
     adapter = get_adapter(session, tenant_id=tenant_id, name=name)
-    return adapter_public(adapter, versions_of(session, adapter))
+    body = adapter_public(adapter, versions_of(session, adapter))
+    names = aliases.aliases_of(session, tenant_id=tenant_id, name=name)
+    return {**body, "aliases": [a.alias for a in names]}
+
+
+class AliasRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    alias: str = Field(
+        min_length=1,
+        max_length=256,
+        pattern=aliases.ALIAS_RE.pattern,
+        description="Another model name for this adapter, e.g. the hosted ft: id it replaces.",
+    )
+
+
+@router.get("/adapters/{name}/aliases")
+def list_aliases(name: AdapterName, tenant_id: TenantDep, session: SessionDep) -> dict[str, Any]:
+    """The aliases of `name` (set before its adapter exists, too)."""
+    rows = aliases.aliases_of(session, tenant_id=tenant_id, name=name)
+    return {"object": "list", "data": [aliases.alias_public(a) for a in rows], "has_more": False}
+
+
+@router.post("/adapters/{name}/aliases", responses=error_responses(400, 409))
+def add_alias(
+    name: AdapterName,
+    body: AliasRequest,
+    tenant_id: TenantDep,
+    session: SessionDep,
+    settings: SettingsDep,
+) -> dict[str, Any]:
+    """Call the adapter `name` by another model name too: it resolves as `name` does (its
+    production version). `name` need not exist yet (a migrated job's adapter appears when
+    the job succeeds)."""
+    row = aliases.add_alias(session, settings, tenant_id=tenant_id, name=name, alias=body.alias)
+    return aliases.alias_public(row)
+
+
+@router.delete("/adapters/{name}/aliases/{alias:path}", responses=error_responses(404))
+def delete_alias(
+    name: AdapterName, alias: str, tenant_id: TenantDep, session: SessionDep
+) -> dict[str, Any]:
+    aliases.delete_alias(session, tenant_id=tenant_id, name=name, alias=alias)
+    return {"object": "adapter.alias", "alias": alias, "deleted": True}
 
 
 def _tar_stream(store: ArtifactStore, version: AdapterVersion) -> Iterator[bytes]:
@@ -218,11 +264,6 @@ _UPLOAD_SCHEMA = {
         },
     }
 }
-
-
-AdapterName = Annotated[
-    str, Path(pattern=r"^[a-z0-9-]{1,64}$", description="1-64 characters of a-z, 0-9 and '-'.")
-]
 
 
 @router.post(

@@ -5,6 +5,7 @@
     an exact `ft:...` id the tenant owns -> that version (candidate, staging or production)
     `<ft id>:ckpt-step-N`, a job's checkpoint -> that checkpoint's adapter, as OpenAI serves
                                            its `fine_tuned_model_checkpoint` names
+    an alias of an adapter (api/services/aliases.py) -> as the adapter's name
 
 Anything else, another tenant's names included, is `model_not_found` with one message
 shape, so a name's existence in another tenant cannot be probed; its "Did you mean ...?"
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from sqlmodel import Session, col, select
 
 from api.errors import InvalidRequest, NotFound
-from api.models.adapters import Adapter, AdapterVersion
+from api.models.adapters import Adapter, AdapterVersion, ModelAlias
 from api.models.jobs import Job, JobCheckpoint
 from api.models.tenants import Tenant
 from api.services.suggest import did_you_mean
@@ -52,6 +53,7 @@ def own_model_names(session: Session, settings: Settings, *, tenant_id: str) -> 
     """Every `model` this tenant may name: the base models, its adapters, its versions' ids."""
     names = list(settings.registered_base_models())
     names += session.exec(select(Adapter.name).where(Adapter.tenant_id == tenant_id)).all()
+    names += session.exec(select(ModelAlias.alias).where(ModelAlias.tenant_id == tenant_id)).all()
     names += session.exec(
         select(AdapterVersion.fine_tuned_model).where(
             AdapterVersion.tenant_id == tenant_id, col(AdapterVersion.stage).in_(SERVABLE_BY_ID)
@@ -141,6 +143,26 @@ def _by_name(
         select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.name == model)
     ).first()
     if adapter is None:
+        alias = session.exec(
+            select(ModelAlias).where(ModelAlias.tenant_id == tenant_id, ModelAlias.alias == model)
+        ).first()
+        adapter = (
+            session.exec(
+                select(Adapter).where(
+                    Adapter.tenant_id == tenant_id, Adapter.name == alias.adapter_name
+                )
+            ).first()
+            if alias
+            else None
+        )
+        if alias and adapter is None:
+            raise NotFound(
+                f"The model '{model}' is an alias of your adapter '{alias.adapter_name}', "
+                "which has no version yet (its fine-tuning job has not succeeded).",
+                param="model",
+                code="model_not_found",
+            )
+    if adapter is None:
         return None
     if adapter.canary_version_id and rng and rng.random() * 100 < adapter.canary_percent:
         canary = session.get(AdapterVersion, adapter.canary_version_id)
@@ -175,13 +197,14 @@ def resolve_model(
     """`canary=False`: an adapter name is its production version, never a canary draw."""
     if model in settings.registered_base_models():
         return Resolution(requested=model, base_model=model)
+    draw = (rng or random.Random()) if canary else None
+    found = None
     if model.startswith("ft:"):
         found = _by_id(session, tenant_id=tenant_id, model=model) or _by_checkpoint(
             session, tenant_id=tenant_id, model=model
         )
-    else:
-        draw = (rng or random.Random()) if canary else None
-        found = _by_name(session, tenant_id=tenant_id, model=model, rng=draw)
+    # A name, or an alias (a hosted model's old ft: id among them).
+    found = found or _by_name(session, tenant_id=tenant_id, model=model, rng=draw)
     if found is None:
         names = own_model_names(session, settings, tenant_id=tenant_id)
         raise model_not_found(model, hint=did_you_mean(model, names))

@@ -133,7 +133,14 @@ REFUSED_BEYOND_SCHEMA = {
 # The trainer's range and cross-field rules (n_epochs 1-100, no warmup with a constant
 # schedule, ...), reported against the hyperparameter they concern. Their keys and types are
 # in the schema, so only these rules are let through.
-TRAINER_RULES = ("method.supervised.hyperparameters.", "hyperparameters.")
+TRAINER_RULES = (
+    "method.supervised.hyperparameters.",
+    "method.dpo.hyperparameters.",
+    "hyperparameters.",
+)
+# Across fields: a method's settings sit under the key its `type` names (OpenAI's rule; the
+# schema lets a client send any of the keys with any type).
+METHOD_KEY_RULE = "method.type is"
 
 
 def positive_data_acceptance_beyond_schema(ctx: Any, response: Any, case: Case) -> None:
@@ -144,6 +151,8 @@ def positive_data_acceptance_beyond_schema(ctx: Any, response: Any, case: Case) 
         if {(param, None), (param, error["code"])} & REFUSED_BEYOND_SCHEMA:
             return
         if param.startswith(TRAINER_RULES) and error["code"] == "invalid_value":
+            return
+        if param.startswith("method.") and error["message"].startswith(METHOD_KEY_RULE):
             return
     schemathesis.checks.positive_data_acceptance(ctx, response, case)
 

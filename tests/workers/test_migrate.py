@@ -1,0 +1,117 @@
+"""`loraplex migrate` against a second Loraplex instance playing the hosted source: its
+succeeded job is recreated here (files distilled from the source model's own answers, the
+method, the suffix), resumably, and the old `ft:` name answers here once promoted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+from pathlib import Path
+
+import openai
+import pytest
+
+from api.db import upgrade
+from api.settings import Settings
+from tests.conftest import bearer, new_admin_key, new_tenant, serve_in_thread
+from tests.workers.conftest import LORAPLEX, TINY, Worker, hp, upload, wait_for_status, worker_env
+
+pytestmark = pytest.mark.timeout(600)
+FINISHED = {"succeeded", "failed", "cancelled"}
+FAST = {"batch_size": 4, "method": "lora", "learning_rate_multiplier": 50}
+
+
+def migrate(*args: str, settings: Settings) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [LORAPLEX, "migrate", *args],
+        capture_output=True,
+        text=True,
+        env=worker_env(settings),
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_migrate_recreates_the_sources_jobs_and_the_old_name_answers_after_promotion(
+    settings: Settings, start_worker, tmp_path: Path
+) -> None:
+    import httpx
+
+    serving = {"serving_engine": "transformers", "base_model": TINY, "serving_torch_threads": 1}
+    source = settings.model_copy(update=serving)
+    dest_db = f"sqlite:///{tmp_path / 'dest.db'}"
+    upgrade(dest_db)
+    dest = source.model_copy(
+        update={
+            "home": tmp_path / "dest-home",
+            "database_url": dest_db,
+            "storage_url": f"file://{tmp_path / 'dest-home' / 'artifacts'}",
+            "train_queue": f"test-{uuid.uuid4().hex[:8]}",
+        }
+    )
+    _, source_key = new_tenant(source, name="acme")
+    _, dest_key = new_tenant(dest, name="acme-here")
+    start_worker()
+    dest_worker = Worker(dest, tmp_path / "dest-worker.log")
+    try:
+        dest_worker.wait_ready()
+        with (
+            serve_in_thread(source, with_gateway=True) as source_url,
+            serve_in_thread(dest, with_gateway=True) as dest_url,
+        ):
+            hosted = openai.OpenAI(base_url=f"{source_url}/v1", api_key=source_key, max_retries=0)
+            here = openai.OpenAI(base_url=f"{dest_url}/v1", api_key=dest_key, max_retries=0)
+            trained = hosted.fine_tuning.jobs.create(
+                model=TINY, training_file=upload(hosted), suffix="support-bot",
+                method=hp(n_epochs=30, **FAST), seed=7,
+            )  # fmt: skip
+            old = wait_for_status(hosted, trained.id, FINISHED)
+            assert old.status == "succeeded", old.error
+            assert old.fine_tuned_model.startswith(f"ft:{TINY}:acme:support-bot:")
+
+            args = ["--from", source_url, "--key", source_key, "--to", dest_url,
+                    "--to-key", dest_key, "--base", TINY, "--distill",
+                    "--state", str(tmp_path / "state.json")]  # fmt: skip
+            done = migrate(*args, settings=dest)
+            assert done.returncode == 0, done.stderr
+            assert old.fine_tuned_model in done.stdout and "queued here; alias set" in done.stdout
+
+            (job,) = here.fine_tuning.jobs.list()
+            assert job.model == TINY and job.seed == 7
+            assert job.metadata == {"migrated_from": old.id, "source_model": old.fine_tuned_model}
+            assert job.method.type == "supervised"
+            assert job.method.supervised.hyperparameters.n_epochs == 30
+            # Distilled: each example's answer is what the old model says to its prompt.
+            rows = [json.loads(line) for line in
+                    here.files.content(job.training_file).text.splitlines()]  # fmt: skip
+            for row in rows[:3]:
+                prompt = row["messages"][:-1]
+                said = hosted.chat.completions.create(
+                    model=old.fine_tuned_model, messages=prompt, temperature=0
+                )
+                assert row["messages"][-1]["content"] == said.choices[0].message.content
+
+            again = migrate(*args, settings=dest)  # resumed from its state: nothing twice
+            assert again.returncode == 0, again.stderr
+            assert len(here.fine_tuning.jobs.list().data) == 1
+            assert len(here.files.list().data) == 1
+
+            new = wait_for_status(here, job.id, FINISHED)
+            assert new.status == "succeeded", new.error
+            chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+            with pytest.raises(openai.NotFoundError, match="no production version yet"):
+                here.chat.completions.create(model=old.fine_tuned_model, **chat)
+            adapter = here.get("/adapters/support-bot", cast_to=httpx.Response).json()
+            assert adapter["aliases"] == [old.fine_tuned_model]
+            promoted = httpx.post(
+                f"{dest_url}/v1/admin/adapters/{adapter['id']}/versions/1/promote",
+                headers=bearer(new_admin_key(dest)),
+                json={"stage": "production", "force": True},
+                timeout=60,
+            )
+            assert promoted.status_code == 200, promoted.text
+            reply = here.chat.completions.create(model=old.fine_tuned_model, **chat)
+            assert reply.model == new.fine_tuned_model
+    finally:
+        dest_worker.stop()
