@@ -173,6 +173,9 @@ def gate_problems(version: AdapterVersion) -> list[str]:
         return []
     if probe_before is not None and probe_after is not None and probe_after > probe_before:
         return []
+    margins = preference_margins(m)
+    if margins is not None and margins[1] > margins[0]:
+        return []
     return [
         f"eval loss {before} -> {after} did not improve and the exact-match probe "
         f"{probe_before} -> {probe_after} did not either"
@@ -184,6 +187,17 @@ def _probe_score(probe: dict[str, Any]) -> str:
     exact = probe.get("exact")
     exact = round(float(probe.get("rate") or 0) * n) if exact is None else int(exact)
     return f"{exact}/{n}"
+
+
+def preference_margins(metrics: dict[str, Any]) -> tuple[float, float] | None:
+    """A DPO version's mean log p(preferred) - log p(rejected) on its training pairs, before
+    and after training (None for other versions): what DPO optimises, and its evidence."""
+    preference = metrics.get("preference") or {}
+    before = ((preference.get("margin_before") or {}).get("train") or {}).get("margin")
+    after = ((preference.get("margin_after") or {}).get("train") or {}).get("margin")
+    if before is None or after is None:
+        return None
+    return float(before), float(after)
 
 
 def no_improvement(metrics: dict[str, Any]) -> str | None:
@@ -204,6 +218,9 @@ def no_improvement(metrics: dict[str, Any]) -> str | None:
         return None
     if float(after.get("rate") or 0) > float(before.get("rate") or 0):
         return None
+    margins = preference_margins(metrics)
+    if margins is not None and margins[1] > margins[0]:
+        return None  # DPO moved probability to the preferred answers: it learned
     where = " as served" if served else ""
     return (
         f"learned nothing measurable: its exact-match probe{where} answered "

@@ -56,6 +56,14 @@ def test_a_version_that_learned_nothing_needs_force_for_production(
         exact_match_after=probe(0),
         exact_match_unquantized=probe(15),
     )
+    # DPO: the exact answers unchanged, the preferred ones made more likely than the rejected.
+    preferred = version(
+        exact_match_before=probe(0),
+        exact_match_after=probe(0),
+        exact_match_unquantized=probe(0),
+        preference={"margin_before": {"train": {"margin": -7.2}},
+                    "margin_after": {"train": {"margin": 44.6}}},
+    )  # fmt: skip
     adapter_id = client.get("/v1/admin/adapters", headers=admin).json()["data"][0]["id"]
 
     def promote(number: int, stage: str = "production", **extra: Any) -> Any:
@@ -77,6 +85,7 @@ def test_a_version_that_learned_nothing_needs_force_for_production(
     r = promote(served_useless)
     assert r.status_code == 409 and "probe as served answered 2/20" in r.json()["error"]["message"]
     assert promote(useless, "staging").status_code == 200  # only production needs force
+    assert promote(preferred).status_code == 200
     assert promote(learned).status_code == 200
 
     r = promote(useless, force=True, reason="a demo")
@@ -85,7 +94,7 @@ def test_a_version_that_learned_nothing_needs_force_for_production(
         "/v1/admin/audit", params={"action": "promote.production"}, headers=admin
     ).json()["data"]
     forced = {e["after"]["version"]: e["forced"] for e in entries}
-    assert forced == {learned: False, useless: True}
+    assert forced == {preferred: False, learned: False, useless: True}
 
 
 def test_list_views_leave_out_the_probe_samples(
