@@ -182,3 +182,17 @@ def wait_for_status(sdk: openai.OpenAI, job_id: str, statuses: set[str], timeout
             return job
         time.sleep(0.3)
     raise TimeoutError(f"{job_id} still {job.status}")
+
+
+def wait_until_probed(settings: Settings, *job_ids: str, timeout: float = 120) -> None:
+    """Until a gateway on `settings`' registry has probed these jobs' versions as served
+    (serving/validation.py): its probe batches with other requests, so an answer compared
+    token for token with a reference must not meet it."""
+    deadline = time.monotonic() + timeout
+    while any(
+        "exact_match_served" not in (v.metrics or {})
+        for j in job_ids
+        for v in versions(settings, j)
+    ):
+        assert time.monotonic() < deadline, "the gateway never probed the new versions"
+        time.sleep(0.5)

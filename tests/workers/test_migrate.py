@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -15,7 +16,16 @@ import pytest
 from api.db import upgrade
 from api.settings import Settings
 from tests.conftest import bearer, new_admin_key, new_tenant, serve_in_thread
-from tests.workers.conftest import LORAPLEX, TINY, Worker, hp, upload, wait_for_status, worker_env
+from tests.workers.conftest import (
+    LORAPLEX,
+    TINY,
+    Worker,
+    hp,
+    upload,
+    wait_for_status,
+    wait_until_probed,
+    worker_env,
+)
 
 pytestmark = pytest.mark.timeout(600)
 FINISHED = {"succeeded", "failed", "cancelled"}
@@ -60,6 +70,11 @@ def test_migrate_recreates_the_sources_jobs_and_the_old_name_answers_after_promo
             serve_in_thread(source, with_gateway=True) as source_url,
             serve_in_thread(dest, with_gateway=True) as dest_url,
         ):
+            for url in (source_url, dest_url):  # engines load in the background
+                deadline = time.monotonic() + 120
+                while httpx.get(f"{url}/readyz", timeout=10).status_code != 200:
+                    assert time.monotonic() < deadline, f"{url} never became ready"
+                    time.sleep(0.5)
             hosted = openai.OpenAI(base_url=f"{source_url}/v1", api_key=source_key, max_retries=0)
             here = openai.OpenAI(base_url=f"{dest_url}/v1", api_key=dest_key, max_retries=0)
             trained = hosted.fine_tuning.jobs.create(
@@ -69,6 +84,7 @@ def test_migrate_recreates_the_sources_jobs_and_the_old_name_answers_after_promo
             old = wait_for_status(hosted, trained.id, FINISHED)
             assert old.status == "succeeded", old.error
             assert old.fine_tuned_model.startswith(f"ft:{TINY}:acme:support-bot:")
+            wait_until_probed(source, trained.id)  # then the answers below meet no batch
 
             args = ["--from", source_url, "--key", source_key, "--to", dest_url,
                     "--to-key", dest_key, "--base", TINY, "--distill",

@@ -16,7 +16,15 @@ from sqlmodel import Session, select
 from api.db import get_engine
 from api.models.jobs import JobCheckpoint
 from api.storage import ArtifactStore
-from tests.workers.conftest import BROKEN, TINY, hp, upload, versions, wait_for_status
+from tests.workers.conftest import (
+    BROKEN,
+    TINY,
+    hp,
+    upload,
+    versions,
+    wait_for_status,
+    wait_until_probed,
+)
 from workers.celery_app import enqueue_training
 
 pytestmark = pytest.mark.timeout(600)
@@ -342,10 +350,12 @@ def test_a_continued_job_starts_from_its_parents_weights(sdk, start_worker, sett
 
     # The parent's checkpoints are models too, as OpenAI serves them: each one's
     # `fine_tuned_model_checkpoint` name answers with that checkpoint's weights.
-    _chat_with_checkpoints(sdk, settings, parent.id)
+    _chat_with_checkpoints(sdk, settings, parent.id, probed=(parent.id, child.id))
 
 
-def _chat_with_checkpoints(sdk: openai.OpenAI, settings, job_id: str) -> None:
+def _chat_with_checkpoints(
+    sdk: openai.OpenAI, settings, job_id: str, *, probed: tuple[str, ...]
+) -> None:
     from fastapi.testclient import TestClient
 
     from api.main import create_app
@@ -371,6 +381,11 @@ def _chat_with_checkpoints(sdk: openai.OpenAI, settings, job_id: str) -> None:
         body = {"messages": [{"role": "user", "content": question}], "max_tokens": 12,
                 "temperature": 0}  # fmt: skip
         headers = {"Authorization": f"Bearer {sdk.api_key}"}
+        deadline = time.monotonic() + 120
+        while client.get("/readyz").status_code != 200:  # the engine loads in the background
+            assert time.monotonic() < deadline, client.get("/readyz").text
+            time.sleep(0.5)
+        wait_until_probed(settings, *probed)
         response = client.post("/v1/chat/completions", json={"model": name, **body},
                                headers=headers)  # fmt: skip
         assert response.status_code == 200, response.text
