@@ -8,8 +8,10 @@ trainer's defaults, then prints, base model vs adapter, on every prompt:
 - the share of greedy answers equal to the preferred answer (the trainer's exact-match probe)
   and the share that start with the house phrase.
 The numbers come from the run's metrics.json (the trainer measures the base before training
-and the adapter after, on the same model). Run:
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/dpo_margin.py [--set key=value ...]
+and the adapter after, on the same model). With `--sft-first`, a supervised adapter is first
+trained on the preferred answers and the DPO run continues it (its "base" column is then that
+SFT adapter, DPO's reference). Run:
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/dpo_margin.py [--sft-first] [--set key=value ...]
 """
 
 from __future__ import annotations
@@ -34,11 +36,37 @@ def phrase_share(probe: dict[str, Any]) -> float:
     return sum(s["got"].startswith(PHRASE) for s in samples) / len(samples)
 
 
+def sft_adapter(data: Path, tmp: Path, n: int) -> str:
+    """A supervised adapter on the preferred answers (every default), for DPO to continue."""
+    from trainer.config import parse_config
+    from trainer.recipe import train
+
+    sft_data = tmp / "preferred.jsonl"
+    with sft_data.open("w") as f:
+        for line in data.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                messages = [*row["input"]["messages"], *row["preferred_output"]]
+                f.write(json.dumps({"messages": messages}) + "\n")
+    config = parse_config({"probe_size": n, "seed": 0})
+    result = train(config, data_path=sft_data, out_dir=tmp / "sft", home=HOME)
+    em = result.metrics["exact_match_before"]["train"], result.metrics["exact_match_after"]["train"]
+    print(f"SFT on the preferred answers: {result.steps} steps in "
+          f"{result.runtime_seconds:.0f} s; greedy == preferred {em[0]['rate']:.0%} (base) -> "
+          f"{em[1]['rate']:.0%} (SFT adapter)")  # fmt: skip
+    return str(tmp / "sft")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="a TrainConfig field (repeatable)")  # fmt: skip
+    parser.add_argument(
+        "--sft-first",
+        action="store_true",
+        help="supervised on the preferred answers first, then DPO from it",
+    )
     args = parser.parse_args()
 
     from trainer.callbacks import Progress
@@ -54,9 +82,13 @@ def main() -> None:
     config = parse_config(
         {"objective": "dpo", "probe_size": n, "seed": 0} | parse_overrides(args.overrides)
     )
-    with tempfile.TemporaryDirectory() as out:
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.sft_first:
+            config = config.model_copy(
+                update={"init_adapter": sft_adapter(args.data, Path(tmp), n)}
+            )
         result = train(
-            config, data_path=args.data, out_dir=Path(out), home=HOME, on_progress=report
+            config, data_path=args.data, out_dir=Path(tmp) / "dpo", home=HOME, on_progress=report
         )
     m = result.metrics
     hp, dpo = m["hyperparameters"], m["preference"]
