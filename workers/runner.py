@@ -184,8 +184,8 @@ class JobContext:
         prefix = f"jobs/{self.claim.job_id}/checkpoints/step-{ckpt.step}"
         stored = self.store.put_dir(prefix, ckpt.path)
         adapter_files = {
-            rel: {"sha256": obj.sha256, "size": obj.size}
-            for rel, obj in stored.items()
+            rel: info
+            for rel, info in registry.stored_files(stored).items()
             if rel in registry.REQUIRED_FILES
         }
         try:

@@ -297,7 +297,7 @@ async def upload_version(
     assert spool is not None
     try:
         base_model = form.fields.get("base_model") or settings.base_model
-        adapter_upload.check_request(name, base_model, settings)
+        adapter_upload.check_base_model(base_model, settings)
         adapter_dir, ignored = await run_in_threadpool(spool.unpack)
         report = await run_in_threadpool(
             adapter_upload.inspect,

@@ -23,22 +23,22 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, select
+from sqlmodel import Session
 
 from api.errors import InvalidRequest, PayloadTooLarge
 from api.models.adapters import Adapter, AdapterVersion
 from api.models.tenants import Tenant, new_id
 from api.services import quotas
-from api.services.jobs import SUFFIX_RE, tenant_slug
+from api.services.jobs import tenant_slug
 from api.services.registry import (
     FULL,
     REQUIRED_FILES,
+    add_version,
     compatibility_problems,
+    get_or_create_adapter,
     modules_of,
-    next_serial,
-    next_version,
     safetensors_header,
+    stored_files,
 )
 from api.settings import Settings
 from api.storage import ArtifactStore
@@ -103,11 +103,15 @@ class AdapterSpool:
                         raise _refused(f"the tar holds more than {MAX_MEMBERS} entries")
                     members.append(member)
                 prefix = _common_folder([m.name for m in members if m.isfile()])
+                unpacked = 0
                 for member in members:
                     name = PurePosixPath(member.name)
-                    rel = str(name.relative_to(prefix)) if prefix else str(name)
                     if member.isdir():
                         continue
+                    # Outside the folder (a link beside it) a name is never one of ours.
+                    rel = str(name)  # PurePosixPath drops a leading "./"
+                    if prefix is not None and name.is_relative_to(prefix):
+                        rel = str(name.relative_to(prefix))
                     if rel in PICKLED:
                         raise _refused(
                             f"{rel}: pickled weights are not accepted (loading them runs code); "
@@ -116,6 +120,13 @@ class AdapterSpool:
                     if not member.isfile() or rel not in REQUIRED_FILES:
                         ignored.append(member.name)
                         continue
+                    unpacked += member.size
+                    if unpacked > self.max_bytes:  # a compressed tar that unpacks huge
+                        raise PayloadTooLarge(
+                            f"Unpacked, the adapter exceeds the upload limit of "
+                            f"{self.max_bytes} bytes.",
+                            param="file",
+                        )
                     source = tar.extractfile(member)
                     assert source is not None
                     with source, open(out / rel, "wb") as target:
@@ -295,16 +306,7 @@ def _shape_problems(shapes: dict[str, list[int]], base: dict[str, list[int]]) ->
 
 
 def _adapter_for(session: Session, *, tenant_id: str, name: str, base_model: str) -> Adapter:
-    query = select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.name == name)
-    adapter = session.exec(query).first()
-    if adapter is None:
-        adapter = Adapter(tenant_id=tenant_id, name=name, base_model=base_model)
-        session.add(adapter)
-        try:
-            with session.begin_nested():
-                session.flush()
-        except IntegrityError:
-            adapter = session.exec(query).one()
+    adapter = get_or_create_adapter(session, tenant_id=tenant_id, name=name, base_model=base_model)
     if adapter.base_model != base_model:
         raise InvalidRequest(
             f"Adapter {name!r} serves base {adapter.base_model!r}; a version on "
@@ -315,9 +317,7 @@ def _adapter_for(session: Session, *, tenant_id: str, name: str, base_model: str
     return adapter
 
 
-def check_request(name: str, base_model: str, settings: Settings) -> None:
-    if not SUFFIX_RE.match(name):
-        raise InvalidRequest("Adapter names are 1-64 characters of a-z, 0-9 and '-'.", param="name")
+def check_base_model(base_model: str, settings: Settings) -> None:
     if base_model not in settings.registered_base_models():
         known = ", ".join(sorted(settings.registered_base_models()))
         raise InvalidRequest(
@@ -353,47 +353,33 @@ def register_upload(
     prefix = f"adapters/{tenant.id}/{name}/upload-{version_id}"
     stored = store.put_dir(prefix, adapter_dir)
     try:
-        for _ in range(5):
-            version = AdapterVersion(
-                id=version_id,
-                adapter_id=adapter.id,
-                tenant_id=tenant.id,
-                version=next_version(session, adapter),
-                serial=next_serial(session),
-                job_id=None,
-                fine_tuned_model=(
-                    f"ft:{base_model}:{tenant_slug(tenant)}:{name}:"
-                    f"{version_id.removeprefix('adv-')[:8]}"
-                ),
-                base_model=base_model,
-                storage_prefix=prefix,
-                files={k: {"sha256": v.sha256, "size": v.size} for k, v in stored.items()},
-                size_bytes=sum(v.size for v in stored.values()),
-                rank=int(config.get("r", 0)),
-                target_modules=(
-                    report["adapted_modules"] or modules_of(config.get("target_modules"))
-                ),
-                metrics={
-                    # Not trained here: nothing measured yet, numerics unknown.
-                    "numerics": {"trained": "unknown", "validated": [], "served": FULL},
-                    "upload_report": report,
-                },
-                lineage={
-                    "source": "upload",
-                    "filename": filename,
-                    "trained_on": report.get("trained_on"),
-                    "parent": None,
-                },
-            )
-            session.add(version)
-            try:
-                with session.begin_nested():
-                    session.flush()
-                break
-            except IntegrityError:  # another registration took the number: take the next
-                session.expunge(version)
-        else:
-            raise RuntimeError(f"could not allocate a version number for {name}")
+        version = add_version(
+            session,
+            adapter,
+            id=version_id,
+            tenant_id=tenant.id,
+            job_id=None,
+            fine_tuned_model=(
+                f"ft:{base_model}:{tenant_slug(tenant)}:{name}:{version_id.removeprefix('adv-')[:8]}"
+            ),
+            base_model=base_model,
+            storage_prefix=prefix,
+            files=stored_files(stored),
+            size_bytes=sum(v.size for v in stored.values()),
+            rank=int(config.get("r", 0)),
+            target_modules=report["adapted_modules"] or modules_of(config.get("target_modules")),
+            metrics={
+                # Not trained here: nothing measured yet, numerics unknown.
+                "numerics": {"trained": "unknown", "validated": [], "served": FULL},
+                "upload_report": report,
+            },
+            lineage={
+                "source": "upload",
+                "filename": filename,
+                "trained_on": report.get("trained_on"),
+                "parent": None,
+            },
+        )
         session.commit()
     except BaseException:
         session.rollback()

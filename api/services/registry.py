@@ -151,29 +151,52 @@ def modules_of(value: Any) -> list[str]:
     return sorted(value or [])
 
 
-def _get_or_create_adapter(session: Session, *, job: Job) -> Adapter:
-    name = adapter_name(job)
-    query = select(Adapter).where(Adapter.tenant_id == job.tenant_id, Adapter.name == name)
+def get_or_create_adapter(
+    session: Session, *, tenant_id: str, name: str, base_model: str
+) -> Adapter:
+    """The tenant's adapter `name`, created on `base_model` if it is new (in the caller's
+    transaction; a concurrent creator's row wins)."""
+    query = select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.name == name)
     adapter = session.exec(query).first()
     if adapter is None:
-        adapter = Adapter(tenant_id=job.tenant_id, name=name, base_model=job.model)
+        adapter = Adapter(tenant_id=tenant_id, name=name, base_model=base_model)
         session.add(adapter)
         try:
             with session.begin_nested():
                 session.flush()
-        except IntegrityError:  # another job of this line created it first
+        except IntegrityError:  # another registration of this name created it first
             adapter = session.exec(query).one()
     return adapter
 
 
-def next_version(session: Session, adapter: Adapter) -> int:
+def add_version(session: Session, adapter: Adapter, **fields: Any) -> AdapterVersion:
+    """A new version of `adapter` (in the caller's transaction) with the next free version
+    number and serial; a number taken by a concurrent registration is retried."""
+    for _ in range(5):
+        version = AdapterVersion(
+            adapter_id=adapter.id,
+            version=_next_version(session, adapter),
+            serial=_next_serial(session),
+            **fields,
+        )
+        session.add(version)
+        try:
+            with session.begin_nested():
+                session.flush()
+            return version
+        except IntegrityError:  # another registration took the number: take the next one
+            session.expunge(version)
+    raise RuntimeError(f"could not allocate a version number for {adapter.name}")
+
+
+def _next_version(session: Session, adapter: Adapter) -> int:
     current = session.exec(
         select(func.max(AdapterVersion.version)).where(AdapterVersion.adapter_id == adapter.id)
     ).one()
     return int(current or 0) + 1
 
 
-def next_serial(session: Session) -> int:
+def _next_serial(session: Session) -> int:
     current = session.exec(select(func.max(AdapterVersion.serial))).one()
     return int(current or 0) + 1
 
@@ -215,34 +238,31 @@ def register_version(
     )
     metrics = {**metrics, "numerics": numerics(metrics, served=served_numerics)}
     problems += numerics_problems(metrics["numerics"])
-    adapter = _get_or_create_adapter(session, job=job)
-    for _ in range(5):
-        version = AdapterVersion(
-            adapter_id=adapter.id,
-            tenant_id=job.tenant_id,
-            version=next_version(session, adapter),
-            serial=next_serial(session),
-            job_id=job.id,
-            fine_tuned_model=fine_tuned_model,
-            base_model=job.model,
-            storage_prefix=prefix,
-            files={k: {"sha256": v.sha256, "size": v.size} for k, v in stored.items()},
-            size_bytes=sum(v.size for v in stored.values()),
-            rank=int(config.get("r", 0)),
-            target_modules=modules_of(config.get("target_modules")),
-            metrics=metrics,
-            lineage=lineage,
-            stage="rejected" if problems else "candidate",
-            stage_reason="; ".join(problems) or None,
-        )
-        session.add(version)
-        try:
-            with session.begin_nested():
-                session.flush()
-            return version
-        except IntegrityError:  # another registration took the number: take the next one
-            session.expunge(version)
-    raise RuntimeError(f"could not allocate a version number for {adapter.name}")
+    adapter = get_or_create_adapter(
+        session, tenant_id=job.tenant_id, name=adapter_name(job), base_model=job.model
+    )
+    return add_version(
+        session,
+        adapter,
+        tenant_id=job.tenant_id,
+        job_id=job.id,
+        fine_tuned_model=fine_tuned_model,
+        base_model=job.model,
+        storage_prefix=prefix,
+        files=stored_files(stored),
+        size_bytes=sum(v.size for v in stored.values()),
+        rank=int(config.get("r", 0)),
+        target_modules=modules_of(config.get("target_modules")),
+        metrics=metrics,
+        lineage=lineage,
+        stage="rejected" if problems else "candidate",
+        stage_reason="; ".join(problems) or None,
+    )
+
+
+def stored_files(stored: dict[str, StoredObject]) -> dict[str, dict[str, Any]]:
+    """A version's `files`: path -> {sha256, size}, from what the store wrote."""
+    return {k: {"sha256": v.sha256, "size": v.size} for k, v in stored.items()}
 
 
 def versions_of_job(session: Session, *, job_id: str) -> list[AdapterVersion]:

@@ -213,3 +213,32 @@ def test_a_name_is_per_tenant_another_tenants_upload_never_touches_it(
     assert first.json()["id"] != second.json()["id"]
     a_view = client.get("/v1/adapters/shared-name", headers=bearer(key_a)).json()
     assert [v["id"] for v in a_view["versions"]] == [first.json()["id"]]
+
+
+def test_a_tar_that_unpacks_huge_is_refused_and_links_are_ignored(
+    api: tuple[TestClient, Settings, str], foreign: Path, tmp_path: Path
+) -> None:
+    client, settings, key = api
+    bomb = io.BytesIO()
+    with tarfile.open(fileobj=bomb, mode="w:gz") as tar:
+        tar.add(foreign / "adapter_config.json", arcname="a/adapter_config.json")
+        info = tarfile.TarInfo("a/adapter_model.safetensors")
+        info.size = 8 << 20  # zeros: a few KB compressed
+        tar.addfile(info, io.BytesIO(bytes(info.size)))
+    assert len(bomb.getvalue()) < 1 << 20
+    small = settings.model_copy(update={"max_upload_bytes": 1 << 20})
+    with TestClient(create_app(small)) as tight:
+        refused = upload(tight, key, "bomb", bomb.getvalue())
+    assert refused.status_code == 413 and "Unpacked" in refused.json()["error"]["message"]
+
+    linked = io.BytesIO()
+    with tarfile.open(fileobj=linked, mode="w") as tar:
+        for path in sorted(foreign.iterdir()):
+            tar.add(path, arcname=f"a/{path.name}")
+        link = tarfile.TarInfo("elsewhere")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    response = upload(client, key, "linked", linked.getvalue())
+    assert response.status_code == 200, response.text
+    assert "elsewhere" in response.json()["report"]["ignored_files"]
+    assert stored_files(settings) and not any("passwd" in str(p) for p in stored_files(settings))

@@ -131,3 +131,21 @@ def test_migrate_recreates_the_sources_jobs_and_the_old_name_answers_after_promo
             assert reply.model == new.fine_tuned_model
     finally:
         dest_worker.stop()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_migrate_says_what_is_wrong_and_exits_1(settings: Settings, tmp_path: Path) -> None:
+    state = ["--state", str(tmp_path / "state.json")]
+    no_key = migrate("--from", "http://127.0.0.1:9", "--key", "k", *state, settings=settings)
+    assert no_key.returncode == 1 and "--to-key" in no_key.stderr
+    unreachable = migrate("--from", "http://127.0.0.1:9", "--key", "k", "--to-key", "x",
+                          *state, settings=settings)  # fmt: skip
+    assert (
+        unreachable.returncode == 1 and "cannot reach http://127.0.0.1:9/v1" in unreachable.stderr
+    )
+    assert "Traceback" not in unreachable.stderr
+    with serve_in_thread(settings) as url:  # a source that refuses the key
+        refused = migrate("--from", url, "--key", "lpx-wrong", "--to-key", "x", *state,
+                          settings=settings)  # fmt: skip
+    assert refused.returncode == 1 and "API key" in refused.stderr, refused.stderr
+    assert not (tmp_path / "state.json").exists()
