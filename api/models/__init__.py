@@ -2,6 +2,7 @@
 
 from api.models.adapters import Adapter, AdapterVersion, ModelAlias
 from api.models.audit import AuditEntry
+from api.models.evals import Eval, EvalOutputItem, EvalRun, ShadowSample
 from api.models.files import File
 from api.models.jobs import Job, JobCheckpoint, JobEvent
 from api.models.tenants import ApiKey, Tenant
@@ -12,11 +13,15 @@ __all__ = [
     "AdapterVersion",
     "ApiKey",
     "AuditEntry",
+    "Eval",
+    "EvalOutputItem",
+    "EvalRun",
     "File",
     "Job",
     "JobCheckpoint",
     "JobEvent",
     "ModelAlias",
+    "ShadowSample",
     "Tenant",
     "UsageRecord",
 ]

@@ -27,6 +27,14 @@ class Adapter(SQLModel, table=True):
     # A canary: a second version that gets `canary_percent`% of by-name traffic.
     canary_version_id: str | None = Field(default=None, max_length=64)
     canary_percent: int = 0
+    canary_started_at: datetime | None = None
+    # Shadow traffic: `shadow_percent`% of by-name production requests are also sent to this
+    # version; users get production's answer only, the pair is kept (ShadowSample).
+    shadow_version_id: str | None = Field(default=None, max_length=64)
+    shadow_percent: int = 0
+    # The admin's rules for this adapter (api.services.policy): what production requires
+    # of an eval, when a canary is aborted on its own.
+    policy: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     created_at: datetime = Field(default_factory=utcnow)
 
 
