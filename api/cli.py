@@ -254,7 +254,8 @@ def _not_yet(what: str) -> None:
 def worker(
     queues: Annotated[str | None, typer.Option(help="Comma-separated queues to consume.")] = None,
 ) -> None:
-    """Run one training worker: one job at a time, plus the lost-job reaper."""
+    """Run one worker: one training job (or eval run, with `--queues evals`) at a time,
+    plus the lost-job reaper."""
     from celery.signals import worker_ready
 
     from workers.celery_app import celery_for
@@ -329,7 +330,8 @@ def serve(host: HostOpt = "127.0.0.1", port: PortOpt = 8001) -> None:
 @app.command()
 def up(host: HostOpt = "127.0.0.1", port: PortOpt = 8000) -> None:
     """Run the whole platform on this machine: the API and the serving gateway on one port,
-    a worker process and the serving engine (vLLM replicas, or in-process transformers).
+    a training worker, an eval worker and the serving engine (vLLM replicas, or in-process
+    transformers).
 
     SIGTERM or Ctrl-C stops every child: uvicorn's shutdown stops the gateway's replicas.
     """
@@ -350,6 +352,15 @@ def up(host: HostOpt = "127.0.0.1", port: PortOpt = 8000) -> None:
         else [sys.executable, "-m", "api.cli", "worker"]
     )
     worker = WorkerProcess(worker_cmd)  # restarted if it dies on its own
+    # Eval runs on a worker of their own (never behind a fine-tune), generating through this
+    # process's gateway.
+    local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    gateway_url = settings.gateway_url or f"http://{local}:{port}/v1"
+    evaluator = WorkerProcess(
+        [*worker_cmd, "--queues", settings.eval_queue],
+        env={**os.environ, "LORAPLEX_GATEWAY_URL": gateway_url},
+        what="eval",
+    )
 
     # uvicorn shuts down cleanly on SIGTERM/SIGINT, then re-raises the signal to the handler
     # that was there before it: this one, which exits normally so the worker is stopped too.
@@ -368,6 +379,7 @@ def up(host: HostOpt = "127.0.0.1", port: PortOpt = 8000) -> None:
             log_level=settings.log_level.lower(),
         )
     finally:
+        evaluator.stop()
         worker.stop()
         _exit_if_engine_still_building()
 

@@ -8,7 +8,17 @@ from prometheus_client import CollectorRegistry
 from api.errors import install_error_handlers
 from api.middleware import BodyLimitMiddleware, JsonBodyMiddleware, MetricsMiddleware
 from api.openapi import document_app
-from api.routes import adapters, admin, admin_registry, files, health, jobs, models
+from api.routes import (
+    adapters,
+    admin,
+    admin_evals,
+    admin_registry,
+    evals,
+    files,
+    health,
+    jobs,
+    models,
+)
 from api.settings import Settings, get_settings
 
 
@@ -29,6 +39,8 @@ def create_app(settings: Settings | None = None, *, with_gateway: bool = False) 
     app.include_router(health.router)
     app.include_router(files.router)
     app.include_router(jobs.router)
+    app.include_router(evals.router)
+    app.include_router(evals.adapter_router)
     app.include_router(models.router)
     app.include_router(adapters.router)
     app.include_router(admin.router)
@@ -38,6 +50,7 @@ def create_app(settings: Settings | None = None, *, with_gateway: bool = False) 
 
         mount_gateway(app, settings)
     app.include_router(admin_registry.router)
+    app.include_router(admin_evals.router)
     app.add_middleware(JsonBodyMiddleware)
     app.add_middleware(
         BodyLimitMiddleware,

@@ -135,6 +135,24 @@ class Settings(BaseSettings):
     # A tenant's files and adapter versions together: room for dozens of 512 MiB datasets and
     # hundreds of 7B-base adapters, so no tenant fills the shared artifact store. 0: unlimited.
     tenant_storage_quota_bytes: int = Field(10 * 1024 * MiB, ge=0)
+    # Evals: runs go to their own queue (an eval worker: `loraplex worker --queues evals`),
+    # so they never wait behind a fine-tune, and generate through the serving gateway.
+    eval_queue: str = Field("evals", description="Queue eval runs go to.")
+    gateway_url: str = Field(
+        "", description="Base URL (…/v1) eval runs generate through; `up` sets its own."
+    )
+    # Items one run grades: a held-out set, not a benchmark suite; ~minutes on a CPU box.
+    eval_max_items: int = Field(1000, ge=1)
+    # Requests one run keeps in flight: enough to fill a batch, not to crowd out users.
+    eval_concurrency: int = Field(4, ge=1, le=64)
+    max_active_eval_runs_per_tenant: int = Field(8, ge=1)
+    # An external OpenAI-compatible endpoint for judge models (label_model / score_model)
+    # named in `eval_judge_models`; any other judge is a model the tenant calls here.
+    eval_judge_base_url: str = ""
+    eval_judge_api_key: str = ""
+    eval_judge_models: list[str] = Field(default_factory=list)
+    # Seconds between a gateway's checks of guarded canaries (adapter policy canary_guard).
+    canary_guard_interval: float = Field(5.0, gt=0)
     log_level: str = "INFO"
 
     @model_validator(mode="after")

@@ -23,8 +23,10 @@ STABLE_AFTER = 60.0  # up this long: the next death starts the pauses over
 
 
 class WorkerProcess:
-    def __init__(self, command: list[str]) -> None:
-        self.command = command
+    def __init__(
+        self, command: list[str], *, env: dict[str, str] | None = None, what: str = "training"
+    ) -> None:
+        self.command, self.env, self.what = command, env, what
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self.proc = self._spawn()
@@ -32,8 +34,10 @@ class WorkerProcess:
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         # Spawned by the main thread or the watch thread, both as long-lived as `up`.
-        proc = subprocess.Popen(self.command, start_new_session=True, preexec_fn=die_with_parent())
-        log.info("starting the training worker (pid %d)", proc.pid)
+        proc = subprocess.Popen(
+            self.command, env=self.env, start_new_session=True, preexec_fn=die_with_parent()
+        )
+        log.info("starting the %s worker (pid %d)", self.what, proc.pid)
         return proc
 
     def _watch(self) -> None:
@@ -45,7 +49,12 @@ class WorkerProcess:
                 return
             if time.monotonic() - started > STABLE_AFTER:
                 delay = FIRST_DELAY
-            log.error("the worker exited (code %s); starting it again in %.0f s", code, delay)
+            log.error(
+                "the %s worker exited (code %s); starting it again in %.0f s",
+                self.what,
+                code,
+                delay,
+            )
             if self._stopping.wait(delay):
                 return
             with self._lock:

@@ -232,6 +232,7 @@ class ServingRuntime:
         if self.settings.serving_validate_new_versions:
             watch = watch_new_versions(gateway, self.settings.database_url)
             self._tasks.append(asyncio.create_task(watch))
+        self._tasks.append(asyncio.create_task(guard_canaries(self.settings)))
         # `up` and `serve` set the address they listen on, for the console.
         url = getattr(app.state, "public_url", None)
         self._tasks.append(asyncio.create_task(say_when_ready(setup.engine, url)))
@@ -280,6 +281,24 @@ class ServingRuntime:
             app.state.gateway = None
         for replica in self.setup.replicas if self.setup else []:
             await asyncio.to_thread(replica.stop)
+
+
+async def guard_canaries(settings: Settings) -> None:
+    """Every `canary_guard_interval` s, abort the guarded canaries past their thresholds
+    (api.services.eval_policy): the gateway sees the traffic they are judged on."""
+    from api.db import get_engine
+    from api.services.eval_policy import check_canaries
+
+    def once() -> None:
+        with Session(get_engine(settings.database_url), expire_on_commit=False) as session:
+            check_canaries(session)
+
+    while True:
+        await asyncio.sleep(settings.canary_guard_interval)
+        try:
+            await asyncio.to_thread(once)
+        except Exception:  # the database is away: try again next time
+            log.exception("canary guard check failed; retrying")
 
 
 @dataclass

@@ -15,6 +15,7 @@ from kombu import Queue
 from api.settings import Settings
 
 TRAIN_TASK = "loraplex.train_job"
+EVAL_TASK = "loraplex.eval_run"
 
 
 def _filesystem_options(settings: Settings) -> dict[str, Any]:
@@ -79,6 +80,11 @@ def celery_for(settings: Settings) -> Celery:
 def enqueue_training(settings: Settings, job_id: str, *, queue: str) -> None:
     """Send the job to a worker. Call only after the job row is committed."""
     celery_for(settings).send_task(TRAIN_TASK, args=[job_id], queue=queue)
+
+
+def enqueue_eval_run(settings: Settings, run_id: str) -> None:
+    """Send an eval run to the eval workers. Call only after the run row is committed."""
+    celery_for(settings).send_task(EVAL_TASK, args=[run_id], queue=settings.eval_queue)
 
 
 def waiting_messages(settings: Settings, queue: str) -> int:

@@ -446,6 +446,41 @@ def _succeed(job_id: str, ctx: JobContext, result: TrainResult) -> None:
         for key in (prefix, *csv_keys):
             ctx.store.delete(key)  # no half-registered version: bytes go with the row
         raise
+    ctx.transaction(lambda session: _start_evals(session, ctx.settings, job_id))
+
+
+def _start_evals(session: Session, settings: Settings, job_id: str) -> None:
+    """The job's validation file becomes an eval attached to its adapter; each attached
+    eval runs on the new version, and on production and the base where they have no run
+    (A/B). Never fails the job: an eval that cannot start is a warning event."""
+    from api.models.adapters import Adapter
+    from api.services import eval_policy
+    from workers.celery_app import enqueue_eval_run
+
+    version = session.exec(select(AdapterVersion).where(AdapterVersion.job_id == job_id)).first()
+    job = session.get(Job, job_id)
+    if version is None or job is None or version.stage == "rejected":
+        return
+    try:
+        adapter = session.get(Adapter, version.adapter_id)
+        assert adapter is not None
+        eval_policy.attach_validation_eval(session, job, adapter)
+        runs = eval_policy.runs_for_new_version(session, version)
+        session.commit()
+        for run in runs:
+            enqueue_eval_run(settings, run.id)
+    except Exception as e:
+        session.rollback()
+        log.exception("job %s: could not start its eval runs", job_id)
+        add_event(session, job_id, f"Could not start the adapter's eval runs: {e}", level="warn")
+        session.commit()
+        return
+    if runs:
+        names = ", ".join(f"{r.name} ({r.id})" for r in runs)
+        add_event(
+            session, job_id, f"Eval runs started: {names}", data={"eval_runs": [r.id for r in runs]}
+        )
+        session.commit()
 
 
 def _fail_from(ctx: JobContext, error: BaseException) -> None:

@@ -14,7 +14,13 @@ from celery.signals import worker_shutting_down
 from api.db import connection_lost, get_engine
 from api.services import job_runs
 from api.settings import Settings, get_settings
-from workers.celery_app import TRAIN_TASK, enqueue_training, held_messages, waiting_messages
+from workers.celery_app import (
+    EVAL_TASK,
+    TRAIN_TASK,
+    enqueue_training,
+    held_messages,
+    waiting_messages,
+)
 
 log = logging.getLogger(__name__)
 # A tenant at its running-jobs limit: look again this much later.
@@ -49,6 +55,19 @@ def train_job(self: Task, job_id: str) -> str:
     log.info("job %s: %s", job_id, outcome)
     if outcome == DEFERRED:
         raise self.retry(countdown=DEFER_SECONDS)
+    return outcome
+
+
+@shared_task(name=EVAL_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+def eval_run(self: Task, run_id: str) -> str:
+    from workers.eval_runner import run_eval
+
+    if STOPPING.is_set():
+        raise Reject("the worker is stopping", requeue=True)
+    outcome = run_eval(run_id, settings=get_settings(), stopping=STOPPING)
+    log.info("eval run %s: %s", run_id, outcome)
+    if outcome == "interrupted":  # the worker is stopping: the next one goes on from here
+        raise Reject("the worker is stopping", requeue=True)
     return outcome
 
 

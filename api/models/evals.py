@@ -59,7 +59,9 @@ class EvalRun(SQLModel, table=True):
     per_criteria: list[dict[str, Any]] = Field(
         default_factory=list, sa_column=Column(JSON, nullable=False)
     )
-    usage: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    usage: list[dict[str, Any]] = Field(
+        default_factory=list, sa_column=Column(JSON, nullable=False)
+    )
     run_metadata: dict[str, str] | None = Field(default=None, sa_column=Column(JSON))
     cancel_requested: bool = False
     attempts: int = 0
@@ -72,9 +74,7 @@ class EvalOutputItem(SQLModel, table=True):
     __tablename__ = "eval_output_items"
     __table_args__ = (UniqueConstraint("run_id", "datasource_item_id"),)
 
-    id: str = Field(
-        default_factory=lambda: new_id("outputitem_"), primary_key=True, max_length=64
-    )
+    id: str = Field(default_factory=lambda: new_id("outputitem_"), primary_key=True, max_length=64)
     run_id: str = Field(foreign_key="eval_runs.id", index=True, max_length=64)
     eval_id: str = Field(max_length=64)
     tenant_id: str = Field(foreign_key="tenants.id", index=True, max_length=64)

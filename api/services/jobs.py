@@ -139,10 +139,9 @@ def _fail(message: str, *, param: str, code: str = "invalid_value") -> InvalidRe
     return InvalidRequest(message, param=param, code=code)
 
 
-def _check_suffix_and_metadata(req: JobRequest) -> None:
-    if req.suffix is not None and not SUFFIX_RE.match(req.suffix):
-        raise _fail("suffix must be 1-64 characters of a-z, 0-9 and '-'", param="suffix")
-    meta = req.metadata or {}
+def check_metadata(meta: dict[str, str] | None) -> None:
+    """OpenAI's metadata bounds (16 pairs, keys 1-64, values up to 512 characters)."""
+    meta = meta or {}
     if len(meta) > MAX_METADATA_PAIRS:
         raise _fail(f"metadata may hold at most {MAX_METADATA_PAIRS} pairs", param="metadata")
     for key, value in meta.items():
@@ -152,6 +151,12 @@ def _check_suffix_and_metadata(req: JobRequest) -> None:
                 f"{MAX_METADATA_VALUE}",
                 param=f"metadata.{key}",
             )
+
+
+def _check_suffix_and_metadata(req: JobRequest) -> None:
+    if req.suffix is not None and not SUFFIX_RE.match(req.suffix):
+        raise _fail("suffix must be 1-64 characters of a-z, 0-9 and '-'", param="suffix")
+    check_metadata(req.metadata)
     if req.integrations:
         raise _fail("integrations are not supported", param="integrations")
 

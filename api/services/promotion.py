@@ -23,7 +23,7 @@ from sqlmodel import Session, col, select
 from api.db import utcnow
 from api.errors import Conflict, InvalidRequest, NotFound
 from api.models.adapters import STAGES, Adapter, AdapterVersion
-from api.services import audit
+from api.services import audit, eval_policy
 from api.services.tenants import Principal
 from api.storage import ArtifactStore
 
@@ -249,8 +249,10 @@ def _audit_and_commit(
     adapter: Adapter,
     before: dict[str, Any],
     reason: str | None,
+    evidence: dict[str, Any] | None = None,
 ) -> None:
     """Record an adapter-level admin action with its before/after, then commit both."""
+    after = adapter_state(adapter, session)
     audit.record(
         session,
         actor=actor,
@@ -259,7 +261,7 @@ def _audit_and_commit(
         target_id=adapter.id,
         tenant_id=adapter.tenant_id,
         before=before,
-        after=adapter_state(adapter, session),
+        after={**after, "evidence": evidence} if evidence else after,
         reason=reason,
     )
     _commit(session)
@@ -323,6 +325,15 @@ def promote(
                 code="promotion_gate_failed",
             )
         forced = forced or bool(problems)
+    evidence = None
+    if stage == "production":
+        problem, evidence = eval_policy.promotion_problem(session, adapter, version)
+        if problem is not None and not force:
+            raise Conflict(
+                f"Promotion policy: {problem}; pass force=true to override.",
+                code="eval_policy_failed",
+            )
+        forced = forced or problem is not None
     useless = no_improvement(version.metrics or {}) if stage == "production" else None
     if useless is not None:
         if not force:
@@ -341,7 +352,11 @@ def promote(
         target_id=version.fine_tuned_model,
         tenant_id=adapter.tenant_id,
         before=before,
-        after={**version_state(version), **adapter_state(adapter, session)},
+        after={
+            **version_state(version),
+            **adapter_state(adapter, session),
+            **({"evidence": evidence} if evidence else {}),
+        },
         forced=forced,
         reason=reason,
     )
@@ -411,6 +426,8 @@ def set_canary(
             "Another canary is running; promote or abort it first.", code="canary_in_progress"
         )
     before = adapter_state(adapter, session)
+    if adapter.canary_version_id != version.id:
+        adapter.canary_started_at = utcnow()  # the guard compares traffic from here
     adapter.canary_version_id, adapter.canary_percent = version.id, percent
     session.add(adapter)
     _audit_and_commit(
@@ -420,9 +437,16 @@ def set_canary(
 
 
 def finish_canary(
-    session: Session, *, actor: Principal, adapter_id: str, promote: bool, reason: str | None = None
+    session: Session,
+    *,
+    actor: Principal,
+    adapter_id: str,
+    promote: bool,
+    reason: str | None = None,
+    evidence: dict[str, Any] | None = None,
 ) -> Adapter:
-    """Promote the canary to full production, or roll it back, in one call."""
+    """Promote the canary to full production, or roll it back, in one call. `evidence`: the
+    figures that decided it (the canary guard's), kept in the audit entry."""
     adapter = lock_adapter(session, adapter_id)
     canary = session.get(AdapterVersion, adapter.canary_version_id or "")
     if canary is None:
@@ -433,7 +457,13 @@ def finish_canary(
         _set_stage(session, adapter, canary, "production")
     action = "canary.promote" if promote else "canary.abort"
     _audit_and_commit(
-        session, actor=actor, action=action, adapter=adapter, before=before, reason=reason
+        session,
+        actor=actor,
+        action=action,
+        adapter=adapter,
+        before=before,
+        reason=reason,
+        evidence=evidence,
     )
     return adapter
 
