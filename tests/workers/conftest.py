@@ -61,6 +61,7 @@ def settings(
         broker_url=broker_url,
         storage_url=storage_url,
         train_queue=f"test-{uuid.uuid4().hex[:8]}",
+        eval_queue=f"test-evals-{uuid.uuid4().hex[:8]}",
         base_models={TINY: str(tiny_llama), BROKEN: str(tiny_llama.parent / "missing")},
         heartbeat_interval=0.5,
         heartbeat_timeout=4,
@@ -86,15 +87,25 @@ def worker_env(settings: Settings) -> dict[str, str]:
         "LORAPLEX_MAX_RUNNING_JOBS_PER_TENANT": str(settings.max_running_jobs_per_tenant),
         "LORAPLEX_REDISPATCH_AFTER": str(settings.redispatch_after),
         "LORAPLEX_TRAINING_HANG_TIMEOUT": str(settings.training_hang_timeout),
+        "LORAPLEX_EVAL_QUEUE": settings.eval_queue,
+        "LORAPLEX_GATEWAY_URL": settings.gateway_url,
     }
 
 
 class Worker:
-    def __init__(self, settings: Settings, log: Path, *, wrapper: Sequence[str] = ()) -> None:
-        """`wrapper`: a command that runs the worker command given as its last arguments."""
+    def __init__(
+        self,
+        settings: Settings,
+        log: Path,
+        *,
+        wrapper: Sequence[str] = (),
+        args: Sequence[str] = (),
+    ) -> None:
+        """`wrapper`: a command that runs the worker command given as its last arguments;
+        `args`: the worker's own (`--queues ...`)."""
         self.log = log
         self.proc = subprocess.Popen(
-            [*wrapper, LORAPLEX, "worker"],
+            [*wrapper, LORAPLEX, "worker", *args],
             env=worker_env(settings),
             stdout=open(log, "ab"),  # noqa: SIM115 (the child keeps it open)
             stderr=subprocess.STDOUT,
@@ -129,10 +140,21 @@ class Worker:
 def start_worker(settings: Settings, tmp_path: Path) -> Iterator[Callable[[], Worker]]:
     started: list[Worker] = []
 
-    def start(*, wrapper: Sequence[str] = (), home: Path | None = None) -> Worker:
-        """`home`: a LORAPLEX_HOME of its own, as a worker on another host has."""
+    def start(
+        *,
+        wrapper: Sequence[str] = (),
+        home: Path | None = None,
+        args: Sequence[str] = (),
+        gateway_url: str | None = None,
+    ) -> Worker:
+        """`home`: a LORAPLEX_HOME of its own, as a worker on another host has;
+        `gateway_url`: where an eval worker (`args=("--queues", settings.eval_queue)`)
+        generates."""
         own = settings.model_copy(update={"home": home}) if home else settings
-        worker = Worker(own, tmp_path / f"worker-{len(started)}.log", wrapper=wrapper)
+        if gateway_url is not None:
+            own = own.model_copy(update={"gateway_url": gateway_url})
+        log = tmp_path / f"worker-{len(started)}.log"
+        worker = Worker(own, log, wrapper=wrapper, args=args)
         started.append(worker)
         worker.wait_ready()
         return worker
@@ -143,7 +165,7 @@ def start_worker(settings: Settings, tmp_path: Path) -> Iterator[Callable[[], Wo
     if settings.broker_url.startswith("redis"):
         import redis
 
-        redis.Redis.from_url(settings.broker_url).delete(settings.train_queue)
+        redis.Redis.from_url(settings.broker_url).delete(settings.train_queue, settings.eval_queue)
 
 
 @pytest.fixture
