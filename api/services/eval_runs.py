@@ -25,7 +25,7 @@ from api.db import utcnow
 from api.errors import Conflict, InvalidRequest, NotFound
 from api.models.evals import RUN_ACTIVE, Eval, EvalOutputItem, EvalRun
 from api.services import evals, files
-from api.services.jobs import check_metadata
+from api.services.jobs import DOCUMENTED, check_metadata
 from api.services.pagination import Order, page
 from api.services.resolver import resolve_model
 from api.settings import Settings
@@ -46,7 +46,7 @@ class RunCreate(BaseModel):
         description="jsonl or completions (file_content or file_id source)."
     )
     name: str | None = Field(None, max_length=256)
-    metadata: dict[str, str] | None = None
+    metadata: dict[str, str] | None = Field(None, json_schema_extra=DOCUMENTED["metadata"])
 
 
 def _fail(message: str, *, param: str, code: str = "invalid_value") -> InvalidRequest:
@@ -63,7 +63,10 @@ def _source(
         file_id = raw.get("id")
         if not isinstance(file_id, str):
             raise _fail("source.id must be a file id", param=f"{param}.id")
-        row = files.get_file(session, tenant_id=tenant_id, file_id=file_id)
+        try:
+            row = files.get_file(session, tenant_id=tenant_id, file_id=file_id)
+        except NotFound as e:
+            raise NotFound(str(e), param=f"{param}.id", code="file_not_found") from e
         if row.status != "processed":
             raise _fail(
                 f"File {file_id} is {row.status}; it cannot be read as eval items.",

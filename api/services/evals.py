@@ -18,7 +18,7 @@ from sqlmodel import Session, col, delete, select
 from api.errors import InvalidRequest, NotFound
 from api.models.evals import Eval, EvalOutputItem, EvalRun
 from api.services import graders
-from api.services.jobs import check_metadata
+from api.services.jobs import DOCUMENTED, check_metadata
 from api.services.pagination import Order, page
 
 # A tenant's evals: ample for every adapter's suite, not a table anyone can fill.
@@ -44,13 +44,13 @@ class EvalCreate(BaseModel):
         description="string_check, text_similarity, label_model or score_model graders (1-16)."
     )
     name: str | None = Field(None, max_length=256)
-    metadata: dict[str, str] | None = None
+    metadata: dict[str, str] | None = Field(None, json_schema_extra=DOCUMENTED["metadata"])
 
 
 class EvalUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str | None = Field(None, max_length=256)
-    metadata: dict[str, str] | None = None
+    metadata: dict[str, str] | None = Field(None, json_schema_extra=DOCUMENTED["metadata"])
 
 
 def _fail(message: str, *, param: str, code: str = "invalid_value") -> InvalidRequest:
