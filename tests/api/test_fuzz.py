@@ -6,14 +6,16 @@ input: a tenant key on tenant routes, an admin key on /v1/admin, and one case in
 other key. Every response must be documented (status, content type, headers, body), none a
 5xx; schema-valid input must be accepted; keyed routes must refuse no key and a bad one.
 Ids in paths, cursors and job bodies are often swapped for real rows (a processed file, a
-queued job, a registered adapter version, a spare key), so routes reach their found
-branches as well as their 404. POST /v1/files (our own streaming multipart parser) is
-fuzzed too: its schema gives the parts and the `.jsonl` filename.
+queued job, a registered adapter version, a spare key, an eval with a queued run and an
+output item), so routes reach their found branches as well as their 404. POST /v1/files
+(our own streaming multipart parser) is fuzzed too: its schema gives the parts and the
+`.jsonl` filename.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +79,7 @@ def seeded(settings: Settings) -> Seeded:
             json={"model": settings.base_model, "training_file": file_id},
         )
         assert job.status_code == 200, job.text
+        evals = _eval_rows(client, settings, tenant_id=tenant_id, key=tenant_key)
     adapter = _adapter_dir(settings.home / "adapter")
     version = add_version(settings, adapter, tenant_id=tenant_id, suffix="fuzzed")
     with Session(get_engine(settings.database_url), expire_on_commit=False) as s:
@@ -95,9 +98,59 @@ def seeded(settings: Settings) -> Seeded:
         "adapter_id": version.adapter_id,
         "tenant_id": tenant_id,
         "key_id": spare_key.id,
+        **evals,
     }
-    cursors = {"/v1/files": file_id, "/v1/fine_tuning/jobs": job_id}
+    cursors = {
+        "/v1/files": file_id,
+        "/v1/fine_tuning/jobs": job_id,
+        "/v1/evals": evals["eval_id"],
+        "/v1/evals/{eval_id}/runs": evals["run_id"],
+        "/v1/evals/{eval_id}/runs/{run_id}/output_items": evals["output_item_id"],
+    }
     return Seeded(app=app, tenant_key=tenant_key, admin_key=admin_key, real=real, cursors=cursors)
+
+
+def _eval_rows(
+    client: TestClient, settings: Settings, *, tenant_id: str, key: str
+) -> dict[str, str]:
+    """An eval, a queued run of it, and one output item as the eval worker stores it."""
+    from api.models.evals import EvalOutputItem
+
+    entry = {"item": {"q": "2+2?"}, "sample": {"output_text": "4"}}
+    ev = client.post(
+        "/v1/evals",
+        headers=bearer(key),
+        json={
+            "data_source_config": {"type": "custom", "item_schema": {"type": "object"}},
+            "testing_criteria": [
+                {
+                    "type": "string_check",
+                    "name": "four",
+                    "input": "{{sample.output_text}}",
+                    "reference": "4",
+                    "operation": "eq",
+                }
+            ],
+        },
+    )
+    assert ev.status_code == 200, ev.text
+    eval_id = ev.json()["id"]
+    run = client.post(
+        f"/v1/evals/{eval_id}/runs",
+        headers=bearer(key),
+        json={"data_source": {"type": "jsonl", "source": {"type": "file_content",
+                                                          "content": [entry]}}},
+    )  # fmt: skip
+    assert run.status_code == 200, run.text
+    item = EvalOutputItem(
+        run_id=run.json()["id"], eval_id=eval_id, tenant_id=tenant_id, datasource_item_id=0,
+        datasource_item=entry["item"], sample=entry["sample"], status="pass",
+        results=[{"name": "four", "type": "string_check", "score": 1.0, "passed": True}],
+    )  # fmt: skip
+    with Session(get_engine(settings.database_url), expire_on_commit=False) as s:
+        s.add(item)
+        s.commit()
+    return {"eval_id": eval_id, "run_id": run.json()["id"], "output_item_id": item.id}
 
 
 # The schema is read at collection time from an app that never touches its database; the
@@ -141,6 +194,10 @@ TRAINER_RULES = (
 # Across fields: a method's settings sit under the key its `type` names (OpenAI's rule; the
 # schema lets a client send any of the keys with any type).
 METHOD_KEY_RULE = "method.type is"
+# The Evals API's unions (a data source config, graders, a run's data source) are open
+# objects in the schema; the service checks their shape (the item schema, the templates,
+# an item against it), each refusal naming the field inside them.
+EVAL_SHAPES = {"data_source_config", "testing_criteria", "data_source"}
 
 
 def positive_data_acceptance_beyond_schema(ctx: Any, response: Any, case: Case) -> None:
@@ -153,6 +210,8 @@ def positive_data_acceptance_beyond_schema(ctx: Any, response: Any, case: Case) 
         if param.startswith(TRAINER_RULES) and error["code"] == "invalid_value":
             return
         if param.startswith("method.") and error["message"].startswith(METHOD_KEY_RULE):
+            return
+        if re.split(r"[.\[]", param)[0] in EVAL_SHAPES:
             return
     schemathesis.checks.positive_data_acceptance(ctx, response, case)
 
@@ -228,3 +287,18 @@ def test_nul_characters_are_refused_not_a_server_error(
     ]:
         response = client.request(method, url, headers=bearer(key_), json=body)
         assert response.status_code in (200, 400, 404), (url, response.text)
+
+
+def test_schema_documents_the_metadata_bounds() -> None:
+    """Every body's `metadata` carries OpenAI's bounds (16 pairs, keys 1-64 characters,
+    values up to 512), so metadata the schema allows is metadata the API accepts."""
+    bodies = {
+        name: body["properties"]["metadata"]
+        for name, body in schema.raw_schema["components"]["schemas"].items()
+        if "metadata" in body.get("properties", {})
+    }
+    assert {"JobRequest", "EvalCreate", "EvalUpdate", "RunCreate"} <= set(bodies)
+    for name, metadata in bodies.items():
+        assert metadata["maxProperties"] == 16, name
+        assert metadata["propertyNames"] == {"minLength": 1, "maxLength": 64}, name
+        assert metadata["additionalProperties"]["maxLength"] == 512, name

@@ -8,6 +8,8 @@ operations never show B anything of A's.
 
 New endpoints are covered automatically; one with an id-like input this file does not know
 fails `test_every_id_taking_input_is_in_the_matrix` until it is added to IDS / BODIES.
+A path's other ids are the caller's own where it has such an object (B's eval and run when
+A's run id is tried), so the call gets as far as the id under test.
 """
 
 from __future__ import annotations
@@ -42,13 +44,42 @@ IDS = {
     "target_id": "job",
     "actor_key_id": "key",
     "alias": "alias",
+    "eval_id": "eval",
+    "run_id": "run",
+    "output_item_id": "output_item",
 }
 # Parameters that are not ids (plain values, filters on enums, numbers under an id).
-NOT_IDS = {"number", "limit", "order", "purpose", "action"}
+NOT_IDS = {"number", "limit", "order", "purpose", "action", "order_by", "status"}
 # `after` is a paging cursor: an id of the very list being paged.
-AFTER = {"/v1/files": "file", "/v1/fine_tuning/jobs": "job"}
+AFTER = {"/v1/files": "file", "/v1/fine_tuning/jobs": "job", "/v1/evals": "eval"}
 # A valid JSON body per operation, and which of its fields hold ids (field -> World.ids key).
 CHAT = {"messages": [{"role": "user", "content": "What colour is the sky?"}], "max_tokens": 2}
+EVAL = {
+    "name": "isolation",
+    "data_source_config": {
+        "type": "custom",
+        "item_schema": {"type": "object", "properties": {"answer": {"type": "string"}}},
+        "include_sample_schema": True,
+    },
+    "testing_criteria": [
+        {
+            "type": "string_check",
+            "name": "exact",
+            "input": "{{sample.output_text}}",
+            "reference": "{{item.answer}}",
+            "operation": "eq",
+        }
+    ],
+}
+# A run that generates: its model and its source file are both lookups (dotted: nested).
+EVAL_RUN = {
+    "data_source": {
+        "type": "completions",
+        "model": TINY,
+        "source": {"type": "file_id", "id": "<own file>"},
+        "input_messages": {"type": "item_reference", "item_reference": "item.input"},
+    }
+}
 BODIES: dict[tuple[str, str], tuple[dict[str, Any], dict[str, list[str]]]] = {
     ("POST", "/v1/fine_tuning/jobs"): (
         {"model": TINY, "training_file": "<own file>"},
@@ -65,6 +96,13 @@ BODIES: dict[tuple[str, str], tuple[dict[str, Any], dict[str, list[str]]]] = {
     # A valid alias every caller is refused (it would shadow a base model): B's own state
     # then stays the same between its calls with A's name and with a missing one.
     ("POST", "/v1/adapters/{name}/aliases"): ({"alias": TINY}, {}),
+    # A judge model (label_model) is resolved when the run calls it, as the run's tenant.
+    ("POST", "/v1/evals"): (EVAL, {}),
+    ("POST", "/v1/evals/{eval_id}"): ({"metadata": {"team": "a"}}, {}),
+    ("POST", "/v1/evals/{eval_id}/runs"): (
+        EVAL_RUN,
+        {"data_source.model": ["adapter", "model"], "data_source.source.id": ["file"]},
+    ),
 }
 # Inputs that take ids but never one of the caller's own objects: jobs start from base models
 # only (not from a fine-tuned model), so even A is refused; B must still learn nothing.
@@ -101,6 +139,7 @@ class World:
     a: str  # A's key
     b: str  # B's key
     own_file: str  # B's own valid file, so a body is wrong only in the id under test
+    own: dict[str, str]  # B's own objects, for a path's other ids (World.ids keys)
 
     def ghost(self, kind: str) -> str:
         """An id of the same shape as A's that names nothing."""
@@ -155,7 +194,7 @@ def world(
         serving_dtype="float32",
     )
     tenant_a, key_a = new_tenant(settings, name="tenant-a")
-    _, key_b = new_tenant(settings, name="tenant-b")
+    tenant_b, key_b = new_tenant(settings, name="tenant-b")
     admin = new_admin_key(settings)
     version = add_version(settings, tiny_adapter, tenant_id=tenant_a, suffix=ADAPTER)
     with TestClient(create_app(settings, with_gateway=True)) as client:
@@ -181,6 +220,7 @@ def world(
         world = World(
             client=client,
             ids={
+                **_eval_objects(client, settings, tenant_id=tenant_a, key=key_a),
                 "file": file_a,
                 "job": job.json()["id"],
                 "model": version.fine_tuned_model,
@@ -193,12 +233,49 @@ def world(
             a=key_a,
             b=key_b,
             own_file=_upload(client, key_b),
+            own=_eval_objects(client, settings, tenant_id=tenant_b, key=key_b),
         )
         _wait_for_engine(world)
         yield world
     get_engine(url).dispose()
     for _ in urls:  # the Postgres database is dropped when its generator finishes
         pass
+
+
+def _eval_objects(
+    client: TestClient, settings: Settings, *, tenant_id: str, key: str
+) -> dict[str, str]:
+    """An eval of the tenant's, a (queued) run of it and an output item of that run, as a
+    worker would store it."""
+    from sqlmodel import Session
+
+    from api.db import get_engine
+    from api.models.evals import EvalOutputItem
+
+    ev = client.post("/v1/evals", json=EVAL, headers=bearer(key))
+    assert ev.status_code == 200, ev.text
+    entry = {"item": {"answer": "blue"}, "sample": {"output_text": "blue"}}
+    source = {"type": "file_content", "content": [entry]}
+    run = client.post(
+        f"/v1/evals/{ev.json()['id']}/runs",
+        json={"data_source": {"type": "jsonl", "source": source}},
+        headers=bearer(key),
+    )
+    assert run.status_code == 200, run.text
+    item = EvalOutputItem(
+        run_id=run.json()["id"],
+        eval_id=ev.json()["id"],
+        tenant_id=tenant_id,
+        datasource_item_id=0,
+        datasource_item=entry["item"],
+        results=[{"name": "exact", "passed": True, "score": 1.0}],
+        sample=entry["sample"],
+        status="pass",
+    )
+    with Session(get_engine(settings.database_url), expire_on_commit=False) as s:
+        s.add(item)
+        s.commit()
+    return {"eval": ev.json()["id"], "run": run.json()["id"], "output_item": item.id}
 
 
 def _wait_for_engine(world: World) -> None:
@@ -250,6 +327,15 @@ def test_every_id_taking_input_is_in_the_matrix() -> None:
     assert len(admin) >= 15
     assert ("GET", "/v1/files/{file_id}") in covered
     assert ("POST", "/v1/chat/completions") in covered
+    assert ("GET", "/v1/evals/{eval_id}/runs/{run_id}/output_items/{output_item_id}") in covered
+    assert ("POST", "/v1/evals/{eval_id}/runs") in covered
+
+
+def _with_file(value: Any, file_id: str) -> Any:
+    """The body template with the caller's own file in place of "<own file>"."""
+    if isinstance(value, dict):
+        return {k: _with_file(v, file_id) for k, v in value.items()}
+    return file_id if value == "<own file>" else value
 
 
 def _request(world: World, key: str, method: str, path: str, where: str, name: str, value: str):
@@ -257,24 +343,24 @@ def _request(world: World, key: str, method: str, path: str, where: str, name: s
     url = re.sub(r"\{number\}", "1", path)
     body: dict[str, Any] | None = None
     if (method, path) in BODIES:
-        body = {
-            k: (
-                (world.own_file if key == world.b else world.ids["file"])
-                if v == "<own file>"
-                else v
-            )
-            for k, v in BODIES[(method, path)][0].items()
-        }
+        own_file = world.own_file if key == world.b else world.ids["file"]
+        body = _with_file(BODIES[(method, path)][0], own_file)
     if where == "path":
         url = url.replace("{" + name + "}", value)
     elif where == "query":
         params[name] = value
     else:
         assert body is not None
-        body[name] = value
-    # Any other path ids: A's real ones.
+        *parents, field = name.split(".")  # a dotted name: a field of a nested object
+        parent = body
+        for step in parents:
+            parent = parent[step]
+        parent[field] = value
+    # Any other path ids: the caller's own where it has one, else A's real ones.
+    own = world.own if key == world.b else world.ids
     for other in re.findall(r"\{(\w+)(?::path)?\}", url):
-        url = re.sub(r"\{" + other + r"(?::path)?\}", world.ids[IDS[other]], url)
+        kind = IDS[other]
+        url = re.sub(r"\{" + other + r"(?::path)?\}", own.get(kind, world.ids[kind]), url)
     assert "{" not in url, url
     return world.client.request(method, url, params=params, json=body, headers=bearer(key))
 
