@@ -151,6 +151,9 @@ class Settings(BaseSettings):
     eval_judge_base_url: str = ""
     eval_judge_api_key: str = ""
     eval_judge_models: list[str] = Field(default_factory=list)
+    # Shadow traffic: mirrors one gateway runs at once; more are skipped, never queued, so
+    # a candidate can never slow production down.
+    serving_max_shadow_in_flight: int = Field(4, ge=1)
     # Seconds between a gateway's checks of guarded canaries (adapter policy canary_guard).
     canary_guard_interval: float = Field(5.0, gt=0)
     log_level: str = "INFO"

@@ -40,6 +40,7 @@ from serving.engines.base import Engine, EngineRequest, LocalAdapter, Progress
 from serving.errors import AdapterIntegrityError
 from serving.metrics import GatewayMetrics
 from serving.schemas import Endpoint, SamplingRequest
+from serving.shadow import Shadows, answer_text
 from serving.usage import UsageWriter
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class Gateway:
         self._closing: set[asyncio.Task[None]] = set()
         # Served probes in flight, per version id (serving/validation.py).
         self.probes: dict[str, asyncio.Future[dict[str, Any] | None]] = {}
+        self.shadows = Shadows(self, max_in_flight=settings.serving_max_shadow_in_flight)
 
     async def start(self) -> None:
         await self.engine.start()
@@ -89,6 +91,8 @@ class Gateway:
             self._observer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._observer
+        for task in list(self.shadows.tasks):
+            task.cancel()
         await self.engine.close()
         await self.usage.close()
 
@@ -159,11 +163,16 @@ class Gateway:
         meter = Meter(gateway=self, endpoint=endpoint, tenant_id=tenant_id, target=target,
                       started=started, stream=bool(body.stream), on_usage=on_usage,
                       progress=request.progress)  # fmt: skip
+
+        def mirror(answer: str) -> None:  # shadow traffic: after production answered
+            self.shadows.maybe(resolution=target.resolution, endpoint=endpoint, body=upstream,
+                               cache_salt=request.cache_salt, production_output=answer)  # fmt: skip
+
         try:
             if body.stream:
                 chunks = await self.engine.open_stream(request)
                 events = self._sse(chunks, target=target, meter=meter, request=request,
-                                   usage=body.wants_usage_chunk)  # fmt: skip
+                                   usage=body.wants_usage_chunk, mirror=mirror)  # fmt: skip
                 return StreamingResponse(
                     events,
                     media_type="text/event-stream",
@@ -183,6 +192,7 @@ class Gateway:
             return JSONResponse({}, status_code=CLIENT_GONE)
         response["model"] = target.model
         meter.done(status=200, usage=response.get("usage"))
+        mirror(answer_text(response))
         return JSONResponse(response, headers=target.headers)
 
     def check(self, body: SamplingRequest) -> None:
@@ -219,8 +229,10 @@ class Gateway:
         meter: Meter,
         usage: bool,
         request: EngineRequest,
+        mirror: Callable[[str], None],
     ) -> AsyncIterator[str]:
         status, totals, ended = 200, None, False
+        text: list[str] = []  # the first choice's, for shadow traffic
         try:
             async for chunk in chunks:
                 if "error" in chunk:
@@ -238,9 +250,12 @@ class Gateway:
                 else:
                     chunk.pop("usage", None)
                 meter.first_token()
+                text.append(_first_choice_text(chunk))
                 yield f"data: {json.dumps(chunk)}\n\n"
             yield "data: [DONE]\n\n"
             ended = True
+            if status == 200:
+                mirror("".join(text))
         except Exception:
             status = 500
             raise
@@ -261,8 +276,16 @@ class Gateway:
             task.add_done_callback(self._closing.discard)
 
     async def drain(self) -> None:
-        """Write pending usage rows now (tests, shutdown)."""
+        """Finish pending mirrors and write pending usage rows now (tests, shutdown)."""
+        await self.shadows.drain()
         await self.usage.flush()
+
+
+def _first_choice_text(chunk: dict[str, Any]) -> str:
+    for choice in chunk.get("choices") or []:
+        if choice.get("index", 0) == 0:
+            return str((choice.get("delta") or {}).get("content") or choice.get("text") or "")
+    return ""
 
 
 def tenant_cache_salt(tenant_id: str) -> str:

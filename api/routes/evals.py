@@ -12,7 +12,7 @@ from api.deps import SessionDep, SettingsDep, TenantDep
 from api.errors import error_responses
 from api.models.evals import Eval, EvalOutputItem, EvalRun
 from api.routes.adapters import VersionNumber, get_adapter
-from api.services import eval_policy, eval_runs, evals, promotion
+from api.services import eval_policy, eval_runs, evals, promotion, shadow
 from api.services.eval_runs import RunCreate
 from api.services.evals import EvalCreate, EvalUpdate
 from api.services.pagination import Order, list_body
@@ -234,3 +234,21 @@ def version_evals(
         for ev in eval_policy.evals_of(session, adapter=adapter, version=version)
     ]
     return {"object": "list", "data": data, "has_more": False}
+
+
+@adapter_router.get("/{name}/versions/{number}/shadow", responses=NOT_FOUND)
+def version_shadow(
+    name: str,
+    number: VersionNumber,
+    tenant_id: TenantDep,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=0, le=100)] = 20,
+) -> dict[str, Any]:
+    """Shadow traffic mirrored to this version: the pairs' summary (agreement with
+    production's answers, errors, latency) and the newest `limit` pairs."""
+    adapter = get_adapter(session, tenant_id=tenant_id, name=name)
+    version = promotion.get_version(session, adapter, number)
+    rows = shadow.samples(session, version_id=version.id, limit=limit)
+    pairs = shadow.summary(session, version_id=version.id)
+    return {"object": "list", "version": number, "summary": pairs,
+            "data": [shadow.sample_public(r) for r in rows], "has_more": False}  # fmt: skip

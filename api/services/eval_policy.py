@@ -69,6 +69,10 @@ class CanaryGuard(BaseModel):
         0.05, ge=0, le=1, description="Canary eval score below production's by more aborts."
     )
     eval_id: str | None = Field(None, max_length=64, description="Default: the policy's.")
+    min_shadow_agreement: float | None = Field(
+        None, ge=0, le=1, description="Shadow pairs of the canary agreeing with production."
+    )
+    min_shadow_samples: int = Field(20, ge=1, le=100_000)
     window_seconds: int = Field(900, ge=10, le=7 * 24 * 3600)
 
 
@@ -358,6 +362,17 @@ def guard_verdict(session: Session, adapter: Adapter) -> tuple[str | None, dict[
         if s_c is not None and s_p is not None and s_c < s_p - guard.max_score_drop:
             return (f"eval {eval_id} scores {s_c:.3f} on the canary against {s_p:.3f} on "
                     f"production (allowed drop {guard.max_score_drop:.3f})", figures)  # fmt: skip
+    if guard.min_shadow_agreement is not None:
+        from api.services.shadow import summary
+
+        pairs = summary(session, version_id=canary.id, since=since)
+        figures["canary"]["shadow"] = pairs
+        agreement = pairs["agreement"]
+        if (pairs["samples"] >= guard.min_shadow_samples and agreement is not None
+                and agreement < guard.min_shadow_agreement):  # fmt: skip
+            return (f"shadow agreement with production {agreement:.3f} over "
+                    f"{pairs['samples']} pairs, below {guard.min_shadow_agreement:.3f}",
+                    figures)  # fmt: skip
     if min(n_c, n_p) < guard.min_requests:
         return None, figures
     limit = guard.max_error_rate_increase

@@ -38,6 +38,10 @@ class Resolution:
     base_model: str
     version: AdapterVersion | None = None  # None: the base model itself
     canary: bool = False
+    # By name, answered by production: the version a share is mirrored to (shadow traffic).
+    shadow: AdapterVersion | None = None
+    shadow_percent: int = 0
+    adapter_id: str | None = None
 
 
 def model_not_found(model: str, *, hint: str = "") -> NotFound:
@@ -182,7 +186,10 @@ def _by_name(
             param="model",
             code="model_not_found",
         )
-    return Resolution(requested=model, base_model=production.base_model, version=production)
+    shadow = session.get(AdapterVersion, adapter.shadow_version_id or "")
+    return Resolution(requested=model, base_model=production.base_model, version=production,
+                      shadow=shadow, shadow_percent=adapter.shadow_percent if shadow else 0,
+                      adapter_id=adapter.id)  # fmt: skip
 
 
 def resolve_model(

@@ -9,7 +9,8 @@ version and on production and the base (A/B). What a tenant and an admin then se
 - the SDK's eval with string_check and text_similarity criteria scores v2 above the base;
 - a label_model judge (the served `judge` adapter) labels items and passes or fails each;
 - the promotion policy promotes v2 over v1, refuses v1 back with the figures, both audited;
-- a guarded canary of v1 is aborted on its own, and by-name traffic is production's again.
+- a guarded canary of v1 is aborted on its own, and by-name traffic is production's again;
+- shadow traffic to v1: users get production's answers, the pairs show v1 disagreeing.
 """
 
 from __future__ import annotations
@@ -179,13 +180,26 @@ def test_evals_grade_versions_and_gate_their_promotion(settings: Settings, start
         (abort,) = [e for e in audit if e["action"] == "canary.abort"]
         assert abort["reason"].startswith("canary guard: eval ")
         assert abort["after"]["evidence"]["canary"]["version"] == 1
+        # Shadow traffic: all by-name requests mirrored to v1; users get v2's answers only,
+        # and the pairs show how little v1 agrees with production.
+        mirrored = http.post(f"/v1/admin/adapters/{adapter_id}/shadow",
+                             json={"version": 1, "percent": 100}, headers=admin)  # fmt: skip
+        assert mirrored.status_code == 200, mirrored.text
+        served = []
         for q, _ in TINY_FACTS[:6]:
             asked = [{"role": "user", "content": q}]
             by_name, pinned = (
                 sdk.chat.completions.create(model=m, messages=asked, max_tokens=12, temperature=0)
                 for m in ("facts", v2.fine_tuned_model)
             )
+            assert by_name.model == v2.fine_tuned_model
             assert by_name.choices[0].message.content == pinned.choices[0].message.content
+            served.append(by_name.choices[0].message.content)
+        pairs = _wait_shadow_pairs(http, adapter_id, admin, n=6)
+        assert sorted(p["production_output"] for p in pairs["data"]) == sorted(served)
+        assert pairs["summary"]["agreement"] < 0.5, pairs["summary"]
+        mine = http.get("/v1/adapters/facts/versions/1/shadow", headers=bearer(key)).json()
+        assert mine["summary"]["samples"] == 6 and len(mine["data"]) == 6
 
         _sdk_eval_scores_adapter_above_base(sdk, right, v2.fine_tuned_model)
         judge = sdk.fine_tuning.jobs.create(model=TINY, training_file=judge_data, suffix="judge",
@@ -280,3 +294,13 @@ def _wait_canary_aborted(http: httpx.Client, adapter_id: str, admin: dict[str, s
             return
         time.sleep(0.3)
     raise AssertionError(f"the guard never aborted the canary: {body}")
+
+
+def _wait_shadow_pairs(http: httpx.Client, adapter_id: str, admin: dict[str, str], *, n: int):
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        body = http.get(f"/v1/admin/adapters/{adapter_id}/shadow", headers=admin).json()
+        if body["summary"]["samples"] >= n:
+            return body
+        time.sleep(0.3)
+    raise AssertionError(f"no {n} shadow pairs: {body}")
