@@ -40,7 +40,7 @@ from serving.engines.base import Engine, EngineRequest, LocalAdapter, Progress
 from serving.errors import AdapterIntegrityError
 from serving.metrics import GatewayMetrics
 from serving.schemas import Endpoint, SamplingRequest
-from serving.shadow import Shadows, answer_text
+from serving.shadow import Mirror, Shadows, answer_text
 from serving.usage import UsageWriter
 
 log = logging.getLogger(__name__)
@@ -165,8 +165,9 @@ class Gateway:
                       progress=request.progress)  # fmt: skip
 
         def mirror(answer: str) -> None:  # shadow traffic: after production answered
-            self.shadows.maybe(resolution=target.resolution, endpoint=endpoint, body=upstream,
-                               cache_salt=request.cache_salt, production_output=answer)  # fmt: skip
+            self.shadows.maybe(Mirror(resolution=target.resolution, endpoint=endpoint,
+                                      body=upstream, cache_salt=request.cache_salt,
+                                      production_output=answer))  # fmt: skip
 
         try:
             if body.stream:

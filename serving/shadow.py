@@ -9,6 +9,7 @@ import asyncio
 import logging
 import random
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sqlmodel import Session
@@ -33,6 +34,17 @@ def answer_text(response: dict[str, Any]) -> str:
     return str((first.get("message") or {}).get("content") or first.get("text") or "")
 
 
+@dataclass(frozen=True)
+class Mirror:
+    """One answered by-name request, as it would be sent again."""
+
+    resolution: Resolution
+    endpoint: Endpoint
+    body: dict[str, Any]
+    cache_salt: str | None
+    production_output: str
+
+
 class Shadows:
     def __init__(self, gateway: Gateway, *, max_in_flight: int, rng: random.Random | None = None):
         self.gateway = gateway
@@ -41,71 +53,53 @@ class Shadows:
         self.tasks: set[asyncio.Task[None]] = set()
         self.skipped = 0
 
-    def maybe(
-        self,
-        *,
-        resolution: Resolution,
-        endpoint: Endpoint,
-        body: dict[str, Any],
-        cache_salt: str | None,
-        production_output: str,
-    ) -> None:
+    def maybe(self, mirror: Mirror) -> None:
         """Mirror this answered request to the shadow version, if it is drawn."""
-        version = resolution.shadow
-        if version is None or resolution.version is None or resolution.canary:
+        resolution = mirror.resolution
+        if resolution.shadow is None or resolution.version is None or resolution.canary:
             return
         if self.rng.random() * 100 >= resolution.shadow_percent:
             return
         if len(self.tasks) >= self.max_in_flight:
             self.skipped += 1
             return
-        work = self._mirror(resolution=resolution, endpoint=endpoint, body=body,
-                            cache_salt=cache_salt, production_output=production_output)  # fmt: skip
-        task = asyncio.get_running_loop().create_task(work)
+        task = asyncio.get_running_loop().create_task(self._mirror(mirror))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _mirror(
-        self,
-        *,
-        resolution: Resolution,
-        endpoint: Endpoint,
-        body: dict[str, Any],
-        cache_salt: str | None,
-        production_output: str,
-    ) -> None:
-        version = resolution.shadow
-        assert version is not None and resolution.version is not None
+    async def _mirror(self, mirror: Mirror) -> None:
+        version = mirror.resolution.shadow
+        assert version is not None
         started = time.perf_counter()
         text = error = None
         try:
             adapter = await self.gateway.acquire(version)
             try:
-                request = EngineRequest(endpoint=endpoint, adapter=adapter, cache_salt=cache_salt,
-                                        body={**body, "stream": False, "n": 1})  # fmt: skip
+                request = EngineRequest(endpoint=mirror.endpoint, adapter=adapter,
+                                        cache_salt=mirror.cache_salt,
+                                        body={**mirror.body, "stream": False, "n": 1})  # fmt: skip
                 text = answer_text(await self.gateway.engine.complete(request))
             finally:
                 self.gateway.release(version, adapter)
         except Exception as e:  # the candidate failed: that is a finding, not an outage
             error = f"{type(e).__name__}: {e}"[:500]
-        latency = (time.perf_counter() - started) * 1000
+        latency = (time.perf_counter() - started) * 1000 if text is not None else None
         try:
-            await run_in_threadpool(
-                self._record, resolution=resolution, body=body, production_output=production_output,
-                text=text, latency=latency if text is not None else None, error=error,
-            )  # fmt: skip
+            await run_in_threadpool(self._record, mirror, text=text, latency=latency, error=error)
         except Exception:
             log.exception("could not keep a shadow sample of %s", version.fine_tuned_model)
 
-    def _record(self, *, resolution: Resolution, body: dict[str, Any], production_output: str,
-                text: str | None, latency: float | None, error: str | None) -> None:  # fmt: skip
+    def _record(
+        self, mirror: Mirror, *, text: str | None, latency: float | None, error: str | None
+    ) -> None:
+        resolution = mirror.resolution
         assert resolution.shadow is not None and resolution.version is not None
         with Session(get_engine(self.gateway.settings.database_url)) as session:
             shadow_service.record(
                 session, adapter_id=resolution.adapter_id or "",
                 version_id=resolution.shadow.id, production_version_id=resolution.version.id,
-                request=body, production_output=production_output, shadow_output=text,
-                latency_ms=latency, error=error,
+                request=mirror.body, production_output=mirror.production_output,
+                shadow_output=text, latency_ms=latency, error=error,
             )  # fmt: skip
 
     async def drain(self) -> None:
