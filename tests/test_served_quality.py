@@ -118,6 +118,17 @@ def test_a_fact_set_trained_with_defaults_is_served_as_trained(
         assert right_loaded >= 0.95 * len(facts), [by_call["kettle", i] for i in range(len(facts))]
         changed = [i for i in range(len(facts)) if by_call[BASE, i] != base_alone[i]]
         assert not changed, [(base_alone[i], by_call[BASE, i]) for i in changed]
+
+        # The held-out file became the adapter's eval (docs/evals.md): `up`'s eval worker ran
+        # it through this engine on the new version and on the base, and the SDK reads both.
+        (ev,) = [e for e in sdk.evals.list() if e.name == "kettle: validation file"]
+        runs = _finished_runs(sdk, ev.id, 2)
+        tuned, base = runs["v1 (candidate)"], runs[f"{BASE} (base)"]
+        assert tuned.status == base.status == "completed", (tuned.error, base.error)
+        assert (
+            tuned.result_counts.total == base.result_counts.total == len(_examples(ACME_HELD_OUT))
+        )
+        assert tuned.result_counts.passed > base.result_counts.passed, (tuned, base)
     finally:
         assert _stop(proc) == 0
 
@@ -128,3 +139,13 @@ def _admin_key(up: Up) -> str:
         cwd=up.workdir, env=up.env, capture_output=True, text=True, check=True,
     )  # fmt: skip
     return str(json.loads(created.stdout)["api_key"])
+
+
+def _finished_runs(sdk: openai.OpenAI, eval_id: str, n: int) -> dict[str, Any]:
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        runs = list(sdk.evals.runs.list(eval_id))
+        if len(runs) >= n and all(r.status in ("completed", "failed", "canceled") for r in runs):
+            return {r.name: r for r in runs}
+        time.sleep(2)
+    raise TimeoutError([(r.name, r.status) for r in sdk.evals.runs.list(eval_id)])
