@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 RETRY_STATUSES = (429, 502, 503, 504)
 MAX_WAIT = 600.0  # seconds a request may wait out 429/503s before the item errors
 JUDGE_MAX_TOKENS = 16
+HEARTBEAT_SECONDS = 5.0  # progress and liveness written this often while a run grades
 
 
 class GatewayError(Exception):
@@ -52,15 +53,19 @@ class Chat:
         )
         self.usage: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self._lock = threading.Lock()
+        self.unreachable = threading.Event()  # one request gave up: the others stop too
 
     def complete(self, *, model: str, messages: list[dict[str, str]], **params: Any) -> dict:
         body = {"model": model, "messages": messages, **params}
         deadline = time.monotonic() + MAX_WAIT
         while True:
+            if self.unreachable.is_set():
+                raise GatewayError("gateway_unavailable", "The gateway is unreachable.")
             try:
                 response = self.client.post("/chat/completions", json=body)
             except httpx.HTTPError as e:
                 if time.monotonic() > deadline:
+                    self.unreachable.set()
                     raise GatewayError("gateway_unavailable", f"Unreachable: {e}") from e
                 time.sleep(2.0)
                 continue
@@ -206,6 +211,8 @@ def grade_entry(rc: RunContext, index: int, entry: dict[str, Any]) -> EvalOutput
         ctx = {"item": item, "sample": sample}
         results = [_grade(rc, c, ctx) for c in rc.ev.testing_criteria]
     except GatewayError as e:
+        if e.code == "gateway_unavailable":
+            raise  # not this item's fault: the run fails, and says why
         row.sample = {**(row.sample or {}), "error": {"code": e.code, "message": e.message}}
         return row
     row.results = [r.public() for r in results]
@@ -225,6 +232,7 @@ def _claim(session: Session, run_id: str) -> EvalRun | None:
         return None
     run.status, run.attempts = "in_progress", run.attempts + 1
     run.started_at = run.started_at or utcnow()
+    run.heartbeat_at = utcnow()
     session.add(run)
     session.commit()
     return run
@@ -247,9 +255,18 @@ def _target(session: Session, run: EvalRun) -> str:
     return run.model
 
 
-def _stop_requested(session: Session, run: EvalRun) -> bool:
+def _stop_requested(session: Session, run: EvalRun, *, beat: bool) -> bool:
+    """Whether the run was canceled or deleted; `beat`: also record its progress so far
+    (result counts while it runs, as OpenAI shows them) and its heartbeat."""
     fresh = session.get(EvalRun, run.id, populate_existing=True)
-    return fresh is None or fresh.cancel_requested
+    if fresh is None or fresh.cancel_requested:
+        return True
+    if beat:
+        eval_runs.summarize(session, fresh)
+        fresh.heartbeat_at = utcnow()
+        session.add(fresh)
+        session.commit()
+    return False
 
 
 def run_eval(run_id: str, *, settings: Settings, stopping: threading.Event) -> str:
@@ -315,6 +332,7 @@ def _grade_all(
     done = eval_runs.done_items(session, run.id)
     store = ArtifactStore(settings.storage_url)
     pending: list[Future[EvalOutputItem]] = []
+    last_beat = time.monotonic()
     with ThreadPoolExecutor(settings.eval_concurrency, thread_name_prefix="eval") as pool:
         for index, entry in enumerate(
             eval_runs.entries(run, session=session, store=store, max_items=settings.eval_max_items)
@@ -324,7 +342,9 @@ def _grade_all(
             pending.append(pool.submit(grade_entry, rc, index, entry))
             if len(pending) >= settings.eval_concurrency:
                 eval_runs.record_item(session, pending.pop(0).result())
-                if _stop_requested(session, run) or stopping.is_set():
+                beat = time.monotonic() - last_beat > HEARTBEAT_SECONDS
+                last_beat = time.monotonic() if beat else last_beat
+                if _stop_requested(session, run, beat=beat) or stopping.is_set():
                     break
         for future in pending:
             eval_runs.record_item(session, future.result())

@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 import threading
+from typing import Any
 
 from celery import Task, shared_task
 from celery.exceptions import Reject
@@ -89,6 +90,39 @@ def redispatch(settings: Settings, *, older_than: float) -> None:
         log.warning("the broker lost %d queued job(s); sent them again", len(due))
 
 
+def redispatch_eval_runs(settings: Settings, *, older_than: float) -> None:
+    """An eval worker's sweep: send again the runs still queued `older_than` seconds after
+    they were made while the queue holds no message (a broker that lost them), and the runs
+    in progress whose heartbeat stopped (a worker killed mid-run). A duplicate is harmless:
+    each item is graded once, and a run claimed twice goes on from the items done."""
+    from datetime import timedelta
+
+    from sqlalchemy import and_, false, or_
+    from sqlmodel import Session, col, select
+
+    from api.db import utcnow
+    from api.models.evals import EvalRun
+    from workers.celery_app import enqueue_eval_run
+
+    now = utcnow()
+    lost: Any = and_(
+        col(EvalRun.status) == "queued",
+        col(EvalRun.created_at) <= now - timedelta(seconds=older_than),
+    )
+    if waiting_messages(settings, settings.eval_queue) + held_messages() > 0:
+        lost = false()  # a backlog: queued runs have their messages
+    dead = and_(
+        col(EvalRun.status) == "in_progress",
+        col(EvalRun.heartbeat_at) <= now - timedelta(seconds=settings.heartbeat_timeout),
+    )
+    with Session(get_engine(settings.database_url)) as session:
+        stale = session.exec(select(EvalRun.id).where(or_(lost, dead))).all()
+    for run_id in stale:
+        enqueue_eval_run(settings, run_id)
+    if stale:
+        log.warning("sent %d unfinished eval run(s) again", len(stale))
+
+
 def sweep(settings: Settings, *, redispatch_after: float) -> None:
     """Re-queue jobs whose worker died, then send the jobs whose message is overdue."""
     from sqlmodel import Session
@@ -100,6 +134,8 @@ def sweep(settings: Settings, *, redispatch_after: float) -> None:
     for job_id in requeued:
         log.warning("job %s lost its worker; re-queued", job_id)
     redispatch(settings, older_than=redispatch_after)
+    if settings.eval_queue in settings.queues:
+        redispatch_eval_runs(settings, older_than=redispatch_after)
 
 
 def start_reaper(settings: Settings) -> threading.Thread:

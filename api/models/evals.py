@@ -65,6 +65,9 @@ class EvalRun(SQLModel, table=True):
     run_metadata: dict[str, str] | None = Field(default=None, sa_column=Column(JSON))
     cancel_requested: bool = False
     attempts: int = 0
+    # Touched as items are graded: a run in progress whose worker died goes stale, and the
+    # eval workers' sweep sends it again (workers.tasks.redispatch_eval_runs).
+    heartbeat_at: datetime | None = None
     created_at: datetime = Field(default_factory=utcnow, index=True)
     started_at: datetime | None = None
     finished_at: datetime | None = None

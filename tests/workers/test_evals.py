@@ -26,6 +26,7 @@ from sqlmodel import Session, select
 
 from api.db import get_engine
 from api.models.adapters import Adapter
+from api.models.evals import EvalRun
 from api.services import graders
 from api.settings import Settings
 from tests.conftest import bearer, new_admin_key, serve_in_thread
@@ -304,3 +305,47 @@ def _wait_shadow_pairs(http: httpx.Client, adapter_id: str, admin: dict[str, str
             return body
         time.sleep(0.3)
     raise AssertionError(f"no {n} shadow pairs: {body}")
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_run_whose_worker_is_killed_goes_on_from_the_items_graded(
+    settings: Settings, start_worker
+) -> None:
+    """SIGKILL mid-run: the run's heartbeat stops, the next eval worker's sweep sends it again,
+    and it goes on from the items already graded: every item graded once, none twice."""
+    from tests.conftest import new_tenant
+
+    _, key = new_tenant(settings)
+    with serve_in_thread(settings, with_gateway=True) as url:
+        _wait_ready(url)
+        evals = ("--queues", settings.eval_queue)
+        first = start_worker(args=evals, gateway_url=f"{url}/v1")
+        sdk = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
+        ev = sdk.evals.create(
+            name="many", data_source_config={"type": "custom", "item_schema": {"type": "object"}},
+            testing_criteria=[{"type": "string_check", "name": "said", "operation": "ne",
+                               "input": "{{sample.output_text}}", "reference": "nothing"}],
+        )  # fmt: skip
+        content = [{"item": {"q": f"{q} ({i})"}} for i in range(20) for q, _ in TINY_FACTS[:10]]
+        template = [{"role": "user", "content": "{{item.q}}"}]
+        run = sdk.evals.runs.create(ev.id, data_source={
+            "type": "completions", "model": TINY,
+            "source": {"type": "file_content", "content": content},
+            "input_messages": {"type": "template", "template": template},
+            "sampling_params": {"max_completion_tokens": 24}})  # fmt: skip
+        deadline = time.monotonic() + 120
+        while len(list(sdk.evals.runs.output_items.list(run.id, eval_id=ev.id, limit=100))) < 20:
+            assert time.monotonic() < deadline, sdk.evals.runs.retrieve(run.id, eval_id=ev.id)
+            time.sleep(0.2)
+        first.kill()
+        start_worker(args=evals, gateway_url=f"{url}/v1")
+        (done,) = _wait_runs(sdk, ev.id, 1, timeout=300)
+        assert done.status == "completed", done.error
+        assert done.result_counts.total == 200 and done.result_counts.errored == 0
+        items = list(sdk.evals.runs.output_items.list(run.id, eval_id=ev.id, limit=100))
+        items += list(sdk.evals.runs.output_items.list(run.id, eval_id=ev.id, limit=100,
+                                                       after=items[-1].id))  # fmt: skip
+        assert sorted(i.datasource_item_id for i in items) == list(range(200))
+        with Session(get_engine(settings.database_url)) as session:
+            row = session.get(EvalRun, run.id)
+            assert row is not None and row.attempts == 2
