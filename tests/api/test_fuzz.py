@@ -6,8 +6,9 @@ input: a tenant key on tenant routes, an admin key on /v1/admin, and one case in
 other key. Every response must be documented (status, content type, headers, body), none a
 5xx; schema-valid input must be accepted; keyed routes must refuse no key and a bad one.
 Ids in paths, cursors and job bodies are often swapped for real rows (a processed file, a
-queued job, a registered adapter version, a spare key, an eval with a queued run and an
-output item), so routes reach their found branches as well as their 404. POST /v1/files
+queued job, a registered adapter version mirrored to by shadow traffic with a kept pair, a
+spare key, an eval with a queued run and an output item), so routes reach their found
+branches as well as their 404. POST /v1/files
 (our own streaming multipart parser) is fuzzed too: its schema gives the parts and the
 `.jsonl` filename.
 """
@@ -32,7 +33,8 @@ from sqlmodel import Session
 
 from api.db import get_engine
 from api.main import create_app
-from api.services import tenants
+from api.models.adapters import AdapterVersion
+from api.services import shadow, tenants
 from api.settings import Settings
 from serving.zero_adapter import zero_adapter_files
 from tests.api.conftest import TINY, add_version
@@ -64,6 +66,8 @@ def seeded(settings: Settings) -> Seeded:
     admin_key = new_admin_key(settings)
     app = create_app(settings)
     rows = "".join(json.dumps(chat_row(f"q{i}?", f"a{i}.")) + "\n" for i in range(12))
+    adapter = _adapter_dir(settings.home / "adapter")
+    version = add_version(settings, adapter, tenant_id=tenant_id, suffix="fuzzed")
     with TestClient(app) as client:
         upload = client.post(
             "/v1/files",
@@ -80,11 +84,16 @@ def seeded(settings: Settings) -> Seeded:
         )
         assert job.status_code == 200, job.text
         evals = _eval_rows(client, settings, tenant_id=tenant_id, key=tenant_key)
-    adapter = _adapter_dir(settings.home / "adapter")
-    version = add_version(settings, adapter, tenant_id=tenant_id, suffix="fuzzed")
+        shadowed = client.post(
+            f"/v1/admin/adapters/{version.adapter_id}/shadow",
+            headers=bearer(admin_key),
+            json={"version": 1, "percent": 10},
+        )
+        assert shadowed.status_code == 200, shadowed.text
     with Session(get_engine(settings.database_url), expire_on_commit=False) as s:
         spare_key, _ = tenants.create_key(s, tenant_id=tenant_id, name="spare")
         s.commit()
+        _mirrored_pair(s, version)
     job_id = job.json()["id"]
     real = {
         "file_id": file_id,
@@ -95,6 +104,7 @@ def seeded(settings: Settings) -> Seeded:
         "model": settings.base_model,
         "name": "fuzzed",
         "number": 1,
+        "version": 1,  # the shadow version (a candidate)
         "adapter_id": version.adapter_id,
         "tenant_id": tenant_id,
         "key_id": spare_key.id,
@@ -151,6 +161,21 @@ def _eval_rows(
         s.add(item)
         s.commit()
     return {"eval_id": eval_id, "run_id": run.json()["id"], "output_item_id": item.id}
+
+
+def _mirrored_pair(session: Session, version: AdapterVersion) -> None:
+    """A by-name request mirrored to the version, as the gateway keeps the pair."""
+    shadow.record(
+        session,
+        adapter_id=version.adapter_id,
+        version_id=version.id,
+        production_version_id=version.id,
+        request={"messages": [{"role": "user", "content": "2+2?"}]},
+        production_output="4",
+        shadow_output="four",
+        latency_ms=12.0,
+        error=None,
+    )
 
 
 # The schema is read at collection time from an app that never touches its database; the

@@ -26,6 +26,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.main import create_app
+from api.models.adapters import AdapterVersion
 from api.settings import Settings
 from tests.api.conftest import TINY, add_version
 from tests.conftest import _fresh_pg, bearer, new_admin_key, new_tenant
@@ -197,6 +198,7 @@ def world(
     tenant_b, key_b = new_tenant(settings, name="tenant-b")
     admin = new_admin_key(settings)
     version = add_version(settings, tiny_adapter, tenant_id=tenant_a, suffix=ADAPTER)
+    mirrored = _shadow_pair(settings, version)
     with TestClient(create_app(settings, with_gateway=True)) as client:
         promoted = client.post(
             f"/v1/admin/adapters/{version.adapter_id}/versions/1/promote",
@@ -229,6 +231,7 @@ def world(
                 "tenant": tenant_a,
                 "key": keys["data"][0]["id"],
                 "alias": alias,
+                "shadow_sample": mirrored,
             },
             a=key_a,
             b=key_b,
@@ -276,6 +279,30 @@ def _eval_objects(
         s.add(item)
         s.commit()
     return {"eval": ev.json()["id"], "run": run.json()["id"], "output_item": item.id}
+
+
+def _shadow_pair(settings: Settings, version: AdapterVersion) -> str:
+    """A request mirrored to A's version (shadow traffic before its promotion), kept as the
+    gateway keeps it: B must never see it, through any list or A's names."""
+    from sqlmodel import Session
+
+    from api.db import get_engine
+    from api.services import shadow
+
+    with Session(get_engine(settings.database_url), expire_on_commit=False) as s:
+        sample = shadow.record(
+            s,
+            adapter_id=version.adapter_id,
+            version_id=version.id,
+            production_version_id=version.id,
+            request={"messages": CHAT["messages"]},
+            production_output="A's production answer",
+            shadow_output="A's candidate answer",
+            latency_ms=12.0,
+            error=None,
+        )
+    assert sample is not None
+    return sample.id
 
 
 def _wait_for_engine(world: World) -> None:
@@ -329,6 +356,9 @@ def test_every_id_taking_input_is_in_the_matrix() -> None:
     assert ("POST", "/v1/chat/completions") in covered
     assert ("GET", "/v1/evals/{eval_id}/runs/{run_id}/output_items/{output_item_id}") in covered
     assert ("POST", "/v1/evals/{eval_id}/runs") in covered
+    assert ("GET", "/v1/adapters/{name}/versions/{number}/shadow") in covered
+    shadow = "/v1/admin/adapters/{adapter_id}/shadow"
+    assert {("GET", shadow), ("POST", shadow), ("DELETE", shadow)} <= set(admin)
 
 
 def _with_file(value: Any, file_id: str) -> Any:
