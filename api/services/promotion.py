@@ -267,6 +267,15 @@ def _audit_and_commit(
     _commit(session)
 
 
+def _leave_candidacy(adapter: Adapter, version: AdapterVersion) -> None:
+    """A version leaving candidate/staging is no canary and no shadow any more (promoted,
+    production would be mirrored to itself; archived, rejected or deleted, to a dead end)."""
+    if adapter.canary_version_id == version.id:
+        adapter.canary_version_id, adapter.canary_percent = None, 0
+    if adapter.shadow_version_id == version.id:
+        adapter.shadow_version_id, adapter.shadow_percent = None, 0
+
+
 def _set_stage(session: Session, adapter: Adapter, version: AdapterVersion, stage: str) -> None:
     """Move one version; a new production version archives the old one."""
     if stage == "production":
@@ -276,8 +285,8 @@ def _set_stage(session: Session, adapter: Adapter, version: AdapterVersion, stag
             session.add(current)
             session.flush()  # the old production leaves before the new one arrives
         version.promoted_at = utcnow()
-    if adapter.canary_version_id == version.id and stage not in CANARY_STAGES:
-        adapter.canary_version_id, adapter.canary_percent = None, 0
+    if stage not in CANARY_STAGES:
+        _leave_candidacy(adapter, version)
     version.stage, version.stage_reason = stage, None
     session.add(version)
     session.add(adapter)
@@ -480,6 +489,8 @@ def delete_version(
             "promote another version first.",
             code="version_in_use",
         )
+    _leave_candidacy(adapter, version)
+    session.add(adapter)
     audit.record(
         session,
         actor=actor,
@@ -519,8 +530,8 @@ def reject(
     adapter = session.get(Adapter, version.adapter_id)
     before = version_state(version)
     version.stage, version.stage_reason = "rejected", "; ".join(problems)
-    if adapter is not None and adapter.canary_version_id == version.id:
-        adapter.canary_version_id, adapter.canary_percent = None, 0
+    if adapter is not None:
+        _leave_candidacy(adapter, version)
         session.add(adapter)
     session.add(version)
     if actor is not None:

@@ -319,6 +319,28 @@ def test_a_guarded_canary_disagreeing_with_production_is_aborted(
     assert running["canary"]["shadow"]["samples"] == 4
 
 
+def test_a_shadow_version_leaving_candidacy_is_mirrored_no_more(
+    client: TestClient, settings: Settings, adapter_dir: Path, session: Session
+) -> None:
+    promoted, archived, deleted = (
+        Adapter(client, settings, adapter_dir, versions=2) for _ in range(3)
+    )
+    for bot in (promoted, archived, deleted):
+        assert bot.promote(1).status_code == 200
+        assert bot.admin_call("POST", "/shadow", version=2, percent=100).status_code == 200
+    assert promoted.promote(2).status_code == 200
+    gone = archived.admin_call("POST", "/versions/2/promote", stage="archived")
+    assert gone.status_code == 200, gone.text
+    assert deleted.admin_call("DELETE", "/versions/2").status_code == 200
+
+    for bot in (promoted, archived, deleted):
+        state = bot.admin_call("GET", "/shadow").json()
+        assert (state["version"], state["percent"]) == (None, 0), state
+        served = resolve_model(session, settings, tenant_id=bot.tenant_id, model=bot.name)
+        assert served.shadow is None
+        refused(bot.admin_call("DELETE", "/shadow"), 409, None, "no_shadow")
+
+
 # -- the gateway's bound on mirrors in flight ---------------------------------------------------
 
 
