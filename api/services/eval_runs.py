@@ -24,16 +24,13 @@ from sqlmodel import Session, col, delete, select
 from api.db import utcnow
 from api.errors import Conflict, InvalidRequest, NotFound
 from api.models.evals import RUN_ACTIVE, Eval, EvalOutputItem, EvalRun
-from api.services import evals, files
+from api.services import evals, files, graders
 from api.services.jobs import DOCUMENTED, check_metadata
 from api.services.pagination import Order, page
 from api.services.resolver import resolve_model
 from api.settings import Settings
 from api.storage import ArtifactStore
 
-ROLES = ("system", "user", "assistant", "developer")
-MAX_TEMPLATE_MESSAGES = 32
-MAX_TEMPLATE_CHARS = 64 * 1024
 SAMPLING = {"temperature", "top_p", "seed", "max_completion_tokens"}
 DEFAULT_MAX_TOKENS = 256
 
@@ -100,20 +97,6 @@ def _source(
     return {"type": "file_content", "content": content}
 
 
-def _message(raw: Any, *, param: str) -> dict[str, str]:
-    if not isinstance(raw, dict) or raw.get("role") not in ROLES:
-        raise _fail(f"each message needs a role in {list(ROLES)}", param=f"{param}.role")
-    content = raw.get("content")
-    if isinstance(content, dict) and isinstance(content.get("text"), str):
-        content = content["text"]  # {"type": "input_text", "text": ...}
-    if not isinstance(content, str) or len(content) > MAX_TEMPLATE_CHARS:
-        raise _fail(
-            f"content must be text of at most {MAX_TEMPLATE_CHARS} characters",
-            param=f"{param}.content",
-        )
-    return {"role": raw["role"], "content": content}
-
-
 def _input_messages(raw: Any) -> dict[str, Any]:
     param = "data_source.input_messages"
     if not isinstance(raw, dict):
@@ -127,12 +110,7 @@ def _input_messages(raw: Any) -> dict[str, Any]:
         return {"type": "item_reference", "item_reference": ref}
     if raw.get("type") != "template":
         raise _fail("input_messages.type is 'template' or 'item_reference'", param=f"{param}.type")
-    template = raw.get("template")
-    if not isinstance(template, list) or not 0 < len(template) <= MAX_TEMPLATE_MESSAGES:
-        raise _fail(
-            f"template is a list of 1-{MAX_TEMPLATE_MESSAGES} messages", param=f"{param}.template"
-        )
-    messages = [_message(m, param=f"{param}.template[{i}]") for i, m in enumerate(template)]
+    messages = graders.check_messages(raw.get("template"), param=f"{param}.template")
     return {"type": "template", "template": messages}
 
 

@@ -190,7 +190,7 @@ def _label_model(f: _Fields) -> dict[str, Any]:
         if label not in labels:
             message = f"passing_labels must be among labels; '{label[:64]}' is not."
             raise CriterionError(message, param=f"{f.param('passing_labels')}[{i}]")
-    input = _messages(f.get("input"), param=f.param("input"))
+    input = check_messages(f.get("input"), param=f.param("input"))
     return {"model": f.model(), "input": input, "labels": labels, "passing_labels": passing}
 
 
@@ -203,7 +203,7 @@ def _score_model(f: _Fields) -> dict[str, Any]:
         raise CriterionError(message, param=f.param("pass_threshold"))
     out = {
         "model": f.model(),
-        "input": _messages(f.get("input"), param=f.param("input")),
+        "input": check_messages(f.get("input"), param=f.param("input")),
         "range": [low, high],
         "pass_threshold": threshold,
     }
@@ -256,7 +256,8 @@ def _labels(value: Any, *, param: str) -> list[str]:
     return list(value)
 
 
-def _messages(value: Any, *, param: str) -> list[dict[str, str]]:
+def check_messages(value: Any, *, param: str) -> list[dict[str, str]]:
+    """A list of templated messages, as criteria and completions runs take them."""
     if not isinstance(value, list) or not 1 <= len(value) <= MAX_MESSAGES:
         raise CriterionError(f"input must be a list of 1 to {MAX_MESSAGES} messages.", param=param)
     return [_message(m, param=f"{param}[{i}]") for i, m in enumerate(value)]
