@@ -132,17 +132,19 @@ def _prune(session: Session, version_id: str) -> None:
 
 
 def summary(session: Session, *, version_id: str, since: Any = None) -> dict[str, Any]:
-    """Pairs kept for a version (since `since`): how many, agreement, errors, latency."""
+    """Pairs kept for a version (since `since`): how many, agreement (errored mirrors count
+    as disagreeing), errors, latency."""
     query = select(ShadowSample).where(ShadowSample.version_id == version_id)
     if since is not None:
         query = query.where(ShadowSample.created_at >= since)
     rows = list(session.exec(query))
-    scored = [r for r in rows if r.passed is not None]
+    agreed = sum(1 for r in rows if r.passed)
     latencies = sorted(r.shadow_latency_ms for r in rows if r.shadow_latency_ms is not None)
     return {
         "samples": len(rows),
-        "agreed": sum(1 for r in scored if r.passed),
-        "agreement": (sum(1 for r in scored if r.passed) / len(scored)) if scored else None,
+        "agreed": agreed,
+        # A mirror the candidate failed to answer counts as disagreeing: it is a finding.
+        "agreement": agreed / len(rows) if rows else None,
         "errors": sum(1 for r in rows if r.shadow_error),
         "latency_p50_ms": latencies[len(latencies) // 2] if latencies else None,
     }
