@@ -22,6 +22,15 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+# The console's browser tests (tests/console/) drive Debian's chromium through Playwright,
+# whose own browser download does not work here. The package index is refreshed only if
+# the install fails without it.
+CHROMIUM := /usr/bin/chromium
+APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends
+
+$(CHROMIUM):
+	$(APT_INSTALL) chromium || (apt-get update -q && $(APT_INSTALL) chromium)
+
 demo: $(STAMP)
 	$(BIN)/loraplex demo
 
@@ -32,7 +41,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP)
+pytest: $(STAMP) $(CHROMIUM)
 	HF_HUB_OFFLINE=1 $(BIN)/pytest --durations=15
 
 test: lint typecheck pytest
