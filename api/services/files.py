@@ -8,6 +8,7 @@ accepted one is `processed` or, with line-by-line reasons in `status_details`, `
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import PurePosixPath
 from typing import Any
@@ -24,9 +25,11 @@ from api.storage import ArtifactStore, AtomicWrite
 from trainer.formats import DatasetScanner
 
 FINE_TUNE = "fine-tune"
+EVALS = "evals"  # eval items for runs (api/services/eval_runs.py): JSON objects, one per line
 RESULTS = "fine-tune-results"
-UPLOAD_PURPOSES = (FINE_TUNE,)
-OPENAI_ONLY_PURPOSES = ("assistants", "batch", "vision", "user_data", "evals")
+UPLOAD_PURPOSES = (FINE_TUNE, EVALS)
+OPENAI_ONLY_PURPOSES = ("assistants", "batch", "vision", "user_data")
+MAX_EVAL_PROBLEMS = 20
 
 
 def check_purpose(purpose: str) -> None:
@@ -36,15 +39,18 @@ def check_purpose(purpose: str) -> None:
         why = f"Loraplex does not accept uploads with purpose {purpose!r}"
     else:
         why = f"{purpose!r} is not a valid purpose"
-    raise InvalidRequest(f"{why}; use 'fine-tune'.", param="purpose", code="invalid_purpose")
+    raise InvalidRequest(
+        f"{why}; use 'fine-tune' or 'evals'.", param="purpose", code="invalid_purpose"
+    )
 
 
 def check_filename(filename: str, *, purpose: str) -> None:
     if not filename or len(filename) > 256:
         raise InvalidRequest("The file needs a name of 1-256 characters.", param="file")
-    if purpose == FINE_TUNE and PurePosixPath(filename).suffix.lower() != ".jsonl":
+    if purpose in UPLOAD_PURPOSES and PurePosixPath(filename).suffix.lower() != ".jsonl":
         raise InvalidRequest(
-            f"Fine-tuning files must be JSONL ('.jsonl'); got {filename!r}.",
+            f"{'Eval' if purpose == EVALS else 'Fine-tuning'} files must be JSONL ('.jsonl'); "
+            f"got {filename!r}.",
             param="file",
             code="invalid_file_format",
         )
@@ -113,7 +119,10 @@ class Upload:
             sha256=stored.sha256,
             storage_key=stored.key,
         )
-        self._apply_validation(row)
+        if purpose == EVALS:
+            _apply_eval_validation(row, self._write.store)
+        else:
+            self._apply_validation(row)
         session.add(row)
         try:
             session.commit()
@@ -134,6 +143,41 @@ class Upload:
         if more:
             details.append(f"... and {more} more")
         row.status, row.status_details = "error", "\n".join(details)
+
+
+def _apply_eval_validation(row: File, store: ArtifactStore) -> None:
+    """An eval file: one JSON object per line, `{"item": {...}, "sample"?: {...}}` or the
+    item itself; read back once stored (the upload streamed before its purpose was known)."""
+    problems: list[str] = []
+    n_problems = examples = 0
+    with store.open(row.storage_key) as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            try:
+                line = json.loads(raw)
+                ok = isinstance(line, dict) and isinstance(line.get("item", {}), dict)
+            except ValueError:
+                ok = False
+            examples += ok
+            if not ok:
+                n_problems += 1
+                if len(problems) < MAX_EVAL_PROBLEMS:
+                    problems.append(f"line {line_no}: not a JSON object (with an object 'item')")
+    row.stats = {"examples": examples}
+    if examples and not n_problems:
+        row.status, row.status_details = "processed", None
+        return
+    if not examples and not n_problems:
+        problems = ["file contains no items"]
+        n_problems = 1
+    more = n_problems - len(problems)
+    details = [
+        f"{n_problems} problem(s) found:",
+        *problems,
+        *([f"... and {more} more"] if more else []),
+    ]
+    row.status, row.status_details = "error", "\n".join(details)
 
 
 def get_file(session: Session, *, tenant_id: str, file_id: str) -> File:

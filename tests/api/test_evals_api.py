@@ -126,6 +126,30 @@ def test_eval_crud_through_the_sdk(sdk: openai.OpenAI) -> None:
     assert [e.id for e in sdk.evals.list()] == ids[1:]
 
 
+def test_eval_files_upload_with_purpose_evals_and_feed_runs(sdk: openai.OpenAI) -> None:
+    """OpenAI's `purpose="evals"`: a JSONL of items (or {item, sample}) is `processed`; a line
+    that is no object is an `error` naming the line; a processed one is a run's source."""
+    good = "".join(json.dumps(e) + "\n" for e in ENTRIES).encode()
+    uploaded = sdk.files.create(file=("items.jsonl", good), purpose="evals")
+    assert (uploaded.purpose, uploaded.status) == ("evals", "processed")
+    bad = good + b'["not", "an", "object"]\n{"item": 3}\n'
+    refused_file = sdk.files.create(file=("bad.jsonl", bad), purpose="evals")
+    assert refused_file.status == "error"
+    assert refused_file.status_details is not None
+    assert "line 3:" in refused_file.status_details and "line 4:" in refused_file.status_details
+    with pytest.raises(openai.BadRequestError, match="JSONL"):
+        sdk.files.create(file=("items.csv", good), purpose="evals")
+
+    ev = sdk.evals.create(**EVAL)  # type: ignore[arg-type]
+    source: Any = {"type": "jsonl", "source": {"type": "file_id", "id": uploaded.id}}
+    run = sdk.evals.runs.create(ev.id, data_source=source)
+    assert run.status == "queued"
+    broken: Any = {**source, "source": {"type": "file_id", "id": refused_file.id}}
+    with pytest.raises(openai.BadRequestError) as unusable:
+        sdk.evals.runs.create(ev.id, data_source=broken)
+    assert unusable.value.param == "data_source.source.id"
+
+
 def test_runs_stay_queued_without_a_worker_and_cancel_once(
     sdk: openai.OpenAI, live_url: str
 ) -> None:
