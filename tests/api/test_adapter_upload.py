@@ -242,3 +242,39 @@ def test_a_tar_that_unpacks_huge_is_refused_and_links_are_ignored(
     assert response.status_code == 200, response.text
     assert "elsewhere" in response.json()["report"]["ignored_files"]
     assert stored_files(settings) and not any("passwd" in str(p) for p in stored_files(settings))
+
+
+def test_an_uploaded_version_is_graded_by_the_adapters_evals(
+    api: tuple[TestClient, Settings, str], foreign: Path
+) -> None:
+    """A/B holds for versions trained elsewhere too: an eval attached to the adapter (as a
+    fine-tune's validation file attaches one) gets runs on the upload and on the base."""
+    from sqlmodel import Session, select
+
+    from api.db import get_engine
+    from api.models.adapters import Adapter
+    from api.models.evals import Eval, EvalRun
+    from api.services.eval_policy import VALIDATION_CRITERIA, VALIDATION_SCHEMA
+
+    client, settings, key = api
+    held = ("held.jsonl", b'{"input": [], "ideal": "x"}\n')
+    items = client.post("/v1/files", headers=bearer(key), data={"purpose": "evals"},
+                        files={"file": held})  # fmt: skip
+    assert items.status_code == 200, items.text
+    assert upload(client, key, "graded", tar_of(foreign)).status_code == 200
+    config = {"type": "custom", "schema": {"type": "object",
+              "properties": {"item": VALIDATION_SCHEMA}, "required": ["item"]}}  # fmt: skip
+    with Session(get_engine(settings.database_url)) as session:
+        assert session.exec(select(EvalRun)).first() is None  # no eval attached yet: no run
+        adapter = session.exec(select(Adapter).where(Adapter.name == "graded")).one()
+        session.add(Eval(tenant_id=adapter.tenant_id, name="graded: held out",
+                         data_source_config=config, testing_criteria=VALIDATION_CRITERIA,
+                         eval_metadata={"file_id": items.json()["id"]},
+                         adapter_name="graded"))  # fmt: skip
+        session.commit()
+    second = upload(client, key, "graded", tar_of(foreign))
+    assert second.status_code == 200, second.text
+    with Session(get_engine(settings.database_url)) as session:
+        runs = session.exec(select(EvalRun)).all()
+    assert sorted(r.name for r in runs) == [f"{TINY} (base)", "v2 (candidate)"]
+    assert all(r.status == "queued" and r.data_source["source"]["type"] == "file_id" for r in runs)
