@@ -242,7 +242,8 @@ def list_audit(
 @router.get("/usage")
 def usage(_: AdminDep, session: SessionDep, tenant_id: str | None = None) -> dict[str, Any]:
     """Requests and tokens per tenant and adapter version, from the serving gateway; the
-    503s answered while no engine replica was ready are counted apart, as `unavailable`."""
+    503s answered while no engine replica was ready are counted apart, as `unavailable`.
+    `latency_ms`: p50/p95/p99 of the requests served in the last day (null if none)."""
     return {
         "object": "list",
         "data": usage_summary(session, tenant_id=tenant_id),

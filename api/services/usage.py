@@ -6,12 +6,15 @@ charged for what the engine did before it stopped."""
 
 from __future__ import annotations
 
-from datetime import datetime
+import math
+from collections import defaultdict
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import case, func, select
 from sqlmodel import Session, col
 
+from api.db import utcnow
 from api.models.usage import UsageRecord
 
 
@@ -45,12 +48,19 @@ def record_usage(
 
 
 UNAVAILABLE = 503  # the gateway's answer while no engine replica is ready
+# Latency percentiles are computed in Python from the rows, so they read a bounded slice:
+# the last day (what an operator watches), at most this many of its newest requests.
+LATENCY_WINDOW = timedelta(hours=24)
+LATENCY_MAX_ROWS = 100_000
+PERCENTILES = (50, 95, 99)
+GroupKey = tuple[str, str, str | None]
 
 
 def usage_summary(
     session: Session, *, tenant_id: str | None = None, since: datetime | None = None
 ) -> list[dict[str, Any]]:
-    """Requests and tokens per tenant and (model, adapter version); 503s apart."""
+    """Requests and tokens per tenant and (model, adapter version); 503s apart; each
+    group's latency percentiles over the last `LATENCY_WINDOW` (null if none there)."""
     refused = col(UsageRecord.status_code) == UNAVAILABLE
     query = select(
         col(UsageRecord.tenant_id),
@@ -67,6 +77,7 @@ def usage_summary(
         query = query.where(col(UsageRecord.tenant_id) == tenant_id)
     if since is not None:
         query = query.where(col(UsageRecord.created_at) >= since)
+    latencies = latency_percentiles(session, tenant_id=tenant_id, since=since)
     return [
         {
             "tenant_id": t,
@@ -76,6 +87,48 @@ def usage_summary(
             "unavailable": int(u or 0),
             "prompt_tokens": int(p or 0),
             "completion_tokens": int(c or 0),
+            "latency_ms": latencies.get((t, m, v)),
         }
         for t, m, v, n, u, p, c in session.execute(query)
     ]
+
+
+def latency_percentiles(
+    session: Session, *, tenant_id: str | None = None, since: datetime | None = None
+) -> dict[GroupKey, dict[str, float]]:
+    """p50/p95/p99 latency (ms) of served requests per (tenant, model, adapter version),
+    over the last `LATENCY_WINDOW` (or since `since`, if later), newest rows first."""
+    start = utcnow() - LATENCY_WINDOW
+    if since is not None and since.replace(tzinfo=start.tzinfo) > start:
+        start = since
+    query = (
+        select(
+            col(UsageRecord.tenant_id),
+            col(UsageRecord.model),
+            col(UsageRecord.adapter_version_id),
+            col(UsageRecord.latency_ms),
+        )
+        .where(col(UsageRecord.created_at) >= start)
+        .where(col(UsageRecord.status_code) != UNAVAILABLE)
+        .order_by(col(UsageRecord.created_at).desc())
+        .limit(LATENCY_MAX_ROWS)
+    )
+    if tenant_id is not None:
+        query = query.where(col(UsageRecord.tenant_id) == tenant_id)
+    groups: dict[GroupKey, list[float]] = defaultdict(list)
+    for t, m, v, latency in session.execute(query):
+        groups[(t, m, v)].append(float(latency))
+    window = LATENCY_WINDOW.total_seconds()
+    return {
+        key: {
+            **{f"p{q}": _nearest_rank(sorted(values), q) for q in PERCENTILES},
+            "samples": len(values),
+            "window_seconds": window,
+        }
+        for key, values in groups.items()
+    }
+
+
+def _nearest_rank(ordered: list[float], q: int) -> float:
+    """The q-th percentile by nearest rank: a latency some request really had."""
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]

@@ -121,7 +121,7 @@ export async function jobs({ view }) {
     selectField("training-file", "Training file", usable),
     selectField("validation-file", "Validation file", usable, { optional: true }),
     h("div", { class: "field" }, h("label", { for: "suffix" }, "Adapter name (suffix)"),
-      h("input", { id: "suffix", name: "suffix", pattern: "[a-z0-9-]{1,64}",
+      h("input", { id: "suffix", name: "suffix", pattern: "[a-z0-9\\-]{1,64}",
         placeholder: "support-bot" })),
     numberField("epochs", "Epochs (blank: auto)", { min: 1, max: 50 }),
     numberField("batch-size", "Batch size (blank: auto)", { min: 1 }),
