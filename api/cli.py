@@ -189,6 +189,14 @@ def migrate(
     state: Annotated[Path, typer.Option(help="Progress file: run again with it to resume.")] = Path(
         "loraplex-migrate.json"
     ),
+    report: Annotated[
+        bool,
+        typer.Option(
+            "--report",
+            help="Once the jobs here succeeded: the parity report (the source model and the new "
+            "version on the same prompts, graded by one eval here).",
+        ),
+    ] = False,
 ) -> None:
     """Recreate a hosted account's fine-tunes here (files, jobs, suffixes) through the OpenAI
     API, and make the old ft: model ids aliases of the new adapters. docs/migrate.md."""
@@ -197,7 +205,14 @@ def migrate(
 
     import openai
 
-    from api.migrate import Migration, State, outcomes_table, v1
+    from api.migrate import (
+        Migration,
+        ParityReport,
+        State,
+        outcomes_table,
+        parity_table,
+        v1,
+    )
 
     if not key:
         _fail("give your Loraplex API key with --to-key or LORAPLEX_API_KEY")
@@ -218,14 +233,15 @@ def migrate(
         progress=bar,
     )
     try:
-        outcomes = migration.run(job)
+        results = ParityReport(migration).run(job) if report else migration.run(job)
     except openai.APIConnectionError as e:
         _fail(f"cannot reach {e.request.url}: {e}")
     except openai.APIStatusError as e:
         _fail(f"{e.request.url}: {e.message}")
-    for line in outcomes_table(outcomes):
+    table = parity_table if report else outcomes_table
+    for line in table(results):  # type: ignore[arg-type]
         typer.echo(line)
-    if any(o.problem for o in outcomes):
+    if any(r.problem for r in results):
         raise typer.Exit(1)
 
 
@@ -392,13 +408,25 @@ def demo(
     ] = 0.75,
     support: Annotated[Path | None, typer.Option(help="The support team's dataset.")] = None,
     code: Annotated[Path | None, typer.Option(help="The code team's dataset.")] = None,
+    keep: Annotated[
+        bool,
+        typer.Option(
+            "--keep", help="Keep the platform up afterwards, for the web console (Ctrl-C stops)."
+        ),
+    ] = False,
 ) -> None:
-    """Train and serve two tenants' adapters end to end on this machine."""
+    """Train and serve two tenants' adapters end to end on this machine; ends with the web
+    console's URL."""
     from api.demo import run_demo
 
     raise typer.Exit(
         run_demo(
-            get_settings(), questions=questions, min_match=min_match, support=support, code=code
+            get_settings(),
+            questions=questions,
+            min_match=min_match,
+            support=support,
+            code=code,
+            keep=keep,
         )
     )
 

@@ -245,3 +245,171 @@ def outcomes_table(outcomes: list[Outcome]) -> Iterator[str]:
     for o in outcomes:
         status = f"not migrated: {o.problem}" if o.problem else "queued here; alias set"
         yield f"{o.source_job}\t{o.source_model}\t{o.job or '-'}\t{o.adapter or '-'}\t{status}"
+
+
+# -- the parity report: the same eval on the source model and the adapter here ---------------
+
+PARITY_ITEMS = 200  # prompts of a file asked of both models: a fair sample, minutes at most
+PARITY_CRITERIA = [
+    {"type": "text_similarity", "name": "matches the reference", "input": "{{sample.output_text}}",
+     "reference": "{{item.ideal}}", "evaluation_metric": "fuzzy_match", "pass_threshold": 0.8}
+]  # fmt: skip
+PARITY_SCHEMA: dict[str, object] = {
+    "type": "object",
+    "properties": {"input": {"type": "array"}, "ideal": {"type": "string"}},
+    "required": ["input", "ideal"],
+}
+
+
+@dataclass
+class Parity:
+    source_job: str
+    adapter: str
+    on: str = "-"  # which file the prompts came from
+    items: int = 0
+    hosted: float | None = None  # share of answers matching the reference, source model
+    here: float | None = None  # the same, the adapter's version here
+    agreement: float | None = None  # share of prompts both answer alike
+    problem: str | None = None
+
+
+def chat_items(content: bytes, *, limit: int) -> list[dict[str, Any]]:
+    """A chat file's first `limit` examples as eval items: the prompt and its answer."""
+    items = []
+    for line in content.decode("utf-8-sig").splitlines():
+        row = json.loads(line) if line.strip() else None
+        messages = row.get("messages") if isinstance(row, dict) else None
+        if (isinstance(messages, list) and len(messages) > 1 and isinstance(messages[-1], dict)
+                and messages[-1].get("role") == "assistant"
+                and isinstance(messages[-1].get("content"), str)):  # fmt: skip
+            prompt = [{k: v for k, v in m.items() if k in ("role", "content")}
+                      for m in messages[:-1]]  # fmt: skip
+            items.append({"input": prompt, "ideal": messages[-1]["content"]})
+        if len(items) >= limit:
+            break
+    return items
+
+
+class ParityReport:
+    """For each migrated job whose job here succeeded: the source job's validation prompts
+    (its training prompts when it had none) asked of the source model and of the new
+    version here, both graded here by one eval (fuzzy match >= 0.8 with the file's answers),
+    and how often the two answer alike. Resumable from the migration's state file."""
+
+    def __init__(self, migration: Migration, *, timeout: float = 3600.0) -> None:
+        self.m = migration
+        self.timeout = timeout
+
+    def run(self, only: list[str] | None = None) -> list[Parity]:
+        reports = []
+        for job in self.m.source_jobs(only):
+            report = Parity(job.id, adapter_name(job))
+            try:
+                self._one(job, self.m.state.of(job.id), report)
+            except (MigrationError, openai.APIStatusError) as e:
+                report.problem = str(getattr(e, "message", None) or e)
+            reports.append(report)
+        return reports
+
+    def _one(self, job: Any, done: dict[str, Any], report: Parity) -> None:
+        if "job" not in done:
+            raise MigrationError("not migrated yet: run the migration first")
+        here = self.m.dest.fine_tuning.jobs.retrieve(done["job"])
+        if here.status != "succeeded" or not here.fine_tuned_model:
+            raise MigrationError(f"the job here ({here.id}) is {here.status}; report once it "
+                                 "has succeeded")  # fmt: skip
+        file_id = job.validation_file or job.training_file
+        report.on = "validation" if job.validation_file else "training"
+        parity = done.setdefault("parity", {})
+        content = self.m._paced(lambda: self.m.source.files.content(file_id)).content
+        items = chat_items(content, limit=PARITY_ITEMS)
+        if not items:
+            raise MigrationError(f"{file_id} has no chat examples to ask")
+        report.items = len(items)
+        hosted = self._hosted_answers(job, items, parity.setdefault("answers", []))
+        runs = parity.setdefault("runs", {})
+        if not runs:
+            runs.update(self._start_runs(report.adapter, items, hosted, here.fine_tuned_model))
+            self.m.state.save()
+        finished = {side: self._wait(eval_id, run_id) for side, (eval_id, run_id) in runs.items()}
+        report.hosted = _score(finished["hosted"])
+        report.here = _score(finished["here"])
+        eval_id, run_id = runs["here"]
+        report.agreement = self._agreement(eval_id, run_id, hosted)
+
+    def _hosted_answers(
+        self, job: Any, items: list[dict[str, Any]], answers: list[str]
+    ) -> list[str]:
+        with self.m.progress(len(items), f"asking {job.fine_tuned_model}") as bar:
+            for item in items[len(answers) :]:
+                answers.append(self.m._ask(job.fine_tuned_model, item["input"]))
+                self.m.state.save()  # resumable answer by answer
+                if bar is not None:
+                    bar.update(1)
+        return answers
+
+    def _start_runs(self, name: str, items: list[dict[str, Any]], hosted: list[str],
+                    model: str) -> dict[str, tuple[str, str]]:  # fmt: skip
+        dest = self.m.dest
+        ev = dest.evals.create(
+            name=f"parity: {name}",
+            data_source_config={"type": "custom", "item_schema": PARITY_SCHEMA,
+                                "include_sample_schema": True},
+            testing_criteria=PARITY_CRITERIA,  # type: ignore[arg-type]
+        )  # fmt: skip
+        lines = [
+            {"item": it, "sample": {"output_text": a}} for it, a in zip(items, hosted, strict=True)
+        ]
+        uploaded = dest.files.create(file=(f"parity-{name}.jsonl", _jsonl(lines)), purpose="evals")
+        source: Any = {"type": "file_id", "id": uploaded.id}
+        given = dest.evals.runs.create(ev.id, name="source model",
+                                       data_source={"type": "jsonl", "source": source})  # fmt: skip
+        asked = dest.evals.runs.create(ev.id, name=model, data_source={
+            "type": "completions", "model": model, "source": source,
+            "input_messages": {"type": "item_reference", "item_reference": "item.input"},
+            "sampling_params": {"temperature": 0, "max_completion_tokens": 512}})  # fmt: skip
+        return {"hosted": (ev.id, given.id), "here": (ev.id, asked.id)}
+
+    def _wait(self, eval_id: str, run_id: str) -> Any:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            run = self.m.dest.evals.runs.retrieve(run_id, eval_id=eval_id)
+            if run.status in ("completed", "failed", "canceled"):
+                if run.status != "completed":
+                    raise MigrationError(f"eval run {run_id} {run.status}: {run.error}")
+                return run
+            if time.monotonic() > deadline:
+                raise MigrationError(f"eval run {run_id} still {run.status}; run the report again")
+            time.sleep(1.0)
+
+    def _agreement(self, eval_id: str, run_id: str, hosted: list[str]) -> float | None:
+        from api.services.text_metrics import similarity
+
+        said = {
+            item.datasource_item_id: (item.sample.output[0].content if item.sample.output else "")
+            for item in self.m.dest.evals.runs.output_items.list(run_id, eval_id=eval_id, limit=100)
+        }
+        alike = [similarity(said[i] or "", hosted[i], metric="fuzzy_match") >= 0.8 for i in said]
+        return sum(alike) / len(alike) if alike else None
+
+
+def _jsonl(rows: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+
+
+def _score(run: Any) -> float | None:
+    counts = run.result_counts
+    return counts.passed / counts.total if counts.total else None
+
+
+def parity_table(reports: list[Parity]) -> Iterator[str]:
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.0f}%"
+
+    yield "source job\tadapter\tprompts\tsource model\there\tanswer alike"
+    for r in reports:
+        if r.problem:
+            yield f"{r.source_job}\t{r.adapter}\t-\t-\t-\tno report: {r.problem}"
+        else:
+            yield (f"{r.source_job}\t{r.adapter}\t{r.items} ({r.on})\t{pct(r.hosted)}\t"
+                   f"{pct(r.here)}\t{pct(r.agreement)}")  # fmt: skip

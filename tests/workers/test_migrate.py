@@ -64,6 +64,7 @@ def test_migrate_recreates_the_sources_jobs_and_the_old_name_answers_after_promo
     _, dest_key = new_tenant(dest, name="acme-here")
     start_worker()
     dest_worker = Worker(dest, tmp_path / "dest-worker.log")
+    stop = [dest_worker]
     try:
         dest_worker.wait_ready()
         with (
@@ -129,8 +130,38 @@ def test_migrate_recreates_the_sources_jobs_and_the_old_name_answers_after_promo
             assert promoted.status_code == 200, promoted.text
             reply = here.chat.completions.create(model=old.fine_tuned_model, **chat)
             assert reply.model == new.fine_tuned_model
+
+            # The parity report: the source model and the new version on the same prompts
+            # (the source job's training file: it had no validation file), graded here.
+            graded = dest.model_copy(update={"gateway_url": f"{dest_url}/v1"})
+            evals = Worker(graded, tmp_path / "dest-evals.log", args=("--queues", dest.eval_queue))
+            stop.append(evals)
+            evals.wait_ready()
+            report = migrate(*args, "--report", settings=dest)
+            assert report.returncode == 0, report.stderr
+            header, row = report.stdout.strip().splitlines()
+            assert header.split("\t")[3:] == ["source model", "here", "answer alike"]
+            cells = row.split("\t")
+            assert cells[:3] == [old.id, "support-bot", "12 (training)"], row
+            figures = [int(c.rstrip("%")) for c in cells[3:]]
+            assert all(0 <= f <= 100 for f in figures), row  # the tiny models ramble: no bar
+            (parity,) = [e for e in here.evals.list() if e.name == "parity: support-bot"]
+            runs = {r.name: r for r in here.evals.runs.list(parity.id)}
+            assert set(runs) == {"source model", new.fine_tuned_model}
+            assert all(r.status == "completed" and r.result_counts.total == 12
+                       for r in runs.values())  # fmt: skip
+            source_run = runs["source model"].id
+            given = list(here.evals.runs.output_items.list(source_run, eval_id=parity.id))
+            first = min(given, key=lambda i: i.datasource_item_id)
+            said = hosted.chat.completions.create(
+                model=old.fine_tuned_model, messages=first.datasource_item["input"], temperature=0
+            )  # the source model's own answer is the sample graded
+            assert first.sample.output_text == said.choices[0].message.content  # type: ignore[attr-defined]
+            assert migrate(*args, "--report", settings=dest).stdout == report.stdout  # resumed
+            assert len(list(here.evals.runs.list(parity.id))) == 2
     finally:
-        dest_worker.stop()
+        for worker in stop:
+            worker.stop()
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
