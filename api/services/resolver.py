@@ -186,7 +186,11 @@ def _by_name(
             param="model",
             code="model_not_found",
         )
-    shadow = session.get(AdapterVersion, adapter.shadow_version_id or "")
+    shadow = (
+        session.get(AdapterVersion, adapter.shadow_version_id)
+        if adapter.shadow_version_id and adapter.shadow_percent
+        else None
+    )
     return Resolution(requested=model, base_model=production.base_model, version=production,
                       shadow=shadow, shadow_percent=adapter.shadow_percent if shadow else 0,
                       adapter_id=adapter.id)  # fmt: skip
