@@ -446,13 +446,30 @@ def _succeed(job_id: str, ctx: JobContext, result: TrainResult) -> None:
         for key in (prefix, *csv_keys):
             ctx.store.delete(key)  # no half-registered version: bytes go with the row
         raise
-    ctx.transaction(lambda session: _start_evals(session, ctx.settings, job_id))
+    held_out = _held_out_split(job, ctx.settings, data=result.out_dir.parent / "train.jsonl")
+    ctx.transaction(lambda session: _start_evals(session, ctx, job_id, held_out=held_out))
 
 
-def _start_evals(session: Session, settings: Settings, job_id: str) -> None:
-    """The job's validation file becomes an eval attached to its adapter; each attached
-    eval runs on the new version, and on production and the base where they have no run
-    (A/B). Never fails the job: an eval that cannot start is a warning event."""
+def _held_out_split(job: Job, settings: Settings, *, data: Path) -> bytes | None:
+    """The training lines a supervised job without a validation file held out
+    (`validation_split`), as the trainer chose them: the adapter's eval set if it has none."""
+    from trainer.data import split_validation
+    from trainer.formats import iter_examples
+
+    config = _training_config(job, settings)
+    if job.validation_file or config.validation_split <= 0 or config.objective != "sft":
+        return None
+    raw = data.read_bytes().splitlines(keepends=True)
+    numbers = [n for n, _ in iter_examples(raw)]
+    _, held = split_validation(numbers, fraction=config.validation_split, seed=config.seed)
+    return b"".join(raw[n - 1].rstrip(b"\n") + b"\n" for n in sorted(held)) or None
+
+
+def _start_evals(session: Session, ctx: JobContext, job_id: str, *, held_out: bytes | None) -> None:
+    """The job's validation file (or the split it held out, for an adapter with no eval
+    yet) becomes an eval attached to its adapter; each attached eval runs on the new version,
+    and on production and the base where they have no run (A/B). Never fails the job: an
+    eval that cannot start is a warning event."""
     from api.models.adapters import Adapter
     from api.services import eval_policy
     from workers.celery_app import enqueue_eval_run
@@ -464,11 +481,19 @@ def _start_evals(session: Session, settings: Settings, job_id: str) -> None:
     try:
         adapter = session.get(Adapter, version.adapter_id)
         assert adapter is not None
-        eval_policy.attach_validation_eval(session, job, adapter)
+        if job.validation_file:
+            eval_policy.attach_file_eval(session, adapter, file_id=job.validation_file,
+                                         source=job.id, what="validation file")  # fmt: skip
+        elif held_out and not eval_policy.has_attached_eval(session, adapter):
+            name = f"{job.id}-held-out.jsonl"
+            split = store_result_file(session, ctx.store, tenant_id=job.tenant_id,
+                                      filename=name, data=held_out)  # fmt: skip
+            eval_policy.attach_file_eval(session, adapter, file_id=split.id, source=job.id,
+                                         what="held-out split")  # fmt: skip
         runs = eval_policy.runs_for_new_version(session, version)
         session.commit()
         for run in runs:
-            enqueue_eval_run(settings, run.id)
+            enqueue_eval_run(ctx.settings, run.id)
     except Exception as e:
         session.rollback()
         log.exception("job %s: could not start its eval runs", job_id)

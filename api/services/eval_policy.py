@@ -2,7 +2,8 @@
 guarded canary.
 
     a fine-tune with a validation file -> an eval attached to its adapter (its chat lines:
-        `input` the prompt, `ideal` the answer; graded by fuzzy match with the answer)
+        `input` the prompt, `ideal` the answer; graded by fuzzy match with the answer); with
+        none but a `validation_split`, the split held out, for an adapter with no eval yet
     every new version of an adapter with attached evals -> a run of each on the candidate,
         and on production and the base where they have none yet (A/B against production)
     policy.promotion {eval_id, min_margin, min_score} -> production needs the candidate's
@@ -28,7 +29,6 @@ from api.db import aware, utcnow
 from api.errors import Conflict, NotFound
 from api.models.adapters import Adapter, AdapterVersion
 from api.models.evals import RUN_ACTIVE, Eval, EvalOutputItem, EvalRun
-from api.models.jobs import Job
 from api.models.usage import UsageRecord
 from api.services import eval_runs
 
@@ -153,17 +153,18 @@ def new_run(
     return run
 
 
-def attach_validation_eval(session: Session, job: Job, adapter: Adapter) -> Eval | None:
-    """The adapter's eval made from this job's validation file (made once per file)."""
-    if not job.validation_file:
-        return None
+def attach_file_eval(
+    session: Session, adapter: Adapter, *, file_id: str, source: str, what: str
+) -> Eval:
+    """The adapter's eval over one file of chat examples (made once per file): `what` says
+    which ("validation file", "held-out split"), `source` the job it came from."""
     for ev in session.exec(select(Eval).where(Eval.tenant_id == adapter.tenant_id,
                                               Eval.adapter_name == adapter.name)):  # fmt: skip
-        if (ev.eval_metadata or {}).get("file_id") == job.validation_file:
+        if (ev.eval_metadata or {}).get("file_id") == file_id:
             return ev
     ev = Eval(
         tenant_id=adapter.tenant_id,
-        name=f"{adapter.name}: validation file",
+        name=f"{adapter.name}: {what}",
         data_source_config={
             "type": "custom",
             "schema": {
@@ -173,12 +174,19 @@ def attach_validation_eval(session: Session, job: Job, adapter: Adapter) -> Eval
             },
         },
         testing_criteria=VALIDATION_CRITERIA,
-        eval_metadata={"file_id": job.validation_file, "source": job.id},
+        eval_metadata={"file_id": file_id, "source": source},
         adapter_name=adapter.name,
     )
     session.add(ev)
     session.flush()
     return ev
+
+
+def has_attached_eval(session: Session, adapter: Adapter) -> bool:
+    query = select(Eval.id).where(
+        Eval.tenant_id == adapter.tenant_id, Eval.adapter_name == adapter.name
+    )
+    return session.exec(query).first() is not None
 
 
 def runs_for_new_version(session: Session, version: AdapterVersion) -> list[EvalRun]:
