@@ -298,6 +298,15 @@ class Demo:
             ok = ok and adapter_hits >= self.min_match * n and base_hits == 0
         return ok
 
+    def write_keys(self) -> Path:
+        """The demo's keys, for logging in to the console: readable by this user only."""
+        path = self.out / "keys.json"
+        keys = {"admin": self.admin_key, **{t.name: t.key for t in self.tenants}}
+        path.touch(mode=0o600)
+        path.chmod(0o600)
+        path.write_text(json.dumps(keys, indent=2) + "\n")
+        return path
+
     def write_outputs(self) -> dict[str, Any]:
         self.out.mkdir(parents=True, exist_ok=True)
         summary: dict[str, Any] = {}
@@ -341,6 +350,26 @@ class Demo:
         return summary
 
 
+def _offer_console(console: Console, platform: Platform, *, keys: Path, keep: bool) -> None:
+    """The console's URL; with `keep`, the platform serves it until Ctrl-C or SIGTERM."""
+    url = f"{platform.url}/console/"
+    if not keep:
+        platform.stop()
+        console.print(
+            f"web console: {url} (stopped with the demo: `loraplex demo --keep` keeps it up; "
+            f"log in with a key from {keys})"
+        )
+        return
+    console.print(f"[bold]web console: {url}[/] (log in with a key from {keys})")
+    console.print("the platform stays up: Ctrl-C stops it")
+    try:
+        platform.proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        platform.stop()
+
+
 def run_demo(
     settings: Settings,
     *,
@@ -348,7 +377,10 @@ def run_demo(
     min_match: float = 0.75,
     support: Path | None = None,
     code: Path | None = None,
+    keep: bool = False,
 ) -> int:
+    """The demo; 0 when it succeeded. `keep`: the platform stays up afterwards (for the
+    console) until Ctrl-C or SIGTERM."""
     console = Console()
     settings.home.mkdir(parents=True, exist_ok=True)
     (settings.home / "demo").mkdir(exist_ok=True)
@@ -379,17 +411,21 @@ def run_demo(
         ok = demo.report()
         step = "writing outputs"
         demo.write_outputs()
+        keys = demo.write_keys()
     except Exception as e:  # every failure ends in one clear line and the platform's log
+        platform.stop()
         console.print(f"[red bold]demo failed while {step}:[/] {e}")
         console.print(f"[dim]last lines of {platform.log}:[/]\n{platform.tail()}")
         return 1
-    finally:
+    except BaseException:  # Ctrl-C, SIGTERM: stop the platform too
         platform.stop()
-    if not ok:
+        raise
+    if ok:
+        console.print("[green bold]demo succeeded[/]")
+    else:
         console.print(
             "[red bold]demo finished, but the adapters did not reproduce their "
             "training answers as expected[/]"
         )
-        return 2
-    console.print("[green bold]demo succeeded[/]")
-    return 0
+    _offer_console(console, platform, keys=keys, keep=keep)
+    return 0 if ok else 2
