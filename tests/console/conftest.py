@@ -94,3 +94,14 @@ def new_page(browser, page_errors: PageErrors):
     yield open_page
     for context in contexts:
         context.close()
+
+
+def assert_controls_labelled(page) -> None:
+    """Every form control on the page has a label a screen reader announces."""
+    unlabelled = page.evaluate(
+        """() => [...document.querySelectorAll('input, select, textarea')]
+            .filter((el) => el.type !== 'hidden' && !el.closest('[hidden]'))
+            .filter((el) => !(el.labels && el.labels.length) && !el.getAttribute('aria-label'))
+            .map((el) => el.outerHTML)"""
+    )
+    assert not unlabelled, unlabelled

@@ -13,7 +13,7 @@ from playwright.sync_api import expect
 from api.settings import Settings
 from tests.conftest import bearer, new_tenant, serve_in_thread
 from tests.console.conftest import SCREENSHOTS
-from tests.workers.conftest import tiny_dataset
+from tests.workers.conftest import TINY, tiny_dataset
 
 
 def log_in(page, key: str) -> None:
@@ -21,7 +21,10 @@ def log_in(page, key: str) -> None:
     page.get_by_role("button", name="Log in").click()
 
 
-def test_tenant_sees_validation_and_only_its_own(settings: Settings, new_page, tmp_path: Path):
+def test_tenant_sees_validation_and_only_its_own(
+    settings: Settings, new_page, tmp_path: Path, start_worker
+) -> None:
+    """`start_worker` is not called (no job runs here): it empties the test's queues after."""
     _, key = new_tenant(settings, name="support-team")
     _, other_key = new_tenant(settings, name="other-team")
     with serve_in_thread(settings) as url:
@@ -55,6 +58,7 @@ def test_tenant_sees_validation_and_only_its_own(settings: Settings, new_page, t
         good.write_bytes(tiny_dataset())
         page.get_by_label("Choose a dataset file").set_input_files(good)
         expect(page.get_by_role("status")).to_contain_text("facts.jsonl is valid")
+        good_id = page.url.rsplit("/", 1)[-1]
         first = page.get_by_role("article", name="Example 1")
         expect(first).to_contain_text("What colour is the sky?")
         expect(first).to_contain_text("Blue.")
@@ -66,6 +70,15 @@ def test_tenant_sees_validation_and_only_its_own(settings: Settings, new_page, t
         page.goto(f"{url}/console/#/admin/adapters")
         expect(page.get_by_role("alert")).to_contain_text("Unknown request URL")
         expect(page.get_by_role("link", name="Audit log")).to_have_count(0)
+
+        # A queued job (no worker here) cancelled from its page, after a confirmation.
+        job = httpx.post(f"{url}/v1/fine_tuning/jobs", headers=bearer(key), json={
+            "model": TINY, "training_file": good_id}).json()  # fmt: skip
+        page.goto(f"{url}/console/#/jobs/{job['id']}")
+        page.get_by_role("button", name="Cancel fine-tune").click()
+        page.get_by_role("dialog").get_by_role("button", name="Confirm").click()
+        expect(page.get_by_text("Status: cancelled")).to_be_visible()
+        expect(page.get_by_role("button", name="Cancel fine-tune")).to_have_count(0)
 
         page.get_by_role("button", name="Log out").click()
         expect(page.get_by_label("API key")).to_be_focused()

@@ -20,7 +20,7 @@ from playwright.sync_api import expect
 
 from api.settings import Settings
 from tests.conftest import bearer, new_admin_key, new_tenant, serve_in_thread
-from tests.console.conftest import SCREENSHOTS
+from tests.console.conftest import SCREENSHOTS, assert_controls_labelled
 from tests.console.test_console_access import log_in
 from tests.workers.conftest import TINY, hp, tiny_dataset
 
@@ -74,7 +74,9 @@ def _tenant_trains_and_compares(page, url: str, key: str) -> str:
     _drop_dataset(page, "facts.jsonl", tiny_dataset())
     expect(page.get_by_role("status")).to_contain_text("facts.jsonl is valid")
     page.get_by_role("navigation").get_by_role("link", name="Fine-tunes").click()
+    assert_controls_labelled(page)
     page.get_by_label("Training file").select_option(label="facts.jsonl")
+    page.get_by_label("Validation file").select_option(label="facts.jsonl")
     page.get_by_label("Adapter name (suffix)").fill("facts")
     page.get_by_label("Epochs (blank: auto)").fill(str(FAST["n_epochs"]))
     page.get_by_label("Batch size (blank: auto)").fill(str(FAST["batch_size"]))
@@ -101,8 +103,21 @@ def _tenant_trains_and_compares(page, url: str, key: str) -> str:
     )
     page.screenshot(path=SCREENSHOTS / "fine-tune.png", full_page=True)
 
+    # The adapter's page: its version, stage and files to download.
+    page.get_by_role("navigation").get_by_role("link", name="Adapters").click()
+    page.get_by_role("link", name="facts").click()
+    expect(page.get_by_role("heading", name=re.compile(r"^Version 1 candidate"))).to_be_visible()
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Download v1").click()
+    assert download.value.suggested_filename == "facts-v1.tar"
+    # The validation file became the adapter's eval (its runs wait for an eval worker).
+    page.get_by_role("navigation").get_by_role("link", name="Evals").click()
+    expect(page.get_by_role("heading", name="facts: validation file")).to_be_visible()
+    expect(page.get_by_role("table", name="Runs")).to_contain_text("v1 (candidate)")
+
     _wait_ready(url)
     page.get_by_role("navigation").get_by_role("link", name="Playground").click()
+    assert_controls_labelled(page)
     for box in page.get_by_role("checkbox").all():
         box.uncheck()
     page.get_by_label(f"{TINY} (base)").check()
@@ -138,6 +153,7 @@ def _admin_promotes_canaries_and_rolls_back(page, key: str) -> None:
     page.get_by_role("dialog").get_by_role("button", name="Cancel").click()
     expect(page.get_by_role("dialog")).to_be_hidden()
 
+    assert_controls_labelled(page)
     entry = page.locator(".audit-entry")
     _confirm(page, "Promote v1 to production", "answered by v1")
     expect(entry).to_contain_text("promote.production")
@@ -170,6 +186,7 @@ def _admin_promotes_canaries_and_rolls_back(page, key: str) -> None:
     page.screenshot(path=SCREENSHOTS / "usage.png")
 
     page.get_by_role("link", name="Tenants and keys").click()
+    assert_controls_labelled(page)
     page.get_by_label("New tenant name").fill("new-team")
     page.get_by_role("button", name="Create tenant").click()
     expect(page.get_by_role("status")).to_contain_text("Tenant new-team created")
