@@ -58,6 +58,7 @@ def test_tenant_sees_validation_and_only_its_own(
         good.write_bytes(tiny_dataset())
         page.get_by_label("Choose a dataset file").set_input_files(good)
         expect(page.get_by_role("status")).to_contain_text("facts.jsonl is valid")
+        expect(page).to_have_title("Dataset facts.jsonl · Loraplex console")
         good_id = page.url.rsplit("/", 1)[-1]
         first = page.get_by_role("article", name="Example 1")
         expect(first).to_contain_text("What colour is the sky?")

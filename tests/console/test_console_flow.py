@@ -106,6 +106,7 @@ def _tenant_trains_and_compares(page, url: str, key: str) -> str:
     # The adapter's page: its version, stage and files to download.
     page.get_by_role("navigation").get_by_role("link", name="Adapters").click()
     page.get_by_role("link", name="facts").click()
+    expect(page.get_by_role("heading", name="Adapter facts", level=1)).to_be_visible()
     expect(page.get_by_role("heading", name=re.compile(r"^Version 1 candidate"))).to_be_visible()
     with page.expect_download() as download:
         page.get_by_role("button", name="Download v1").click()
@@ -147,6 +148,7 @@ def _admin_promotes_canaries_and_rolls_back(page, key: str) -> None:
     log_in(page, key)
     expect(page.get_by_role("heading", name="All adapters", level=1)).to_be_visible()
     page.get_by_role("link", name="facts").click()
+    expect(page.get_by_role("heading", name="Adapter facts", level=1)).to_be_visible()
     # Cancelling changes nothing.
     page.get_by_role("button", name="Promote v1 to production").click()
     expect(page.get_by_role("dialog")).to_contain_text("answered by v1 instead of no version")
@@ -202,6 +204,23 @@ def _admin_promotes_canaries_and_rolls_back(page, key: str) -> None:
         )
     ).to_have_count(0)
     page.screenshot(path=SCREENSHOTS / "tenants.png")
+
+    # Past a page of audit entries, older ones load below.
+    tenant_id = _tenant_id(page, "new-team")
+    with httpx.Client(base_url=page.url.split("/console")[0], headers=bearer(key)) as http:
+        for _ in range(100):
+            assert http.post(f"/v1/admin/tenants/{tenant_id}/keys", json={}).status_code == 200
+    page.get_by_role("link", name="Audit log").click()
+    rows = page.get_by_role("table", name="Audit log, newest first").locator("tbody tr")
+    expect(rows).to_have_count(100)
+    page.get_by_role("button", name="Show older entries").click()
+    expect(rows).to_have_count(100 + 4 + 2)  # and the 4 registry moves, tenant.create, key.revoke
+    expect(page.get_by_role("button", name="Show older entries")).to_be_hidden()
+
+
+def _tenant_id(page, name: str) -> str:
+    row = page.get_by_role("table", name="Tenants").get_by_role("row", name=re.compile(name))
+    return row.get_by_role("cell").nth(1).inner_text()
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)

@@ -89,6 +89,7 @@ function adapterActions(ctx, a) {
 
 export async function adapter(ctx, id) {
   const a = await api.get(`${ADMIN}/adapters/${enc(id)}`);
+  ctx.title(`Adapter ${a.name}`);
   ctx.view.append(h("p", {}, link("#/admin/adapters", "← All adapters")),
     h("div", { class: "result", "aria-live": "polite" }, ctx.flash ? auditEntry(ctx.flash) : null),
     keyValues({ id: a.id, tenant: a.tenant_id, base_model: a.base_model,
@@ -103,6 +104,7 @@ export async function adapter(ctx, id) {
 }
 
 export async function audit({ view }) {
+  const more = h("div");
   const params = new URLSearchParams(location.hash.split("?")[1] || "");
   const field = (id, label) => h("div", { class: "field" }, h("label", { for: id }, label),
     h("input", { id, name: id, value: params.get(id) || "" }));
@@ -117,11 +119,26 @@ export async function audit({ view }) {
     }
     location.hash = `#/admin/audit?${q}`;
   });
-  const page = await api.get(`${ADMIN}/audit`, { ...Object.fromEntries(params), limit: 100 });
-  view.append(form, table("Audit log, newest first",
-    ["Time", "Action", "Target", "Tenant", "Forced", "Reason"],
-    page.data.map((e) => [time(e.created_at), e.action, e.target_id, e.tenant_id || "—",
-      e.forced ? "yes" : "no", e.reason || "—"]), "No audit entries match."));
+  const filters = Object.fromEntries(params);
+  const row = (e) => [time(e.created_at), e.action, e.target_id, e.tenant_id || "—",
+    e.forced ? "yes" : "no", e.reason || "—"];
+  const page = await api.get(`${ADMIN}/audit`, { ...filters, limit: 100 });
+  const log = table("Audit log, newest first",
+    ["Time", "Action", "Target", "Tenant", "Forced", "Reason"], page.data.map(row),
+    "No audit entries match.");
+  // Older entries, a page at a time, appended below (the API pages with `after`).
+  let last = page.data.at(-1)?.id;
+  const older = h("button", { type: "button", onclick: async () => {
+    try {
+      const next = await api.get(`${ADMIN}/audit`, { ...filters, limit: 100, after: last });
+      log.querySelector("tbody").append(...next.data.map((e) => h("tr", {},
+        row(e).map((c) => h("td", {}, c)))));
+      last = next.data.at(-1)?.id;
+      older.hidden = !next.has_more;
+    } catch (e) { more.replaceChildren(errorBox(e)); }
+  } }, "Show older entries");
+  older.hidden = !page.has_more;
+  view.append(form, log, older, more);
 }
 
 const ms = (v) => (v === null || v === undefined ? "—" : `${Math.round(v)} ms`);

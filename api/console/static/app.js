@@ -70,7 +70,13 @@ async function render(flash) {
     view.append(h("p", {}, "No console page here."));
     return;
   }
-  const ctx = { view, flash, alive: () => mine === rendering, refresh: (f) => render(f) };
+  const ctx = {
+    view, flash, alive: () => mine === rendering, refresh: (f) => render(f),
+    title: (text) => {  // a page naming what it shows, once it knows
+      heading.textContent = text;
+      document.title = `${text} · Loraplex console`;
+    },
+  };
   try {
     await route[2](ctx, ...(path.match(route[0]).slice(1)));
   } catch (e) {

@@ -57,8 +57,9 @@ function chatTurns(line, n) {
       h("span", { class: "role" }, m.role), h("p", {}, String(m.content ?? "")))));
 }
 
-export async function dataset({ view }, id) {
+export async function dataset({ view, title }, id) {
   const file = await api.get(`/v1/files/${enc(id)}`);
+  title(`Dataset ${file.filename}`);
   const valid = file.status === "processed";
   const details = (file.status_details || "").split("\n").filter(Boolean);
   view.append(h("p", {}, link("#/datasets", "← All datasets")),
@@ -219,8 +220,9 @@ function metricsSummary(metrics) {
   return keyValues(shown);
 }
 
-export async function adapter({ view }, name) {
+export async function adapter({ view, title }, name) {
   const a = await api.get(`/v1/adapters/${enc(name)}`);
+  title(`Adapter ${a.name}`);
   const message = h("div", { "aria-live": "polite" });
   view.append(h("p", {}, link("#/adapters", "← All adapters")), message,
     keyValues({ name: a.name, base_model: a.base_model, production_version: a.production_version,
