@@ -76,11 +76,26 @@ def test_tenant_sees_validation_and_only_its_own(
         job = httpx.post(f"{url}/v1/fine_tuning/jobs", headers=bearer(key), json={
             "model": TINY, "training_file": good_id}).json()  # fmt: skip
         page.goto(f"{url}/console/#/jobs/{job['id']}")
+        # By keyboard: Enter opens the confirmation, focus is on its safe choice, Escape
+        # closes it and nothing changed.
+        page.get_by_role("button", name="Cancel fine-tune").focus()
+        page.keyboard.press("Enter")
+        dialog = page.get_by_role("dialog")
+        expect(dialog).to_contain_text("no adapter version is produced")
+        expect(dialog.get_by_role("button", name="Cancel")).to_be_focused()
+        page.keyboard.press("Escape")
+        expect(dialog).to_be_hidden()
+        expect(page.get_by_text("Status: queued")).to_be_visible()
         page.get_by_role("button", name="Cancel fine-tune").click()
-        page.get_by_role("dialog").get_by_role("button", name="Confirm").click()
+        dialog.get_by_role("button", name="Confirm").click()
         expect(page.get_by_text("Status: cancelled")).to_be_visible()
         expect(page.get_by_role("button", name="Cancel fine-tune")).to_have_count(0)
 
         page.get_by_role("button", name="Log out").click()
         expect(page.get_by_label("API key")).to_be_focused()
         assert page.evaluate("sessionStorage.getItem('loraplex.apiKey')") is None
+        page.keyboard.type(key)  # the key field has focus: logging in by keyboard alone
+        page.keyboard.press("Enter")
+        expect(page.get_by_role("heading", name="Datasets", level=1)).to_be_focused()
+        page.keyboard.press("Tab")  # from the page's heading on into its content
+        expect(page.get_by_label("Choose a dataset file")).to_be_focused()
