@@ -27,7 +27,7 @@ from sqlmodel import Session, col, select
 
 from api.db import aware, utcnow
 from api.errors import Conflict, NotFound
-from api.models.adapters import Adapter, AdapterVersion
+from api.models.adapters import Adapter, AdapterVersion, ModelAlias
 from api.models.evals import RUN_ACTIVE, Eval, EvalOutputItem, EvalRun
 from api.models.usage import UsageRecord
 from api.services import eval_runs
@@ -326,11 +326,17 @@ def promotion_problem(
 # -- the guarded canary ---------------------------------------------------------------------
 
 
-def _traffic(session: Session, version_id: str, since: Any) -> tuple[int, float, float]:
-    """(requests, error rate, latency p95 ms) of a version's by-name traffic since `since`."""
+def _traffic(
+    session: Session, version_id: str, *, names: list[str], since: Any
+) -> tuple[int, float, float]:
+    """(requests, error rate, latency p95 ms) of a version's by-name traffic since `since`:
+    requests that named the adapter (or an alias), as the split between the two versions
+    sends them; calls by a pinned `ft:` id (eval runs among them) are other traffic."""
     rows = session.exec(
         select(UsageRecord.status_code, UsageRecord.latency_ms).where(
-            UsageRecord.adapter_version_id == version_id, UsageRecord.created_at >= since
+            UsageRecord.adapter_version_id == version_id,
+            UsageRecord.created_at >= since,
+            col(UsageRecord.model).in_(names),
         )
     ).all()
     if not rows:
@@ -350,8 +356,12 @@ def guard_verdict(session: Session, adapter: Adapter) -> tuple[str | None, dict[
         return None, {}
     started = aware(adapter.canary_started_at or utcnow())
     since = max(started, utcnow() - timedelta(seconds=guard.window_seconds))
-    n_c, err_c, p95_c = _traffic(session, canary.id, since)
-    n_p, err_p, p95_p = _traffic(session, production.id, since)
+    aliases = select(ModelAlias.alias).where(
+        ModelAlias.tenant_id == adapter.tenant_id, ModelAlias.adapter_name == adapter.name
+    )
+    names = [adapter.name, *session.exec(aliases).all()]
+    n_c, err_c, p95_c = _traffic(session, canary.id, names=names, since=since)
+    n_p, err_p, p95_p = _traffic(session, production.id, names=names, since=since)
     figures: dict[str, Any] = {
         "canary": {"version": canary.version, "requests": n_c, "error_rate": err_c,
                    "latency_p95_ms": p95_c},
