@@ -97,5 +97,6 @@ def test_tenant_sees_validation_and_only_its_own(
         page.keyboard.type(key)  # the key field has focus: logging in by keyboard alone
         page.keyboard.press("Enter")
         expect(page.get_by_role("heading", name="Datasets", level=1)).to_be_focused()
+        expect(page.get_by_role("table", name="Datasets")).to_be_visible()  # loaded
         page.keyboard.press("Tab")  # from the page's heading on into its content
         expect(page.get_by_label("Choose a dataset file")).to_be_focused()
