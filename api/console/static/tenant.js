@@ -158,7 +158,9 @@ function jobSummary(job, latest) {
     "aria-label": "Training progress" }) : null;
   return h("div", {},
     h("p", { class: `status status-${job.status}`, role: "status" }, `Status: ${job.status}`,
-      latest ? ` · step ${latest.step} of ${latest.total_steps}` : ""),
+      latest ? ` · step ${latest.step} of ${latest.total_steps}` : "",
+      latest?.eta_seconds && !FINISHED.has(job.status)
+        ? ` · about ${Math.ceil(latest.eta_seconds)} s left` : ""),
     progress,
     job.error?.message ? h("p", { class: "error", role: "alert" }, job.error.message) : null,
     keyValues({ model: job.model, adapter: job.user_provided_suffix,
@@ -248,7 +250,10 @@ export async function adapter({ view, title }, name) {
 
 export async function playground({ view }) {
   const [bases, list] = await Promise.all([baseModels(), api.get("/v1/adapters")]);
+  // By name, an adapter serves its production version (and canary share), as callers see it.
   const choices = [...bases.map((m) => [m, `${m} (base)`]),
+    ...list.data.filter((a) => a.production_version)
+      .map((a) => [a.name, `${a.name} by name (production v${a.production_version})`]),
     ...list.data.flatMap((a) => a.versions.filter((v) => v.stage !== "rejected")
       .map((v) => [v.id, `${a.name} v${v.version} (${v.stage})`]))];
   const boxes = choices.map(([id, text], i) => h("div", { class: "check" },
