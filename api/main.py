@@ -13,6 +13,7 @@ from api.routes import (
     admin,
     admin_evals,
     admin_registry,
+    admin_replicas,
     console,
     evals,
     files,
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None, *, with_gateway: bool = False) 
         mount_gateway(app, settings)
     app.include_router(admin_registry.router)
     app.include_router(admin_evals.router)
+    app.include_router(admin_replicas.router)
     app.include_router(console.router)
     app.add_middleware(JsonBodyMiddleware)
     app.add_middleware(

@@ -187,6 +187,12 @@ def _admin_promotes_canaries_and_rolls_back(page, key: str) -> None:
     expect(per_adapter.locator("td", has_text=re.compile(r"^\d+ ms$")).first).to_be_visible()
     page.screenshot(path=SCREENSHOTS / "usage.png")
 
+    page.get_by_role("link", name="Replicas").click()
+    replicas = page.get_by_role("table", name="Serving replicas")
+    expect(replicas.locator("tbody tr")).to_have_count(1)  # the one in-process engine
+    expect(replicas).to_contain_text("yes")
+    expect(replicas).to_contain_text("ft:tiny-llama:support-team:facts:")  # the playground's
+
     page.get_by_role("link", name="Tenants and keys").click()
     assert_controls_labelled(page)
     page.get_by_label("New tenant name").fill("new-team")

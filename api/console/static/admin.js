@@ -205,3 +205,11 @@ export async function tenants(ctx) {
         k.is_admin ? "yes" : "no", time(k.last_used_at), time(k.revoked_at),
         k.revoked_at ? "" : revoke(k)]))));
 }
+
+export async function replicas({ view }) {
+  const list = await api.get(`${ADMIN}/replicas`);
+  view.append(table("Serving replicas", ["Replica", "Healthy", "Queue", "Adapters held"],
+    list.data.map((r) => [r.name, r.healthy ? "yes" : "no", r.queue_depth,
+      r.loaded.length ? h("ul", { class: "plain" }, r.loaded.map((n) => h("li", {}, n))) : "none"]),
+    "No replicas: this API process runs no serving gateway, or its engine has not started."));
+}

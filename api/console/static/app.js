@@ -11,7 +11,7 @@ const TENANT_PAGES = [
 ];
 const ADMIN_PAGES = [
   ["admin/adapters", "All adapters"], ["admin/audit", "Audit log"], ["admin/usage", "Usage"],
-  ["admin/tenants", "Tenants and keys"],
+  ["admin/tenants", "Tenants and keys"], ["admin/replicas", "Replicas"],
 ];
 // [pattern, title, page]; a capture group is the page's second argument.
 const ROUTES = [
@@ -23,6 +23,7 @@ const ROUTES = [
   [/^admin\/adapters\/([^/]+)$/, "Adapter", admin.adapter],
   [/^admin\/audit$/, "Audit log", admin.audit], [/^admin\/usage$/, "Usage", admin.usage],
   [/^admin\/tenants$/, "Tenants and keys", admin.tenants],
+  [/^admin\/replicas$/, "Replicas", admin.replicas],
 ];
 
 const view = document.getElementById("view");
