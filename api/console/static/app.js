@@ -2,6 +2,7 @@
 
 import * as api from "./api.js";
 import * as admin from "./admin.js";
+import { playground } from "./playground.js";
 import * as tenant from "./tenant.js";
 import { errorBox, h } from "./ui.js";
 
@@ -18,7 +19,7 @@ const ROUTES = [
   [/^datasets$/, "Datasets", tenant.datasets], [/^datasets\/([^/]+)$/, "Dataset", tenant.dataset],
   [/^jobs$/, "Fine-tunes", tenant.jobs], [/^jobs\/([^/]+)$/, "Fine-tune", tenant.job],
   [/^adapters$/, "Adapters", tenant.adapters], [/^adapters\/([^/]+)$/, "Adapter", tenant.adapter],
-  [/^playground$/, "Playground", tenant.playground], [/^evals$/, "Evals", tenant.evals],
+  [/^playground$/, "Playground", playground], [/^evals$/, "Evals", tenant.evals],
   [/^admin\/adapters$/, "All adapters", admin.adapters],
   [/^admin\/adapters\/([^/]+)$/, "Adapter", admin.adapter],
   [/^admin\/audit$/, "Audit log", admin.audit], [/^admin\/usage$/, "Usage", admin.usage],
