@@ -29,11 +29,12 @@ function auditEntry(entry) {
 }
 
 // One registry action: confirm what changes, call the API, show the adapter and the audit.
-async function act(ctx, a, { title, what, path, body }) {
+async function act(ctx, a, { title, what, path, body, action }) {
   if (!await confirmChange(title, what)) return;
   try {
     await api.post(`${ADMIN}/adapters/${enc(a.id)}${path}`, body);
-    const audit = await api.get(`${ADMIN}/audit`, { tenant_id: a.tenant_id, limit: 1 });
+    // The entry this action left: the newest of its kind for the adapter's tenant.
+    const audit = await api.get(`${ADMIN}/audit`, { tenant_id: a.tenant_id, action, limit: 1 });
     ctx.refresh(audit.data[0]);
   } catch (e) {
     ctx.view.querySelector(".result").replaceChildren(errorBox(e));
@@ -47,7 +48,7 @@ function versionActions(ctx, a, v) {
     what: stage === "production"
       ? `Calls to ${a.name} by name are answered by v${v.version} instead of ${current}.`
       : `v${v.version} moves from ${v.stage} to ${stage}; by-name traffic is unchanged.`,
-    path: `/versions/${v.version}/promote`,
+    path: `/versions/${v.version}/promote`, action: `promote.${stage}`,
     body: { stage, force: ctx.view.querySelector("#force")?.checked || false } }) },
   `Promote v${v.version} to ${stage}`);
   const share = h("select", { id: `share-${v.version}` },
@@ -55,7 +56,7 @@ function versionActions(ctx, a, v) {
   const canary = h("button", { type: "button", onclick: () => act(ctx, a, {
     title: `Canary ${a.name} v${v.version} at ${share.value} %?`,
     what: `${share.value} % of calls to ${a.name} by name go to v${v.version}; the rest stay on ${current}.`,
-    path: "/canary", body: { version: v.version, percent: parseInt(share.value, 10) } }) },
+    path: "/canary", action: "canary.set", body: { version: v.version, percent: parseInt(share.value, 10) } }) },
   `Start canary of v${v.version}`);
   const cells = [];
   if (v.stage !== "production") cells.push(promote("production"));
@@ -72,17 +73,17 @@ function adapterActions(ctx, a) {
     buttons.push(h("button", { type: "button", onclick: () => act(ctx, a, {
       title: `Promote the canary v${a.canary_version}?`,
       what: `v${a.canary_version} takes all by-name calls to ${a.name}; v${a.production_version} is archived.`,
-      path: "/canary/promote", body: {} }) }, "Promote canary"),
+      path: "/canary/promote", action: "canary.promote", body: {} }) }, "Promote canary"),
     h("button", { type: "button", onclick: () => act(ctx, a, {
       title: `Abort the canary v${a.canary_version}?`,
       what: `v${a.canary_version} gets no more calls; v${a.production_version} takes them all.`,
-      path: "/canary/abort", body: {} }) }, "Abort canary"));
+      path: "/canary/abort", action: "canary.abort", body: {} }) }, "Abort canary"));
   }
   if (a.production_version) {
     buttons.push(h("button", { type: "button", class: "danger", onclick: () => act(ctx, a, {
       title: `Roll back ${a.name}?`,
       what: `v${a.production_version} leaves production; the version that was production before it comes back.`,
-      path: "/rollback", body: {} }) }, "Roll back production"));
+      path: "/rollback", action: "rollback", body: {} }) }, "Roll back production"));
   }
   return h("div", { class: "actions" }, buttons);
 }
