@@ -26,10 +26,12 @@ install: $(STAMP)
 # whose own browser download does not work here. The package index is refreshed only if
 # the install fails without it.
 CHROMIUM := /usr/bin/chromium
-APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends
+# As root directly, else through sudo (a CI runner that is not root).
+AS_ROOT := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_INSTALL := $(AS_ROOT) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends
 
 $(CHROMIUM):
-	$(APT_INSTALL) chromium || (apt-get update -q && $(APT_INSTALL) chromium)
+	$(APT_INSTALL) chromium || ($(AS_ROOT) apt-get update -q && $(APT_INSTALL) chromium)
 
 demo: $(STAMP)
 	$(BIN)/loraplex demo
