@@ -209,10 +209,11 @@ def _tiny_up(tmp_path: Path, tiny_llama: Path) -> Up:
     )
 
 
-def _wait_for_workers(up_pid: int) -> set[int]:
+def _wait_for_workers(up_pid: int, *, count: int = 2) -> set[int]:
+    """`up`'s worker children once there are `count` (a training and an eval worker)."""
     deadline = time.monotonic() + 30
-    while not (workers := _worker_pids(up_pid)):
-        assert time.monotonic() < deadline, "no worker child"
+    while len(workers := _worker_pids(up_pid)) < count:
+        assert time.monotonic() < deadline, f"worker children: {workers}"
         time.sleep(0.2)
     return workers
 
@@ -221,10 +222,11 @@ def test_a_worker_that_dies_is_started_again(tmp_path: Path, tiny_llama: Path) -
     up = _tiny_up(tmp_path, tiny_llama)
     proc = up.start("up.log")
     try:
-        killed = _wait_for_workers(proc.pid).pop()
+        workers = _wait_for_workers(proc.pid)
+        killed = workers.pop()
         os.kill(killed, signal.SIGKILL)  # as the kernel's OOM killer would
         deadline = time.monotonic() + 30
-        while not (_worker_pids(proc.pid) - {killed}):
+        while len(_worker_pids(proc.pid) - {killed}) < 2:
             assert time.monotonic() < deadline, "the worker was not started again"
             time.sleep(0.2)
         said = (tmp_path / "up.log").read_text()  # `up` has a training and an eval worker
