@@ -446,8 +446,13 @@ def _succeed(job_id: str, ctx: JobContext, result: TrainResult) -> None:
         for key in (prefix, *csv_keys):
             ctx.store.delete(key)  # no half-registered version: bytes go with the row
         raise
-    held_out = _held_out_split(job, ctx.settings, data=result.out_dir.parent / "train.jsonl")
-    ctx.transaction(lambda session: _start_evals(session, ctx, job_id, held_out=held_out))
+    workdir = result.out_dir.parent
+    held_out = _held_out_split(job, ctx.settings, data=workdir / "train.jsonl")
+    valid = workdir / "valid.jsonl"
+    validation = valid.read_bytes() if job.validation_file and valid.is_file() else None
+    ctx.transaction(
+        lambda session: _start_evals(session, ctx, job_id, held_out=held_out, validation=validation)
+    )
 
 
 def _held_out_split(job: Job, settings: Settings, *, data: Path) -> bytes | None:
@@ -465,7 +470,14 @@ def _held_out_split(job: Job, settings: Settings, *, data: Path) -> bytes | None
     return b"".join(raw[n - 1].rstrip(b"\n") + b"\n" for n in sorted(held)) or None
 
 
-def _start_evals(session: Session, ctx: JobContext, job_id: str, *, held_out: bytes | None) -> None:
+def _start_evals(
+    session: Session,
+    ctx: JobContext,
+    job_id: str,
+    *,
+    held_out: bytes | None,
+    validation: bytes | None,
+) -> None:
     """The job's validation file (or the split it held out, for an adapter with no eval
     yet) becomes an eval attached to its adapter; each attached eval runs on the new version,
     and on production and the base where they have no run (A/B). Never fails the job: an
@@ -482,14 +494,18 @@ def _start_evals(session: Session, ctx: JobContext, job_id: str, *, held_out: by
         adapter = session.get(Adapter, version.adapter_id)
         assert adapter is not None
         if job.validation_file:
+            budget = eval_policy.answer_budget(validation or b"")
             eval_policy.attach_file_eval(session, adapter, file_id=job.validation_file,
-                                         source=job.id, what="validation file")  # fmt: skip
+                                         source=job.id, what="validation file",
+                                         max_tokens=budget)  # fmt: skip
         elif held_out and not eval_policy.has_attached_eval(session, adapter):
             name = f"{job.id}-held-out.jsonl"
             split = store_result_file(session, ctx.store, tenant_id=job.tenant_id,
                                       filename=name, data=held_out)  # fmt: skip
             eval_policy.attach_file_eval(session, adapter, file_id=split.id, source=job.id,
-                                         what="held-out split")  # fmt: skip
+                                         what="held-out split",
+                                         max_tokens=eval_policy.answer_budget(held_out),
+                                         )  # fmt: skip
         runs = eval_policy.runs_for_new_version(session, version)
         session.commit()
         for run in runs:

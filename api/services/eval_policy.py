@@ -17,6 +17,7 @@ A run's score is the share of its items that passed every criterion (errors coun
 
 from __future__ import annotations
 
+import json
 import logging
 from datetime import timedelta
 from typing import Any
@@ -44,6 +45,7 @@ VALIDATION_CRITERIA: list[dict[str, Any]] = [
         "pass_threshold": 0.8,
     }
 ]
+DEFAULT_MAX_TOKENS = 128  # an attached file's runs, when its answers were not measured
 VALIDATION_SCHEMA = {
     "type": "object",
     "properties": {"input": {"type": "array"}, "ideal": {"type": "string"}},
@@ -119,13 +121,17 @@ def _has_run(session: Session, ev: Eval, *, version_id: str | None, model: str) 
 def _template_source(session: Session, ev: Eval) -> dict[str, Any] | None:
     """The data source a new run of `ev` uses: its attached file, else its latest
     completions run's, model aside."""
-    file_id = (ev.eval_metadata or {}).get("file_id")
-    if file_id:
+    meta = ev.eval_metadata or {}
+    if meta.get("file_id"):
+        budget = meta.get("max_completion_tokens", "")
         return {
             "type": "completions",
-            "source": {"type": "file_id", "id": file_id},
+            "source": {"type": "file_id", "id": meta["file_id"]},
             "input_messages": {"type": "item_reference", "item_reference": "item.input"},
-            "sampling_params": {"temperature": 0.0, "max_completion_tokens": 128},
+            "sampling_params": {
+                "temperature": 0.0,
+                "max_completion_tokens": int(budget) if budget.isdigit() else DEFAULT_MAX_TOKENS,
+            },
         }
     last = session.exec(
         select(EvalRun).where(EvalRun.eval_id == ev.id).order_by(col(EvalRun.created_at).desc())
@@ -153,11 +159,34 @@ def new_run(
     return run
 
 
+def answer_budget(content: bytes) -> int:
+    """`max_completion_tokens` for a file's runs: room for its longest reference answer
+    (~2 characters a token, generously) and no more, so a base model that rambles stops
+    soon after; 32-512 (DEFAULT_MAX_TOKENS when the file has no chat answers)."""
+    longest = 0
+    for line in content.splitlines():
+        try:
+            messages = json.loads(line).get("messages") or []
+            last = messages[-1]
+        except (ValueError, AttributeError, IndexError, TypeError):
+            continue
+        if isinstance(last, dict) and isinstance(last.get("content"), str):
+            longest = max(longest, len(last["content"]))
+    return max(32, min(512, longest // 2 + 16)) if longest else DEFAULT_MAX_TOKENS
+
+
 def attach_file_eval(
-    session: Session, adapter: Adapter, *, file_id: str, source: str, what: str
+    session: Session,
+    adapter: Adapter,
+    *,
+    file_id: str,
+    source: str,
+    what: str,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
 ) -> Eval:
     """The adapter's eval over one file of chat examples (made once per file): `what` says
-    which ("validation file", "held-out split"), `source` the job it came from."""
+    which ("validation file", "held-out split"), `source` the job it came from; its runs
+    generate at most `max_tokens` (`answer_budget` of the file)."""
     for ev in session.exec(select(Eval).where(Eval.tenant_id == adapter.tenant_id,
                                               Eval.adapter_name == adapter.name)):  # fmt: skip
         if (ev.eval_metadata or {}).get("file_id") == file_id:
@@ -174,7 +203,11 @@ def attach_file_eval(
             },
         },
         testing_criteria=VALIDATION_CRITERIA,
-        eval_metadata={"file_id": file_id, "source": source},
+        eval_metadata={
+            "file_id": file_id,
+            "source": source,
+            "max_completion_tokens": str(max_tokens),
+        },
         adapter_name=adapter.name,
     )
     session.add(ev)

@@ -604,3 +604,17 @@ def test_a_guarded_canary_failing_requests_is_aborted(
     [entry] = slow.audit("canary.abort")
     assert "latency p95 500 ms on the canary against 50 ms" in entry["reason"]
     assert _served(failing) == {1} and _served(few) == {1, 2}
+
+
+def test_an_attached_files_runs_generate_only_room_for_its_answers() -> None:
+    """A base model rambles to max_completion_tokens: an attached file's runs get room for
+    its longest reference answer (~2 characters a token), 32-512, 128 when it has none."""
+    from api.services.eval_policy import DEFAULT_MAX_TOKENS, answer_budget
+
+    def chat(answer: str) -> bytes:
+        return json.dumps(chat_row("q", answer)).encode() + b"\n"
+
+    assert answer_budget(chat("Blue.") + chat("x" * 100)) == 100 // 2 + 16
+    assert answer_budget(chat("ok")) == 32
+    assert answer_budget(chat("x" * 5000)) == 512
+    assert answer_budget(b'{"item": {}}\nnot json\n') == DEFAULT_MAX_TOKENS
