@@ -7,6 +7,7 @@ Production uses Redis or RabbitMQ.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import Celery
@@ -14,6 +15,7 @@ from kombu import Queue
 
 from api.settings import Settings
 
+log = logging.getLogger(__name__)
 TRAIN_TASK = "loraplex.train_job"
 EVAL_TASK = "loraplex.eval_run"
 
@@ -85,6 +87,16 @@ def enqueue_training(settings: Settings, job_id: str, *, queue: str) -> None:
 def enqueue_eval_run(settings: Settings, run_id: str) -> None:
     """Send an eval run to the eval workers. Call only after the run row is committed."""
     celery_for(settings).send_task(EVAL_TASK, args=[run_id], queue=settings.eval_queue)
+
+
+def send_eval_runs(settings: Settings, run_ids: list[str]) -> None:
+    """Enqueue committed runs; a broker that is down is logged, not raised: the runs stay
+    queued and an eval worker's sweep sends them (workers.tasks.redispatch_eval_runs)."""
+    for run_id in run_ids:
+        try:
+            enqueue_eval_run(settings, run_id)
+        except Exception:
+            log.exception("could not enqueue eval run %s; the eval workers' sweep will", run_id)
 
 
 def waiting_messages(settings: Settings, queue: str) -> int:

@@ -484,7 +484,7 @@ def _start_evals(
     eval that cannot start is a warning event."""
     from api.models.adapters import Adapter
     from api.services import eval_policy
-    from workers.celery_app import enqueue_eval_run
+    from workers.celery_app import send_eval_runs
 
     version = session.exec(select(AdapterVersion).where(AdapterVersion.job_id == job_id)).first()
     job = session.get(Job, job_id)
@@ -498,7 +498,7 @@ def _start_evals(
             eval_policy.attach_file_eval(session, adapter, file_id=job.validation_file,
                                          source=job.id, what="validation file",
                                          max_tokens=budget)  # fmt: skip
-        elif held_out and not eval_policy.has_attached_eval(session, adapter):
+        elif held_out and not eval_policy.attached_evals(session, adapter):
             name = f"{job.id}-held-out.jsonl"
             split = store_result_file(session, ctx.store, tenant_id=job.tenant_id,
                                       filename=name, data=held_out)  # fmt: skip
@@ -508,14 +508,13 @@ def _start_evals(
                                          )  # fmt: skip
         runs = eval_policy.runs_for_new_version(session, version)
         session.commit()
-        for run in runs:
-            enqueue_eval_run(ctx.settings, run.id)
     except Exception as e:
         session.rollback()
         log.exception("job %s: could not start its eval runs", job_id)
         add_event(session, job_id, f"Could not start the adapter's eval runs: {e}", level="warn")
         session.commit()
         return
+    send_eval_runs(ctx.settings, [run.id for run in runs])
     if runs:
         names = ", ".join(f"{r.name} ({r.id})" for r in runs)
         add_event(

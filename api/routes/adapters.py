@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import tarfile
 from collections.abc import Iterator
 from typing import Annotated, Any
@@ -26,7 +25,6 @@ from api.services.promotion import verify_version
 from api.settings import Settings
 from api.storage import ArtifactStore
 
-log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["adapters"])
 # Bounded so an out-of-range number is a 400, not a database overflow.
 VersionNumber = Annotated[int, Path(ge=1, le=MAX_VERSION, description="The version number.")]
@@ -342,12 +340,8 @@ def start_version_evals(session: Session, settings: Settings, version: AdapterVe
     """A/B for an uploaded version too: the adapter's attached evals run on it (and on
     production and the base where they have none yet), as for a trained one."""
     from api.services import eval_policy
-    from workers.celery_app import enqueue_eval_run
+    from workers.celery_app import send_eval_runs
 
     runs = eval_policy.runs_for_new_version(session, version)
     session.commit()
-    for run in runs:
-        try:
-            enqueue_eval_run(settings, run.id)
-        except Exception:  # the broker is down: the eval workers' sweep sends it later
-            log.exception("could not enqueue eval run %s", run.id)
+    send_eval_runs(settings, [run.id for run in runs])

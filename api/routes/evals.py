@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
@@ -17,7 +16,6 @@ from api.services.eval_runs import RunCreate
 from api.services.evals import EvalCreate, EvalUpdate
 from api.services.pagination import Order, list_body
 
-log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/evals", tags=["evals"])
 Limit = Annotated[int, Query(ge=1, le=100)]
 NOT_FOUND = error_responses(404)
@@ -73,15 +71,6 @@ def output_item_public(row: EvalOutputItem) -> dict[str, Any]:
     }
 
 
-def _enqueue(settings: SettingsDep, run: EvalRun) -> None:
-    from workers.celery_app import enqueue_eval_run
-
-    try:
-        enqueue_eval_run(settings, run.id)
-    except Exception:  # the broker is down: the run stays queued
-        log.exception("could not enqueue eval run %s", run.id)
-
-
 @router.post("")
 def create_eval(req: EvalCreate, tenant_id: TenantDep, session: SessionDep) -> dict[str, Any]:
     return eval_public(evals.create_eval(session, tenant_id=tenant_id, req=req))
@@ -130,7 +119,9 @@ def create_run(
     settings: SettingsDep,
 ) -> dict[str, Any]:
     run = eval_runs.create_run(session, settings, tenant_id=tenant_id, eval_id=eval_id, req=req)
-    _enqueue(settings, run)
+    from workers.celery_app import send_eval_runs
+
+    send_eval_runs(settings, [run.id])
     return run_public(run)
 
 

@@ -32,6 +32,7 @@ from api.models.adapters import Adapter, AdapterVersion, ModelAlias
 from api.models.evals import RUN_ACTIVE, Eval, EvalOutputItem, EvalRun
 from api.models.usage import UsageRecord
 from api.services import eval_runs
+from api.services.promotion import production_version
 
 log = logging.getLogger(__name__)
 GUARD_ACTOR = "system:canary-guard"
@@ -85,14 +86,6 @@ class Policy(BaseModel):
 
 
 # -- runs on versions ---------------------------------------------------------------------
-
-
-def _production(session: Session, adapter: Adapter) -> AdapterVersion | None:
-    return session.exec(
-        select(AdapterVersion).where(
-            AdapterVersion.adapter_id == adapter.id, AdapterVersion.stage == "production"
-        )
-    ).first()
 
 
 def latest_run(
@@ -187,8 +180,7 @@ def attach_file_eval(
     """The adapter's eval over one file of chat examples (made once per file): `what` says
     which ("validation file", "held-out split"), `source` the job it came from; its runs
     generate at most `max_tokens` (`answer_budget` of the file)."""
-    for ev in session.exec(select(Eval).where(Eval.tenant_id == adapter.tenant_id,
-                                              Eval.adapter_name == adapter.name)):  # fmt: skip
+    for ev in attached_evals(session, adapter):
         if (ev.eval_metadata or {}).get("file_id") == file_id:
             return ev
     ev = Eval(
@@ -215,11 +207,12 @@ def attach_file_eval(
     return ev
 
 
-def has_attached_eval(session: Session, adapter: Adapter) -> bool:
-    query = select(Eval.id).where(
+def attached_evals(session: Session, adapter: Adapter) -> list[Eval]:
+    """The evals attached to the adapter (validation files, held-out splits), oldest first."""
+    query = select(Eval).where(
         Eval.tenant_id == adapter.tenant_id, Eval.adapter_name == adapter.name
     )
-    return session.exec(query).first() is not None
+    return list(session.exec(query.order_by(col(Eval.created_at))))
 
 
 def runs_for_new_version(session: Session, version: AdapterVersion) -> list[EvalRun]:
@@ -227,11 +220,9 @@ def runs_for_new_version(session: Session, version: AdapterVersion) -> list[Eval
     have no run yet. Added, not committed."""
     adapter = session.get(Adapter, version.adapter_id)
     assert adapter is not None
-    production = _production(session, adapter)
+    production = production_version(session, adapter)
     runs: list[EvalRun] = []
-    attached = select(Eval).where(Eval.tenant_id == adapter.tenant_id,
-                                  Eval.adapter_name == adapter.name)  # fmt: skip
-    for ev in session.exec(attached):
+    for ev in attached_evals(session, adapter):
         targets: list[tuple[str, AdapterVersion | None, str]] = [
             (version.fine_tuned_model, version, f"v{version.version} (candidate)")
         ]
@@ -287,7 +278,7 @@ def compare(
     fails and newly passes against production (the base, when there is no production)."""
     adapter = session.get(Adapter, version.adapter_id)
     assert adapter is not None
-    production = _production(session, adapter)
+    production = production_version(session, adapter)
     mine = latest_run(session, eval_id=ev.id, version=version)
     prod = latest_run(session, eval_id=ev.id, version=production) if production else None
     base = latest_run(session, eval_id=ev.id, version=None, base_model=version.base_model)
@@ -334,7 +325,7 @@ def promotion_problem(
     if ev is None or ev.tenant_id != adapter.tenant_id:
         return f"the policy's eval {policy.eval_id} no longer exists", None
     mine = latest_run(session, eval_id=ev.id, version=version)
-    production = _production(session, adapter)
+    production = production_version(session, adapter)
     prod = latest_run(session, eval_id=ev.id, version=production) if production else None
     evidence = {"eval_id": ev.id, "candidate": run_summary(mine), "production": run_summary(prod),
                 "min_margin": policy.min_margin, "min_score": policy.min_score}  # fmt: skip
@@ -384,7 +375,7 @@ def guard_verdict(session: Session, adapter: Adapter) -> tuple[str | None, dict[
     """(why the running canary must stop or None, the figures compared)."""
     guard = CanaryGuard.model_validate((adapter.policy or {}).get("canary_guard") or {})
     canary = session.get(AdapterVersion, adapter.canary_version_id or "")
-    production = _production(session, adapter)
+    production = production_version(session, adapter)
     if canary is None or production is None:
         return None, {}
     started = aware(adapter.canary_started_at or utcnow())

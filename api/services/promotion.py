@@ -23,7 +23,7 @@ from sqlmodel import Session, col, select
 from api.db import utcnow
 from api.errors import Conflict, InvalidRequest, NotFound
 from api.models.adapters import STAGES, Adapter, AdapterVersion
-from api.services import audit, eval_policy
+from api.services import audit
 from api.services.tenants import Principal
 from api.storage import ArtifactStore
 
@@ -336,6 +336,8 @@ def promote(
         forced = forced or bool(problems)
     evidence = None
     if stage == "production":
+        from api.services import eval_policy  # it reads production_version from here
+
         problem, evidence = eval_policy.promotion_problem(session, adapter, version)
         if problem is not None and not force:
             raise Conflict(

@@ -22,9 +22,9 @@ from sqlmodel import Session, col, delete, func, select
 from api.db import unix, utcnow
 from api.errors import Conflict, InvalidRequest
 from api.models.adapters import Adapter, AdapterVersion
-from api.models.evals import Eval, ShadowSample
+from api.models.evals import ShadowSample
 from api.services import audit, graders
-from api.services.eval_policy import VALIDATION_CRITERIA
+from api.services.eval_policy import VALIDATION_CRITERIA, attached_evals
 
 CANDIDATE_STAGES = ("candidate", "staging")
 MAX_SAMPLES_PER_VERSION = 1000  # the newest are kept: enough for any rate, bounded
@@ -65,11 +65,7 @@ def stop_shadow(session: Session, *, actor: Any, adapter: Adapter) -> Adapter:
 
 def criteria_for(session: Session, adapter: Adapter) -> list[dict[str, Any]]:
     """The local criteria of the adapter's attached eval (oldest first), else fuzzy match."""
-    attached = session.exec(
-        select(Eval)
-        .where(Eval.tenant_id == adapter.tenant_id, Eval.adapter_name == adapter.name)
-        .order_by(col(Eval.created_at))
-    ).first()
+    attached = next(iter(attached_evals(session, adapter)), None)
     local = [c for c in (attached.testing_criteria if attached else []) if c["type"] in LOCAL]
     return local or VALIDATION_CRITERIA
 
