@@ -36,6 +36,7 @@ from api.services.promotion import production_version
 
 log = logging.getLogger(__name__)
 GUARD_ACTOR = "system:canary-guard"
+GUARD_MAX_ROWS = 10_000  # the newest requests per side a guard check reads
 VALIDATION_CRITERIA: list[dict[str, Any]] = [
     {
         "type": "text_similarity",
@@ -357,11 +358,14 @@ def _traffic(
     requests that named the adapter (or an alias), as the split between the two versions
     sends them; calls by a pinned `ft:` id (eval runs among them) are other traffic."""
     rows = session.exec(
-        select(UsageRecord.status_code, UsageRecord.latency_ms).where(
+        select(UsageRecord.status_code, UsageRecord.latency_ms)
+        .where(
             UsageRecord.adapter_version_id == version_id,
             UsageRecord.created_at >= since,
             col(UsageRecord.model).in_(names),
         )
+        .order_by(col(UsageRecord.created_at).desc())
+        .limit(GUARD_MAX_ROWS)  # every gateway checks every few seconds: bounded work
     ).all()
     if not rows:
         return 0, 0.0, 0.0
