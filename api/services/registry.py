@@ -160,9 +160,9 @@ def get_or_create_adapter(
     adapter = session.exec(query).first()
     if adapter is None:
         adapter = Adapter(tenant_id=tenant_id, name=name, base_model=base_model)
-        session.add(adapter)
         try:
-            with session.begin_nested():
+            with session.begin_nested():  # (begin_nested flushes what is pending: add inside)
+                session.add(adapter)
                 session.flush()
         except IntegrityError:  # another registration of this name created it first
             adapter = session.exec(query).one()
@@ -179,13 +179,14 @@ def add_version(session: Session, adapter: Adapter, **fields: Any) -> AdapterVer
             serial=_next_serial(session),
             **fields,
         )
-        session.add(version)
         try:
             with session.begin_nested():
+                session.add(version)
                 session.flush()
             return version
         except IntegrityError:  # another registration took the number: take the next one
-            session.expunge(version)
+            if version in session:  # the savepoint's rollback may have expunged it already
+                session.expunge(version)
     raise RuntimeError(f"could not allocate a version number for {adapter.name}")
 
 

@@ -325,3 +325,33 @@ def test_a_version_never_validated_on_the_served_numerics_is_rejected(
     with TestClient(create_app(settings)) as c:
         ids = [m["id"] for m in c.get("/v1/models", headers=bearer(key)).json()["data"]]
     assert unchecked.fine_tuned_model not in ids and checked.fine_tuned_model in ids
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)  # SQLite has one writer
+def test_a_registration_that_loses_the_race_for_a_serial_takes_the_next(
+    settings: Settings, tiny_adapter: Path
+) -> None:
+    """Two workers finishing at once (on the CI's PostgreSQL, two tenants' jobs within the
+    same second): the one whose serial was taken between its read and its insert retries
+    with the next, and its job succeeds (was: InvalidRequestError, the job failed)."""
+    from sqlalchemy import event
+
+    tenant_a, _ = new_tenant(settings, name="a")
+    tenant_b, _ = new_tenant(settings, name="b")
+    raced: list[int] = []
+
+    def the_other_worker_commits_first(session, _context, _instances) -> None:
+        pending = [o for o in session.new if isinstance(o, AdapterVersion)]
+        if pending and not raced:
+            raced.append(pending[0].serial)  # once; the other registration flushes too
+            add_version(settings, tiny_adapter, tenant_id=tenant_b, suffix="other")
+
+    event.listen(Session, "before_flush", the_other_worker_commits_first)
+    try:
+        mine = add_version(settings, tiny_adapter, tenant_id=tenant_a, suffix="mine")
+    finally:
+        event.remove(Session, "before_flush", the_other_worker_commits_first)
+    with Session(get_engine(settings.database_url)) as s:
+        serials = {v.tenant_id: v.serial for v in s.exec(select(AdapterVersion))}
+    assert raced and serials[tenant_b] == raced[0]
+    assert mine.serial == serials[tenant_a] == raced[0] + 1 and mine.version == 1
