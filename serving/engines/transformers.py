@@ -43,6 +43,11 @@ REPLICA_NAME = "in-process"
 # from holding up everyone else's.
 TOKENIZER_THREADS = 2
 FAILED = "The engine could not generate an answer for this request."
+# Loading a model or an adapter is one at a time per process: transformers builds a model on
+# the meta device while it loads and ties its weights after, and two loads at once in one
+# process (two engines, as two in-process gateways run) left a tied lm_head on meta in 10
+# loads of 12 here ("Cannot copy out of meta tensor" at generation).
+_LOADING = threading.Lock()
 
 
 class TransformersEngine(Engine):
@@ -261,7 +266,8 @@ class TransformersEngine(Engine):
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).eval()
+        with _LOADING:
+            self.model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).eval()
         self._limits = ModelLimits(
             vocab_size=int(self.model.get_input_embeddings().num_embeddings),
             context=int(getattr(self.model.config, "max_position_embeddings", 2048)),
@@ -278,10 +284,11 @@ class TransformersEngine(Engine):
             for victim in idle[: max(0, len(self.loaded) + 1 - self.budget)]:
                 self.model.delete_adapter(victim)
                 del self.loaded[victim]
-            if isinstance(self.model, PeftModel):
-                self.model.load_adapter(str(path), adapter_name=name)
-            else:
-                self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
+            with _LOADING:
+                if isinstance(self.model, PeftModel):
+                    self.model.load_adapter(str(path), adapter_name=name)
+                else:
+                    self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
             self.model.eval()
             self.loaded[name] = None
 
