@@ -44,7 +44,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 pytest: $(STAMP) $(CHROMIUM)
-	HF_HUB_OFFLINE=1 $(BIN)/pytest --durations=15
+	HF_HUB_OFFLINE=1 $(BIN)/pytest --durations=60
 
 test: lint typecheck pytest
 

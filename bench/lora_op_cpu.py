@@ -12,15 +12,17 @@ Variants, measured side by side (interleaved rounds, median), per layer:
         add_shrink / add_expand -> sgmv_* -> bgmv_* (vllm/lora/ops/torch_ops/lora_ops.py):
         repeat_interleave the per-run indices, gather every token's A and B (`w[indices]`),
         einsum. Index -1 ("no adapter") gathers the LAST slot: the mixed-batch bug;
-  loop  base + one shrink/expand matmul pair per adapter present: where a batch's LoRA rows
+  loop  base + the installed op (serving/lora_groups.py, the code the replicas run): one
+        shrink/expand matmul pair per adapter present: where a batch's LoRA rows
         come in few runs (prefill), the runs are used in place (views, addmm_ into y);
         otherwise rows are sorted by slot once per step, index_select'ed, one mm pair per
         slot, one index_add_ back. -1 rows are never touched;
   bmm   base + the same groups padded to the largest and run as two bmm per slice over the
         stacked weights' own storage (a narrow() view, no weight copy): the op count does
         not grow with the number of adapters.
-"pick" is what the proposed op would run: bmm, unless padding would more than double the
-LoRA rows (one long prefill beside decodes), then loop. The x30-layer step, the lm_head and
+"pick" is what a bmm-or-loop op would run: bmm, unless padding would more than double the
+LoRA rows (one long prefill beside decodes), then loop. The replicas run loop (installed,
+exact); bmm is measured as the next candidate. The x30-layer step, the lm_head and
 attention are not modelled: the figures are per decoder layer.
 
 Checks first (fp32; allclose against a float64 per-row reference): vllm, loop and bmm agree
@@ -35,12 +37,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from serving.lora_groups import Groups as RowGroups
+from serving.lora_groups import lora_rows
 
 HIDDEN, INTER, HEAD_DIM, HEADS, KV_HEADS = 576, 1536, 64, 9, 3  # 30 layers, vocab 49152
 # (name, in features, output slices) of one Llama decoder layer under vLLM's LoRA layers.
@@ -121,11 +130,7 @@ def vllm_lora(y: torch.Tensor, x: torch.Tensor, m: Module, meta) -> None:
 class Groups:
     """Per-step metadata (built once in update_metadata, shared by every layer)."""
 
-    # Run mode (`rows` is None): segments are runs of consecutive rows in batch order (a
-    # prefill request's tokens), used as views: no copy in, addmm_ straight into y. Sorted
-    # mode: rows of each slot gathered (stable sort), one index_add_ back onto y.
-    rows: torch.Tensor | None
-    segments: list[tuple[int, int, int]]  # (slot, start, end): into the batch or into rows
+    core: RowGroups  # the installed op's grouping (serving/lora_groups.py): runs or sorted
     # padded form, for the bmm variant: one group per slot in lo..lo+span-1 (the stacked
     # weights are then a view, never copied), each padded to `width` rows
     lo: int
@@ -137,67 +142,41 @@ class Groups:
 
     @property
     def use_bmm(self) -> bool:
-        """What the proposed op would run this step: bmm unless padding doubles the work."""
+        """What a bmm op would run this step: bmm unless padding doubles the work."""
         return self.waste <= 2.0
 
 
 def grouped_meta(index: torch.Tensor) -> Groups:
     """Rows grouped by slot; -1 rows are left out (plain rows, no LoRA work at all)."""
-    run_slots, run_counts = torch.unique_consecutive(index, return_counts=True)
-    runs, start = [], 0
-    for slot, count in zip(run_slots.tolist(), run_counts.tolist(), strict=True):
-        if slot >= 0:
-            runs.append((slot, start, start + count))
-        start += count
-    order = torch.argsort(index, stable=True)
-    slots, counts = torch.unique_consecutive(index[order], return_counts=True)
-    segments, start, skip = [], 0, 0
-    for slot, count in zip(slots.tolist(), counts.tolist(), strict=True):
-        if slot < 0:
-            skip = count  # -1 sorts first
-        else:
-            segments.append((slot, start - skip, start - skip + count))
-        start += count
-    sorted_rows = order[skip:]
-    width = max((e - s for _, s, e in segments), default=0)
-    lo = min((slot for slot, _, _ in segments), default=0)
-    span = max((slot for slot, _, _ in segments), default=-1) + 1 - lo
-    gather = sorted_rows[:1].repeat(span * width)  # padding: a real row, masked
+    lora = index >= 0
+    by_slot = torch.argsort(index, stable=True)[int((~lora).sum()) :]  # -1 sorts first
+    counts = torch.bincount(index[lora], minlength=SLOTS)
+    present = counts.nonzero().flatten().tolist()
+    lo = present[0] if present else 0
+    span = present[-1] + 1 - lo if present else 0
+    width = int(counts.max()) if present else 0
+    firsts = (torch.cumsum(counts, 0) - counts).tolist()
+    gather = by_slot[:1].repeat(span * width)  # padding: a real row, masked
     mask = torch.zeros(span, width, 1)
-    for slot, s, e in segments:
-        i = slot - lo
-        gather[i * width : i * width + e - s] = sorted_rows[s:e]
-        mask[i, : e - s] = 1.0
-    waste = span * width / max(1, sorted_rows.numel())
-    if len(runs) <= 2 * len(segments):  # few runs: use them in place
-        return Groups(None, runs, lo, span, gather, mask, width, waste)
-    return Groups(sorted_rows, segments, lo, span, gather, mask, width, waste)
+    for slot in present:
+        i, n, first = slot - lo, int(counts[slot]), firsts[slot]
+        gather[i * width : i * width + n] = by_slot[first : first + n]
+        mask[i, :n] = 1.0
+    waste = span * width / max(1, by_slot.numel())
+    return Groups(RowGroups(index), lo, span, gather, mask, width, waste)
 
 
 def grouped_lora(y: torch.Tensor, x: torch.Tensor, m: Module, g: Groups) -> None:
-    if not g.segments:
-        return
-    if g.rows is None:  # run mode
-        offset = 0
-        for a, b, size in zip(m.lora_a, m.lora_b, m.out_slices, strict=True):
-            for slot, s, e in g.segments:
-                h = torch.mm(x[s:e], a[slot, 0].t())
-                y[s:e, offset : offset + size].addmm_(h, b[slot, 0].t())
-            offset += size
-        return
-    xs = x.index_select(0, g.rows)
-    delta = torch.empty(xs.size(0), y.size(1), dtype=y.dtype)
-    offset = 0
+    """The installed op's fused path (serving.lora_groups.lora_rows), on this module."""
+    parts, offset = [], 0
     for a, b, size in zip(m.lora_a, m.lora_b, m.out_slices, strict=True):
-        for slot, s, e in g.segments:
-            h = torch.mm(xs[s:e], a[slot, 0].t())
-            torch.mm(h, b[slot, 0].t(), out=delta[s:e, offset : offset + size])
+        parts.append((a, b, offset, size))
         offset += size
-    y.index_add_(0, g.rows, delta)  # contiguous rows: about the cost of one add
+    lora_rows(y, x, g.core, parts, 1.0)
 
 
 def bmm_lora(y: torch.Tensor, x: torch.Tensor, m: Module, g: Groups) -> None:
-    if not g.segments:
+    if not g.core.segments:
         return
     n = g.span
     xg = x.index_select(0, g.gather).view(n, g.width, -1)
@@ -340,9 +319,9 @@ def bench(layer: list[Module], case: str, rounds: int, gen: torch.Generator):
     med = {name: statistics.median(v) * 1e6 for name, v in samples.items()}
     med["pick"] = med["bmm" if groups.use_bmm else "loop"]
     info = {
-        "adapters": len({slot for slot, _, _ in groups.segments}),
+        "adapters": len({slot for slot, _, _ in groups.core.segments}),
         "plain": int((index < 0).sum()),
-        "mode": "bmm" if groups.use_bmm else "loop" + ("/runs" if groups.rows is None else ""),
+        "mode": "bmm" if groups.use_bmm else "loop" + ("/runs" if groups.core.rows is None else ""),
         "waste": groups.waste,
     }
     return med, meta_us, info

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 REQUIRED = ("adapter_config.json", "adapter_model.safetensors")
 # The replica plugin's route that fetches, verifies and loads an adapter ahead of a request.
 LOAD_PATH = "/loraplex/v1/load_adapter"
+INFO_PATH = "/loraplex/v1/info"  # GET: {"lora_op": "grouped" | "vllm"} (vllm_plugin.py)
 _NAME = re.compile(r"^(?P<prefix>[A-Za-z0-9._\-/]{1,400})@(?P<digest>[0-9a-f]{64})$")
 
 

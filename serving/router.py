@@ -19,6 +19,9 @@ class Replica:
     url: str
     healthy: bool = False
     lora: bool = True  # False: a base-only replica (started without --enable-lora)
+    # A LoRA replica whose base rows are plain rows, exact beside any adapter (Loraplex's
+    # grouped LoRA op, serving/vllm_lora_op.py): base requests need no zero adapter there.
+    plain_base: bool = False
     inflight: int = 0
     # Adapter names this replica holds, least recently used first.
     loaded: OrderedDict[str, None] = field(default_factory=OrderedDict)

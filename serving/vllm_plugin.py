@@ -9,7 +9,9 @@ replica runs with `VLLM_PLUGINS=loraplex` and `LORAPLEX_REPLICA_STORAGE_URL`:
   all-zero base adapter is written locally from the base model's config. Any other name: None.
 - a route (`vllm.endpoint_plugins`): `POST /loraplex/v1/load_adapter {"lora_name": ...}`
   resolves and loads ahead of the first request, so a gateway learns why a replica refuses
-  an adapter (422 with the reason) instead of a bare "model does not exist".
+  an adapter (422 with the reason) instead of a bare "model does not exist"; and
+  `GET /loraplex/v1/info`, which says whether base rows are plain rows here (the grouped
+  LoRA op, serving/vllm_lora_op.py, installed by `register` when LORAPLEX_LORA_OP=grouped).
 
 `VLLM_PLUGINS=loraplex` also keeps vLLM's own resolvers (a local directory, the Hugging Face
 hub) off: a replica loads nothing but verified Loraplex adapters.
@@ -34,6 +36,7 @@ from fastapi.responses import JSONResponse
 
 from api.storage import ArtifactStore
 from serving.adapter_source import (
+    INFO_PATH,
     LOAD_PATH,
     AdapterRefused,
     ReplicaAdapterStore,
@@ -83,11 +86,17 @@ async def local_path(base_model: str, lora_name: str) -> Path | None:
 
 
 def register() -> None:
-    """`vllm.general_plugins` entry point: install the resolver (every vLLM process calls
-    this; only the API server's registry is ever asked)."""
+    """`vllm.general_plugins` entry point (every vLLM process calls it): the grouped LoRA op
+    where the launcher asked for it (serving/vllm_lora_op.py; raises where it cannot be
+    installed, so such a replica never starts with vLLM's op), and the adapter resolver
+    (only the API server's registry is ever asked)."""
     from vllm.lora.request import LoRARequest
     from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 
+    if os.environ.get("LORAPLEX_LORA_OP", "") == "grouped":
+        from serving import vllm_lora_op
+
+        vllm_lora_op.install()
     if source() is None:
         log.warning("loraplex plugin: LORAPLEX_REPLICA_STORAGE_URL is not set; the Loraplex "
                     "adapter source is off")  # fmt: skip
@@ -116,9 +125,21 @@ class Endpoints:
 
     def attach_router(self, app: FastAPI) -> None:
         app.add_api_route(LOAD_PATH, load_adapter, methods=["POST"])
+        app.add_api_route(INFO_PATH, info, methods=["GET"])
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         return None
+
+
+async def info(request: Request) -> JSONResponse:
+    """What a gateway needs to know of this replica: `lora_op` "grouped" means base rows
+    (no adapter) are plain rows here, exact in a mixed batch (no zero adapter needed)."""
+    from vllm.platforms import current_platform
+
+    from serving.vllm_lora_op import QUALNAME
+
+    grouped = current_platform.get_punica_wrapper() == QUALNAME
+    return JSONResponse({"lora_op": "grouped" if grouped else "vllm"})
 
 
 async def load_adapter(request: Request) -> JSONResponse:

