@@ -12,17 +12,17 @@ Variants, measured side by side (interleaved rounds, median), per layer:
         add_shrink / add_expand -> sgmv_* -> bgmv_* (vllm/lora/ops/torch_ops/lora_ops.py):
         repeat_interleave the per-run indices, gather every token's A and B (`w[indices]`),
         einsum. Index -1 ("no adapter") gathers the LAST slot: the mixed-batch bug;
-  loop  base + the installed op (serving/lora_groups.py, the code the replicas run): one
-        shrink/expand matmul pair per adapter present: where a batch's LoRA rows
-        come in few runs (prefill), the runs are used in place (views, addmm_ into y);
-        otherwise rows are sorted by slot once per step, index_select'ed, one mm pair per
-        slot, one index_add_ back. -1 rows are never touched;
+  loop  base + the installed op (serving/lora_groups.py, the code the replicas run): where
+        padding at most doubles the LoRA rows, blocks per slot and two bmm per module (as
+        bmm below); otherwise one shrink/expand matmul pair per adapter present, on runs in
+        place (prefill) or on rows sorted by slot with one index_add_ back. -1 rows are
+        never touched;
   bmm   base + the same groups padded to the largest and run as two bmm per slice over the
         stacked weights' own storage (a narrow() view, no weight copy): the op count does
-        not grow with the number of adapters.
-"pick" is what a bmm-or-loop op would run: bmm, unless padding would more than double the
-LoRA rows (one long prefill beside decodes), then loop. The replicas run loop (installed,
-exact); bmm is measured as the next candidate. The x30-layer step, the lm_head and
+        not grow with the number of adapters (the bench's own version, before it went in).
+"pick" is bmm unless padding would more than double the LoRA rows (one long prefill beside
+decodes), then loop: what the installed op picks.
+The x30-layer step, the lm_head and
 attention are not modelled: the figures are per decoder layer.
 
 Checks first (fp32; allclose against a float64 per-row reference): vllm, loop and bmm agree

@@ -19,14 +19,16 @@ class Groups:
     batch order, used as views. Sorted mode: `rows` are the LoRA rows in slot order (stable)
     and `segments` index into them."""
 
-    __slots__ = ("rows", "segments", "size")
+    __slots__ = ("padded", "rows", "segments", "size")
 
     def __init__(self, index: torch.Tensor) -> None:
         self.size = int(index.numel())
         self.rows: torch.Tensor | None = None
         self.segments: list[tuple[int, int, int]] = []
+        self.padded: Padded | None = None
         if self.size == 0:
             return
+        self.padded = Padded.of(index)
         run_slots, run_counts = torch.unique_consecutive(index, return_counts=True)
         runs, start = [], 0
         for slot, count in zip(run_slots.tolist(), run_counts.tolist(), strict=True):
@@ -49,6 +51,71 @@ class Groups:
         self.rows = order[skip:]
 
 
+class Padded:
+    """The LoRA rows as one block per slot lo..lo+span-1, each padded to `width` rows, for
+    two batched matmuls per module over the stacked weights' own storage (a narrow() view:
+    the op count does not grow with the adapters present). Padding repeats a LoRA row and is
+    masked out; -1 rows are in no block. Only where padding at most doubles the LoRA rows
+    (decode steps, even prefill chunks); else (one long prefill beside decodes) None."""
+
+    __slots__ = ("gather", "lo", "mask", "span", "width")
+
+    def __init__(self, lo: int, span: int, width: int, gather: torch.Tensor, mask: torch.Tensor):
+        self.lo, self.span, self.width, self.gather, self.mask = lo, span, width, gather, mask
+
+    @classmethod
+    def of(cls, index: torch.Tensor) -> Padded | None:
+        lora = index >= 0
+        n = int(lora.sum())
+        if n == 0:
+            return None
+        counts = torch.bincount(index[lora])
+        present = counts.nonzero().flatten()
+        lo, span, width = int(present[0]), int(present[-1]) + 1 - int(present[0]), int(counts.max())
+        if span * width > 2 * n:
+            return None
+        by_slot = torch.argsort(index, stable=True)[index.numel() - n :]  # -1 sorts first
+        slots = index[by_slot]
+        firsts = torch.cumsum(counts, 0) - counts
+        place = (slots - lo) * width + torch.arange(n) - firsts[slots]
+        gather = by_slot[:1].repeat(span * width)
+        gather[place] = by_slot
+        mask = torch.zeros(span * width, 1)
+        mask[place] = 1.0
+        return cls(lo, span, width, gather, mask.view(span, width, 1))
+
+
+def _block(stacked: torch.Tensor, p: Padded) -> torch.Tensor:
+    """Slots lo..lo+span-1 of a stacked (slots, 1, out, in) or (slots, out, in): a view."""
+    w = stacked.narrow(0, p.lo, p.span)
+    return w.squeeze(1) if w.dim() == 4 else w
+
+
+def _bmm_rows(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    p: Padded,
+    parts: Sequence[tuple[torch.Tensor | None, torch.Tensor, int, int]],
+    scale: float,
+) -> None:
+    dtype = y.dtype
+    first = min(off for _, _, off, _ in parts)  # the parts cover first..end without gaps
+    end = max(off + size for _, _, off, size in parts)
+    xg = x.index_select(0, p.gather).view(p.span, p.width, -1)
+    delta = torch.empty(p.span, p.width, end - first, dtype=dtype)
+    for a, b, off, size in parts:
+        if a is None:  # already shrunk; padding rows are masked again here
+            h = xg.to(dtype) * p.mask
+        else:
+            h = torch.bmm(xg.to(a.dtype), _block(a, p).transpose(1, 2)) * p.mask
+        if scale != 1.0:
+            h = h * scale
+        bt = _block(b, p)[:, :size].transpose(1, 2)
+        delta[:, :, off - first : off - first + size] = torch.bmm(h.to(dtype), bt.to(dtype))
+    # Padding rows add exact zeros onto a LoRA row; -1 rows are never indexed.
+    y[:, first:end].index_add_(0, p.gather, delta.view(-1, end - first))
+
+
 def slot_weights(stacked: torch.Tensor, slot: int) -> torch.Tensor:
     """One slot's (out, in) matrix of a stacked (slots, 1, out, in) or (slots, out, in)."""
     w = stacked[slot]
@@ -67,6 +134,9 @@ def lora_rows(
     the mapping (none in vLLM 0.32's CPU runner) and -1 rows are left as they are."""
     if not groups.segments:
         return
+    if groups.padded is not None:
+        _bmm_rows(y, x, groups.padded, parts, scale)
+        return
     dtype = y.dtype
     if groups.rows is None:
         for slot, s, e in groups.segments:
@@ -79,13 +149,14 @@ def lora_rows(
                 y[s:e, off : off + size].addmm_(h.to(dtype), w.t().to(dtype))
         return
     xs = x.index_select(0, groups.rows)
-    width = max(off + size for _, _, off, size in parts)
-    delta = torch.zeros(xs.size(0), width, dtype=dtype)
+    first = min(off for _, _, off, _ in parts)
+    end = max(off + size for _, _, off, size in parts)
+    delta = torch.zeros(xs.size(0), end - first, dtype=dtype)
     for slot, s, e in groups.segments:
         for a, b, off, size in parts:
             h = xs[s:e] if a is None else torch.mm(xs[s:e].to(a.dtype), slot_weights(a, slot).t())
             if scale != 1.0:
                 h = h * scale
             w = slot_weights(b, slot)[:size]
-            delta[s:e, off : off + size] = torch.mm(h.to(dtype), w.t().to(dtype))
-    y[:, :width].index_add_(0, groups.rows, delta)
+            delta[s:e, off - first : off - first + size] = torch.mm(h.to(dtype), w.t().to(dtype))
+    y[:, first:end].index_add_(0, groups.rows, delta)

@@ -68,12 +68,20 @@ def _reference(x, base, stacks, index):
 
 
 BATCHES = {
-    # slot per token: decode steps (one token per request) and prefill runs
-    "decode, base rows between adapters": ([2, -1, 0, 4, -1, 1, 3, 0, -1, 2, 4, 1], False),
-    "prefill runs": ([1] * 7 + [-1] * 5 + [3] * 4 + [4] * 6, True),
-    "no base rows": ([0, 1, 2, 3, 4, 0, 1, 2], False),
-    "one adapter": ([3] * 9, False),
-    "all base": ([-1] * 6, False),
+    # slot per token, prefill or not, and the path the op takes: "bmm" (blocks padded per
+    # slot, two batched matmuls), "runs" (consecutive runs as views), "sorted" (rows
+    # gathered by slot), None (no LoRA row)
+    "decode, base rows between adapters": ([2, -1, 0, 4, -1, 1, 3, 0, -1, 2, 4, 1], False, "bmm"),
+    "prefill runs": ([1] * 7 + [-1] * 5 + [3] * 4 + [4] * 6, True, "bmm"),
+    "no base rows": ([0, 1, 2, 3, 4, 0, 1, 2], False, "bmm"),
+    "one adapter": ([3] * 9, False, "bmm"),
+    "long prefill beside decodes": ([0] * 20 + [1, 2, -1, 3, 4, 1], True, "runs"),
+    "long prefill, interleaved decodes": (
+        [0] * 12 + [1, 2, 1, 2, 1, 2, -1, 1, 2, 1, 2, 3],
+        True,
+        "sorted",
+    ),
+    "all base": ([-1] * 6, False, None),
 }
 
 
@@ -81,7 +89,13 @@ BATCHES = {
 def test_grouped_op_matches_the_reference_and_leaves_base_rows_alone(batch: str) -> None:
     import torch
 
-    index, prefill = BATCHES[batch]
+    from serving.lora_groups import Groups
+
+    index, prefill, path = BATCHES[batch]
+    groups = Groups(torch.tensor(index))
+    taken = ("bmm" if groups.padded else "runs" if groups.rows is None else "sorted") if (
+        groups.segments) else None  # fmt: skip
+    assert taken == path
     gen = torch.Generator().manual_seed(7)
     stacks = [_stack(gen, IN, out) for out in OUT_SLICES]
     x = torch.randn(len(index), IN, generator=gen)
