@@ -91,7 +91,7 @@ def main() -> None:
     base_dir = resolve_base_model(BASE, home=args.home)
     trained = args.adapter or train_adapter(args.home, work / "trained")
     hot = [variant(trained, work / f"hot{i}", scale=1 + 0.1 * i) for i in range(8)]
-    key, _ = register_versions(settings, [])
+    key, _, _ = register_versions(settings, [])
     replicas, gateways, urls = {}, {}, {}
     try:
         for op in OPS:

@@ -89,8 +89,9 @@ def variant(source: Path, out: Path, *, scale: float) -> Path:
     return out
 
 
-def register_versions(settings: Any, dirs: list[Path]) -> tuple[str, list[str]]:
-    """A tenant and one candidate version per directory; returns (api key, version ids)."""
+def register_versions(settings: Any, dirs: list[Path]) -> tuple[str, list[str], list[str]]:
+    """A tenant and one candidate version per directory; returns (api key, the versions'
+    model names, the names replicas that fetch adapters themselves load them under)."""
     from sqlmodel import Session
 
     from api.db import get_engine, upgrade
@@ -99,10 +100,11 @@ def register_versions(settings: Any, dirs: list[Path]) -> tuple[str, list[str]]:
     from api.services import registry, tenants
     from api.services.jobs import fine_tuned_model_name
     from api.storage import ArtifactStore
+    from serving.adapter_source import replica_name
 
     upgrade(settings.database_url)
     store = ArtifactStore(settings.storage_url)
-    names = []
+    names, on_replica = [], []
     with Session(get_engine(settings.database_url), expire_on_commit=False) as session:
         tenant = tenants.create_tenant(session, name="bench")
         _, key = tenants.create_key(session, tenant_id=tenant.id)
@@ -121,8 +123,11 @@ def register_versions(settings: Any, dirs: list[Path]) -> tuple[str, list[str]]:
             )  # fmt: skip
             assert version.stage == "candidate", version.stage_reason
             names.append(version.fine_tuned_model)
+            on_replica.append(
+                replica_name(storage_prefix=version.storage_prefix, files=version.files)
+            )
         session.commit()
-    return key, names
+    return key, names, on_replica
 
 
 def wait_http(url: str, *, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
@@ -286,7 +291,7 @@ def main() -> None:
     trained = args.adapter or train_adapter(args.home, work / "trained")
     hot = [variant(trained, work / f"hot{i}", scale=1 + 0.1 * i) for i in range(8)]
     cold = [variant(trained, work / f"cold{i}", scale=0.5 + 0.1 * i) for i in range(args.cold)]
-    key, names = register_versions(settings, hot + cold)
+    key, names, on_replica = register_versions(settings, hot + cold)
     hot_names, cold_names = names[:8], names[8:]
 
     replica = plan_replicas(settings, model_dir=base_dir, served_name=BASE, count=1)[0]
@@ -315,7 +320,7 @@ def main() -> None:
         pids = {"gateway": gateway.pid, "vllm": replica.proc.pid}
         naive = NaivePeft(base_dir, hot)
         results = asyncio.run(
-            measure(args, replica.url, gw, key, hot_names, cold_names, pids, naive)
+            measure(args, replica.url, gw, key, hot_names, on_replica[:8], cold_names, pids, naive)
         )
     finally:
         if gateway is not None:
@@ -327,9 +332,11 @@ def main() -> None:
 
 
 async def measure(
-    args: argparse.Namespace, vllm: str, gw: str, key: str, hot: list[str], cold: list[str],
-    pids: dict[str, int], naive: NaivePeft,
+    args: argparse.Namespace, vllm: str, gw: str, key: str, hot: list[str],
+    hot_on_replica: list[str], cold: list[str], pids: dict[str, int], naive: NaivePeft,
 ) -> dict[str, Any]:  # fmt: skip
+    """`hot` by name through the gateway; `hot_on_replica` the same versions by the names the
+    replica holds them under (the gateway loaded them in the warm-up)."""
     shape = {"requests": args.requests, "max_tokens": args.max_tokens,
              "concurrency": args.concurrency}  # fmt: skip
     # Warm up: the gateway fetches and loads the 8 hot adapters (and, with vLLM's own op, its
@@ -338,7 +345,7 @@ async def measure(
     runs: dict[str, list[float]] = {}
     configs = {
         "direct_base": (vllm, None, [BASE]),
-        "direct_8_adapters": (vllm, None, hot),
+        "direct_8_adapters": (vllm, None, hot_on_replica),
         "gateway_base": (gw, key, [BASE]),
         "gateway_8_adapters": (gw, key, hot),
     }
@@ -356,7 +363,7 @@ async def measure(
         naive.run(max(1, args.naive_requests // args.rounds), max_tokens=args.max_tokens)
         log(f"round {round_}: naive peft {naive.tok_s:.1f} tok/s so far")
     latency = {
-        "direct_p50_s": await sequential_latency(vllm, key=None, model=hot[0], n=20),
+        "direct_p50_s": await sequential_latency(vllm, key=None, model=hot_on_replica[0], n=20),
         "gateway_p50_s": await sequential_latency(gw, key=key, model=hot[0], n=20),
     }
     warm = [await first_token_seconds(gw, key=key, model=hot[i % 8]) for i in range(8)]
