@@ -14,7 +14,8 @@ Variants, measured side by side (interleaved rounds, median), per layer:
         einsum. Index -1 ("no adapter") gathers the LAST slot: the mixed-batch bug;
   loop  base + the installed op (serving/lora_groups.py, the code the replicas run): where
         padding at most doubles the LoRA rows, blocks per slot and two bmm per module (as
-        bmm below); otherwise one shrink/expand matmul pair per adapter present, on runs in
+        bmm below, B read from a contiguous transposed copy); otherwise one shrink/expand
+        matmul pair per adapter present, on runs in
         place (prefill) or on rows sorted by slot with one index_add_ back. -1 rows are
         never touched;
   bmm   base + the same groups padded to the largest and run as two bmm per slice over the
@@ -49,7 +50,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from serving.lora_groups import Groups as RowGroups
-from serving.lora_groups import lora_rows
+from serving.lora_groups import TransposedB, lora_rows
 
 HIDDEN, INTER, HEAD_DIM, HEADS, KV_HEADS = 576, 1536, 64, 9, 3  # 30 layers, vocab 49152
 # (name, in features, output slices) of one Llama decoder layer under vLLM's LoRA layers.
@@ -166,13 +167,17 @@ def grouped_meta(index: torch.Tensor) -> Groups:
     return Groups(RowGroups(index), lo, span, gather, mask, width, waste)
 
 
+# The installed op keeps B transposed for the batched path; the bench's weights never change.
+TRANSPOSED = TransposedB()
+
+
 def grouped_lora(y: torch.Tensor, x: torch.Tensor, m: Module, g: Groups) -> None:
     """The installed op's fused path (serving.lora_groups.lora_rows), on this module."""
     parts, offset = [], 0
     for a, b, size in zip(m.lora_a, m.lora_b, m.out_slices, strict=True):
         parts.append((a, b, offset, size))
         offset += size
-    lora_rows(y, x, g.core, parts, 1.0)
+    lora_rows(y, x, g.core, parts, 1.0, TRANSPOSED)
 
 
 def bmm_lora(y: torch.Tensor, x: torch.Tensor, m: Module, g: Groups) -> None:

@@ -9,10 +9,15 @@ adapter (zero_adapter.py), which makes base traffic pay the LoRA price too.
 
 `GroupedPunicaWrapperCPU` keeps vLLM's metadata and replaces the ops: once per batch mapping
 the rows are grouped by slot (-1 rows left out: they are plain rows, bit for bit the base
-model's), then each layer runs one shrink and one expand matmul per adapter present. Where a
-batch's rows come in few runs (prefill chunks), the runs are used in place as views; otherwise
-rows are gathered once per module by slot order and added back with one index_add_.
-bench/lora_op_cpu.py measures it against the stock op on one SmolLM2 layer.
+model's), then each layer runs one shrink and one expand matmul per adapter present. Where
+padding at most doubles the LoRA rows (decode steps, even prefill chunks), the rows go as one
+padded block per slot through two batched matmuls per module, B read from a contiguous
+transposed copy (refreshed for a slot when vLLM puts another adapter there); where a batch's
+rows come in few runs (prefill chunks), the runs are used in place as views; otherwise rows
+are gathered once per module by slot order and added back with one index_add_. The lm_head
+and embedding deltas are skipped when no adapter in the batch trains them (vLLM runs them for
+every LoRA batch). bench/lora_op_cpu.py measures it against the stock op on one SmolLM2
+layer.
 
 Installed only inside a replica, by the Loraplex vLLM plugin (`install()` from
 serving.vllm_plugin.register), when the replica launcher set LORAPLEX_LORA_OP=grouped: it swaps
@@ -31,7 +36,7 @@ from typing import Any
 import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-from serving.lora_groups import Groups, lora_rows, slot_weights
+from serving.lora_groups import Groups, TransposedB, lora_rows, slot_weights
 from serving.replicas import GROUPED_OP_VLLM_CPU
 
 log = logging.getLogger("loraplex.replica")
@@ -49,12 +54,30 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         super().__init__(*args, **kwargs)
         self.token_groups = Groups(torch.empty(0, dtype=torch.long))
         self.sampler_groups = Groups(torch.empty(0, dtype=torch.long))
+        self.transposed = TransposedB()
+        self.slot_layout: tuple[int | None, ...] = ()
 
-    def update_metadata(self, *args: Any, **kwargs: Any) -> None:
-        super().update_metadata(*args, **kwargs)
-        # Once per batch mapping (vLLM calls this when the mapping changes), for every layer.
+    def update_metadata(
+        self,
+        mapping: Any,
+        lora_index_to_id: list[int | None],
+        max_loras: int,
+        vocab_size: int,
+        **kwargs: Any,
+    ) -> None:
+        super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
+        # Once per batch mapping, for every layer. vLLM calls this whenever the mapping or
+        # the slot layout (which adapter id is in which slot) changed, before the next
+        # forward (LoRAModelManager.set_adapter_mapping), and writes a slot's weights only
+        # when it puts another adapter there: a slot whose id changed may hold new weights.
         self.token_groups = Groups(self.token_lora_indices)
         self.sampler_groups = Groups(self.sampler_indices)
+        layout, old = tuple(lora_index_to_id), self.slot_layout
+        changed = {i for i in range(max(len(layout), len(old)))
+                   if i >= len(layout) or i >= len(old) or layout[i] != old[i]}  # fmt: skip
+        if changed:
+            self.transposed.invalidate(changed)
+        self.slot_layout = layout
 
     def add_shrink(
         self,
@@ -92,7 +115,8 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
             size = output_slices[i]
             if not add_inputs:
                 y2[:, offset : offset + size] = 0
-            lora_rows(y2, x[i], self.token_groups, [(None, b, offset, size)], 1.0)
+            parts = [(None, b, offset, size)]
+            lora_rows(y2, x[i], self.token_groups, parts, 1.0, self.transposed)
             offset += size
 
     def add_lora_linear(
@@ -113,7 +137,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
             parts.append((a, b, offset, size))
             offset += size
         y2 = y.view(-1, y.shape[-1])
-        lora_rows(y2, x.view(-1, x.shape[-1]), self.token_groups, parts, scale)
+        lora_rows(y2, x.view(-1, x.shape[-1]), self.token_groups, parts, scale, self.transposed)
 
     def add_lora_embedding(
         self,
@@ -126,6 +150,8 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         size = min(slot_weights(lora_b_stacked, 0).size(0), y.shape[-1])
         if not add_inputs:
             y[..., :size] = 0
+        if not _any_weights(lora_b_stacked, self.token_groups):
+            return  # no adapter in the batch trains the embeddings: a zero delta
         lora_rows(
             y.view(-1, y.shape[-1]), x, self.token_groups, [(None, lora_b_stacked, 0, size)], 1.0
         )
@@ -141,11 +167,23 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         buffer: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> None:
+        if not _any_weights(lora_a_stacked, self.sampler_groups):
+            return  # no adapter in the batch trains lm_head (the usual case): a zero delta
         y2 = y.view(-1, y.shape[-1])
         # The LoRA's vocabulary may be padded differently from the logits (as vLLM's op).
         size = min(slot_weights(lora_b_stacked, 0).size(0), y2.shape[1])
         parts = [(lora_a_stacked, lora_b_stacked, 0, size)]
         lora_rows(y2, x.view(-1, x.shape[-1]), self.sampler_groups, parts, scale)
+
+
+def _any_weights(stacked: torch.Tensor, groups: Groups) -> bool:
+    """Whether any slot the batch's LoRA rows use has a nonzero weight in `stacked` (vLLM
+    zeroes a slot's weights for modules its adapter does not train)."""
+    if not groups.segments:
+        return False
+    slots = [slot for slot, _, _ in groups.segments]
+    lo, hi = min(slots), max(slots) + 1
+    return bool(stacked.narrow(0, lo, hi - lo).any())
 
 
 def requested() -> bool:

@@ -154,6 +154,67 @@ def test_grouped_logits_use_the_sampled_rows_mapping() -> None:
     assert torch.allclose(theirs[[0, 2, 3]], got[[0, 2, 3]], 1e-5, 1e-5)
 
 
+def test_a_slot_given_another_adapter_is_read_afresh() -> None:
+    """The op keeps B in a faster layout; vLLM rewrites a slot's weights in place when it puts
+    another adapter there and then sends the new slot layout: the next forward must use the
+    new weights (and, not told, it would not: the copy is really what it reads)."""
+    import torch
+    from vllm.lora.layers.utils import LoRAMapping
+
+    index = [2, -1, 0, 4, 1, 3, 2, 0]  # a decode step: the padded, batched path
+    gen = torch.Generator().manual_seed(11)
+    stacks = [_stack(gen, IN, out) for out in OUT_SLICES]
+    a_stacked = tuple(a for a, _ in stacks)
+    b_stacked = tuple(b for _, b in stacks)
+    x = torch.randn(len(index), IN, generator=gen)
+    base = torch.randn(len(index), sum(OUT_SLICES), generator=gen)
+    _, grouped = _wrappers(index, index, prefill=False)
+
+    def run():
+        y = base.clone()
+        grouped.add_lora_linear(y, x, a_stacked, b_stacked, 1.0, OUT_SLICES)
+        return y
+
+    assert torch.allclose(run().double(), _reference(x, base, stacks, index), 1e-5, 1e-5)
+    for a, b in stacks:  # another adapter into slot 2, in place, as set_lora writes it
+        a[2, 0].copy_(torch.randn(MAX_RANK, IN, generator=gen) / IN**0.5)
+        b[2, 0].copy_(torch.randn(b.size(2), MAX_RANK, generator=gen) * 0.1)
+    fresh = _reference(x, base, stacks, index)
+    assert not torch.allclose(run().double(), fresh, 1e-5, 1e-5)  # not told: the old copy
+    ids = [10 + slot for slot in range(SLOTS)]
+    ids[2] = 99
+    mapping = LoRAMapping(index_mapping=tuple(0 if s < 0 else ids[s] for s in index),
+                          prompt_mapping=tuple(0 if s < 0 else ids[s] for s in index),
+                          is_prefill=False)  # fmt: skip
+    grouped.update_metadata(mapping, ids, SLOTS, VOCAB)
+    y = run()
+    assert torch.allclose(y.double(), fresh, 1e-5, 1e-5)
+    plain = torch.tensor([s < 0 for s in index])
+    assert torch.equal(y[plain], base[plain])
+
+
+def test_logits_untouched_when_no_adapter_in_the_batch_trains_lm_head() -> None:
+    import torch
+
+    sampled = [0, -1, 2, 4]
+    gen = torch.Generator().manual_seed(5)
+    a, b = _stack(gen, IN, VOCAB)
+    a.zero_()  # what vLLM's reset_lora leaves for adapters without lm_head weights
+    b.zero_()
+    x = torch.randn(len(sampled), IN, generator=gen)
+    logits = torch.randn(len(sampled), VOCAB, generator=gen)
+    _, grouped = _wrappers(sampled, sampled, prefill=False)
+    got = logits.clone()
+    grouped.add_lora_logits(got, x, a, b, 1.0)
+    assert torch.equal(got, logits)
+    a[4, 0, :2] = torch.randn(2, IN, generator=gen)  # one adapter in the batch trains it
+    b[4, 0, :, :2] = torch.randn(VOCAB, 2, generator=gen)
+    grouped.add_lora_logits(got, x, a, b, 1.0)
+    want = logits[3].double() + (x[3].double() @ a[4, 0].double().t()) @ b[4, 0].double().t()
+    assert torch.allclose(got[3].double(), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[:3], logits[:3])
+
+
 def test_install_swaps_only_the_cpu_wrapper_of_the_supported_vllm() -> None:
     from vllm.platforms import current_platform
 
