@@ -93,6 +93,10 @@ class Settings(BaseSettings):
     # Every new version is asked its probe prompts through the serving engine once it lands
     # (serving/validation.py): what the tenant will get, next to what the trainer measured.
     serving_validate_new_versions: bool = True
+    # Each gateway loads production and canary versions that no replica holds onto the
+    # replica that will serve them, before their first by-name request, where that unloads
+    # nothing (serving/prefetch.py; vLLM replicas).
+    serving_prefetch_promoted: bool = True
     # Where vLLM replicas get adapters. "store": each replica fetches a version from the
     # artifact store itself, by a content-derived name, verified (serving/vllm_plugin.py): a
     # replica on any host needs only the storage URL and read credentials. "gateway": the

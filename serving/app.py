@@ -31,6 +31,7 @@ from serving.engines.base import Engine
 from serving.errors import no_replica
 from serving.gateway import Gateway
 from serving.metrics import GatewayMetrics
+from serving.prefetch import prefetch_promoted
 from serving.ratelimit import RateLimiter, RefuseBeforeBody
 from serving.replicas import ReplicaProcess, RestartBackoff
 from serving.schemas import ChatCompletionRequest, CompletionRequest, Endpoint, SamplingRequest
@@ -232,6 +233,9 @@ class ServingRuntime:
         if self.settings.serving_validate_new_versions:
             watch = watch_new_versions(gateway, self.settings.database_url)
             self._tasks.append(asyncio.create_task(watch))
+        if self.settings.serving_prefetch_promoted:
+            prefetching = prefetch_promoted(gateway, self.settings.database_url)
+            self._tasks.append(asyncio.create_task(prefetching))
         self._tasks.append(asyncio.create_task(guard_canaries(self.settings)))
         # `up` and `serve` set the address they listen on, for the console.
         url = getattr(app.state, "public_url", None)

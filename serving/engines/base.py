@@ -78,6 +78,8 @@ class Engine(ABC):
     # True: the engine's replicas fetch adapters from the artifact store themselves, by name
     # (LocalAdapter.path None); False: the gateway hands it verified local directories.
     fetches_adapters: bool = False
+    # True: `preload` loads adapters ahead of requests (serving/prefetch.py).
+    preloads: bool = False
 
     @abstractmethod
     async def start(self) -> None:
@@ -102,3 +104,8 @@ class Engine(ABC):
 
     def ready(self) -> bool:
         return any(r.healthy for r in self.status())
+
+    async def preload(self, adapter: LocalAdapter) -> bool:
+        """Load `adapter` where its first request will go, if that takes no other adapter's
+        place; True when a replica holds it now. Engines that load on first use only: False."""
+        return False

@@ -63,6 +63,7 @@ class AdapterLoadError(EngineError):
 
 class VLLMEngine(Engine):
     kind = "vllm"
+    preloads = True
 
     def __init__(
         self,
@@ -250,6 +251,19 @@ class VLLMEngine(Engine):
                     )
             replica.touch(adapter.name)
             self.on_event("load")
+
+    async def preload(self, adapter: LocalAdapter) -> bool:
+        serving = [r for r in self.replicas if r.healthy and r.lora]
+        if any(r.holds(adapter.name) for r in serving):
+            return True
+        room = [r for r in serving if len(r.loaded) < self.budget]
+        if not room:
+            return False
+        # Where a first request would go (router.choose_replica: the least busy); after the
+        # load the router prefers a replica that holds it.
+        replica = min(room, key=lambda r: (r.inflight, len(r.loaded)))
+        await self._ensure_loaded(replica, adapter)
+        return True
 
     async def _unload(self, replica: Replica, name: str) -> None:
         response = await self.client.post(

@@ -63,7 +63,10 @@ def stub_vllm(*, lora: bool, lora_op: str | None = None) -> FastAPI:
         if model != SERVED and model not in app.state.loaded:
             return JSONResponse({"error": {"message": "no model", "code": 404}}, status_code=404)
         usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
-        return JSONResponse({"model": model, "choices": [], "usage": usage})
+        choice = {"index": 0, "message": {"role": "assistant", "content": "ok"},
+                  "finish_reason": "length"}  # fmt: skip
+        return JSONResponse({"id": "chatcmpl-stub", "object": "chat.completion", "created": 0,
+                             "model": model, "choices": [choice], "usage": usage})  # fmt: skip
 
     return app
 
