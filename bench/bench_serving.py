@@ -6,7 +6,9 @@ the LoRA op the replica launcher installs (Loraplex's grouped op by default, iss
   2. base-only through the gateway vs straight to vLLM                     (target >= 0.95)
   3. vLLM multi-LoRA through the gateway vs transformers + peft calling
      `set_adapter` per request, one request at a time, same requests       (target >= 8x)
-  4. cold adapter (registered, never fetched or loaded) -> first token, p50 (target < 250 ms)
+  4. cold adapter (registered, never fetched or loaded) -> first token, p50 (target < 250 ms);
+     and a version just promoted to production -> its first by-name request's first token
+     (the gateways prefetch promoted versions: serving/prefetch.py)
   5. gateway overhead: the same workload through `loraplex serve` vs straight to vLLM (< 5%)
 
 Adapters: one trained by the trainer (a few LoRA steps; `--adapter DIR` reuses one), plus
@@ -29,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +131,31 @@ def register_versions(settings: Any, dirs: list[Path]) -> tuple[str, list[str], 
             )
         session.commit()
     return key, names, on_replica
+
+
+def promote_all(settings: Any, names: list[str]) -> list[str]:
+    """Promote these versions (each its own adapter) to production as an admin would;
+    returns the adapters' names, which callers use."""
+    from sqlmodel import Session, select
+
+    from api.db import get_engine
+    from api.models.adapters import Adapter, AdapterVersion
+    from api.services.promotion import promote
+    from api.services.tenants import Principal
+
+    admin = Principal(key_id="bench", tenant_id=None, is_admin=True)
+    out = []
+    with Session(get_engine(settings.database_url), expire_on_commit=False) as session:
+        for name in names:
+            version = session.exec(
+                select(AdapterVersion).where(AdapterVersion.fine_tuned_model == name)
+            ).one()
+            promote(session, actor=admin, adapter_id=version.adapter_id, number=version.version,
+                    stage="production")  # fmt: skip
+            adapter = session.get(Adapter, version.adapter_id)
+            assert adapter is not None
+            out.append(adapter.name)
+    return out
 
 
 def wait_http(url: str, *, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
@@ -291,8 +319,11 @@ def main() -> None:
     trained = args.adapter or train_adapter(args.home, work / "trained")
     hot = [variant(trained, work / f"hot{i}", scale=1 + 0.1 * i) for i in range(8)]
     cold = [variant(trained, work / f"cold{i}", scale=0.5 + 0.1 * i) for i in range(args.cold)]
+    cold += [variant(trained, work / f"promoted{i}", scale=0.55 + 0.1 * i)
+             for i in range(args.cold)]  # fmt: skip
     key, names, on_replica = register_versions(settings, hot + cold)
-    hot_names, cold_names = names[:8], names[8:]
+    hot_names, cold_names = names[:8], names[8 : 8 + args.cold]
+    promoted_names = names[8 + args.cold :]
 
     replica = plan_replicas(settings, model_dir=base_dir, served_name=BASE, count=1)[0]
     replica.log_path = work / "vllm.log"
@@ -320,7 +351,18 @@ def main() -> None:
         pids = {"gateway": gateway.pid, "vllm": replica.proc.pid}
         naive = NaivePeft(base_dir, hot)
         results = asyncio.run(
-            measure(args, replica.url, gw, key, hot_names, on_replica[:8], cold_names, pids, naive)
+            measure(
+                args,
+                replica.url,
+                gw,
+                key,
+                hot_names,
+                on_replica[:8],
+                cold_names,
+                pids,
+                naive,
+                promote=lambda: promote_all(settings, promoted_names),
+            )
         )
     finally:
         if gateway is not None:
@@ -334,6 +376,7 @@ def main() -> None:
 async def measure(
     args: argparse.Namespace, vllm: str, gw: str, key: str, hot: list[str],
     hot_on_replica: list[str], cold: list[str], pids: dict[str, int], naive: NaivePeft,
+    promote: Callable[[], list[str]],
 ) -> dict[str, Any]:  # fmt: skip
     """`hot` by name through the gateway; `hot_on_replica` the same versions by the names the
     replica holds them under (the gateway loaded them in the warm-up)."""
@@ -368,6 +411,13 @@ async def measure(
     }
     warm = [await first_token_seconds(gw, key=key, model=hot[i % 8]) for i in range(8)]
     cold_ttft = [await first_token_seconds(gw, key=key, model=name) for name in cold]
+    # Versions promoted to production, then called by their adapters' names a few seconds on
+    # (what a client does after a rollout; the gateway prefetches in between).
+    from serving.prefetch import PREFETCH_INTERVAL
+
+    by_name = promote()
+    await asyncio.sleep(2 * PREFETCH_INTERVAL + 1)
+    promoted_ttft = [await first_token_seconds(gw, key=key, model=name) for name in by_name]
     from serving.adapter_source import INFO_PATH
 
     async with httpx.AsyncClient(timeout=30) as client:
@@ -384,6 +434,8 @@ async def measure(
         "warm_ttft_p50_s": statistics.median(warm),
         "cold_ttft_p50_s": statistics.median(cold_ttft),
         "cold_ttft_all_s": cold_ttft,
+        "promoted_ttft_p50_s": statistics.median(promoted_ttft),
+        "promoted_ttft_all_s": promoted_ttft,
     }
 
 
@@ -406,7 +458,8 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> None:
         f"naive peft set_adapter per request: {r['naive_peft_tok_s']:.1f} tok/s -> vLLM multi-LoRA "
         f"is {vs_naive:.1f}x (target >= 8x at concurrency 16)",
         f"cold adapter -> first token p50 {r['cold_ttft_p50_s'] * 1000:.0f} ms (target < 250 ms); "
-        f"warm p50 {r['warm_ttft_p50_s'] * 1000:.0f} ms",
+        f"warm p50 {r['warm_ttft_p50_s'] * 1000:.0f} ms; just promoted, by name, p50 "
+        f"{r['promoted_ttft_p50_s'] * 1000:.0f} ms",
         f"gateway overhead: throughput {overhead * 100:.1f}% lower (target < 5%); "
         f"short request p50 {r['direct_p50_s'] * 1000:.0f} -> {r['gateway_p50_s'] * 1000:.0f} ms "
         f"({latency_overhead * 100:+.1f}%); gateway CPU {r['gateway_cpu_ms_per_request']:.1f} ms"
