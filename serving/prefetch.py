@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 PREFETCH_INTERVAL = 2.0  # seconds between reads of what serves by name
 PREFETCH_SCAN = 64  # versions read per round (newest promotions first)
 PREFETCH_BATCH = 4  # loads started per round
+MAX_FAILURES = 3  # failed loads before a version is left to load on first use
 
 
 async def prefetch_promoted(
@@ -40,16 +41,14 @@ async def prefetch_promoted(
 
     if not gateway.engine.preloads:
         return
-    refused: set[str] = set()  # versions refused (altered bytes) or failing to load 3 times
-    failures: dict[str, int] = {}
+    failures: dict[str, int] = {}  # version id -> failed loads (a refusal counts as all)
     while True:
         await asyncio.sleep(interval)
         if not gateway.engine.ready():
             continue
         try:
             versions = await run_in_threadpool(serving_by_name, database_url)
-            await prefetch(gateway, [v for v in versions if v.id not in refused], refused,
-                           failures)  # fmt: skip
+            await prefetch(gateway, versions, failures)
         except asyncio.CancelledError:
             raise
         except Exception:  # the database or a replica went away: next round
@@ -57,23 +56,22 @@ async def prefetch_promoted(
 
 
 async def prefetch(
-    gateway: Gateway,
-    versions: list[AdapterVersion],
-    refused: set[str],
-    failures: dict[str, int] | None = None,
+    gateway: Gateway, versions: list[AdapterVersion], failures: dict[str, int]
 ) -> int:
     """Load up to PREFETCH_BATCH of `versions` that no replica holds; returns how many
-    loads it started. A version whose load fails 3 times is left to load on first use."""
-    failures = {} if failures is None else failures
+    loads it started. A version refused (altered bytes) or whose load failed MAX_FAILURES
+    times is left to load on first use, where its client gets the error."""
     loaded = {name for status in gateway.engine.status() for name in status.loaded}
     started = 0
     for version in versions:
         if started >= PREFETCH_BATCH:
             break
+        if failures.get(version.id, 0) >= MAX_FAILURES:
+            continue
         try:
             adapter = await gateway.acquire(version)
         except AdapterIntegrityError:
-            refused.add(version.id)
+            failures[version.id] = MAX_FAILURES
             continue
         try:
             if adapter.name in loaded:
@@ -83,11 +81,9 @@ async def prefetch(
                 break  # no replica has room: the rest loads on first use
             log.info("prefetched %s (%s) onto a replica", version.fine_tuned_model, version.stage)
         except AdapterIntegrityError:
-            refused.add(version.id)
+            failures[version.id] = MAX_FAILURES
         except Exception as e:  # a replica refused or went away mid-load
             failures[version.id] = failures.get(version.id, 0) + 1
-            if failures[version.id] >= 3:
-                refused.add(version.id)
             log.warning("prefetch of %s failed (%s: %s)", version.fine_tuned_model,
                         type(e).__name__, e)  # fmt: skip
         finally:

@@ -222,11 +222,17 @@ class VLLMEngine(Engine):
 
     # Adapters ----------------------------------------------------------------------------
 
-    async def _ensure_loaded(self, replica: Replica, adapter: LocalAdapter) -> None:
+    async def _ensure_loaded(
+        self, replica: Replica, adapter: LocalAdapter, *, evict: bool = True
+    ) -> bool:
+        """Load `adapter` on `replica` (LRU unloading past the budget); with `evict` False,
+        only into room: False, and nothing done, where it would unload another."""
         async with replica.lock:
             if replica.holds(adapter.name):
                 replica.touch(adapter.name)
-                return
+                return True
+            if not evict and len(replica.loaded) >= self.budget:
+                return False  # filled up since the caller looked
             pinned = {self.zero_adapter.name, adapter.name}
             for victim in eviction_order(replica, budget=self.budget, pinned=pinned):
                 await self._unload(replica, victim)
@@ -251,6 +257,7 @@ class VLLMEngine(Engine):
                     )
             replica.touch(adapter.name)
             self.on_event("load")
+            return True
 
     async def preload(self, adapter: LocalAdapter) -> bool:
         serving = [r for r in self.replicas if r.healthy and r.lora]
@@ -262,8 +269,7 @@ class VLLMEngine(Engine):
         # Where a first request would go (router.choose_replica: the least busy); after the
         # load the router prefers a replica that holds it.
         replica = min(room, key=lambda r: (r.inflight, len(r.loaded)))
-        await self._ensure_loaded(replica, adapter)
-        return True
+        return await self._ensure_loaded(replica, adapter, evict=False)
 
     async def _unload(self, replica: Replica, name: str) -> None:
         response = await self.client.post(
