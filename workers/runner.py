@@ -14,6 +14,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -364,14 +365,16 @@ def _register(
     prefix: str,
     stored: dict[str, StoredObject],
     csv_keys: list[str],
+    evals: EvalInputs,
 ) -> None:
-    """The version, the results file and `succeeded`: one transaction."""
+    """The version, the results file, the adapter's evals and their runs, and `succeeded`:
+    one transaction, so a client that sees the job succeeded finds its eval attached."""
     job = job_runs.owned_job(session, ctx.claim)
     tenant = session.get(Tenant, job.tenant_id)
     assert tenant is not None
     name = fine_tuned_model_name(job, tenant)
     metrics = _version_metrics(result.metrics)
-    registry.register_version(
+    version = registry.register_version(
         session,
         job=job,
         fine_tuned_model=name,
@@ -414,6 +417,7 @@ def _register(
             data={"phase": "registering", "no_measurable_improvement": True},
         )
     add_event(session, job.id, f"New fine-tuned model created: {name}")
+    _start_evals(session, ctx, job, version, evals, keys=csv_keys)
     add_event(session, job.id, "The job has successfully completed")
     session.commit()
 
@@ -433,11 +437,17 @@ def _succeed(job_id: str, ctx: JobContext, result: TrainResult) -> None:
     # All or nothing: a failed upload (a full disk) leaves none of the adapter's files.
     prefix, stored = registry.upload_adapter(ctx.store, job=job, adapter_dir=result.out_dir)
     csv_keys: list[str] = []
+    workdir = result.out_dir.parent
+    valid = workdir / "valid.jsonl"
+    evals = EvalInputs(
+        held_out=_held_out_split(job, ctx.settings, data=workdir / "train.jsonl"),
+        validation=valid.read_bytes() if job.validation_file and valid.is_file() else None,
+    )
     ctx.on_phase("registering", "Registering the adapter version")
     try:
         ctx.transaction(
             lambda session: _register(
-                session, ctx, result, prefix=prefix, stored=stored, csv_keys=csv_keys
+                session, ctx, result, prefix=prefix, stored=stored, csv_keys=csv_keys, evals=evals
             )
         )
     except BaseException:
@@ -446,13 +456,19 @@ def _succeed(job_id: str, ctx: JobContext, result: TrainResult) -> None:
         for key in (prefix, *csv_keys):
             ctx.store.delete(key)  # no half-registered version: bytes go with the row
         raise
-    workdir = result.out_dir.parent
-    held_out = _held_out_split(job, ctx.settings, data=workdir / "train.jsonl")
-    valid = workdir / "valid.jsonl"
-    validation = valid.read_bytes() if job.validation_file and valid.is_file() else None
-    ctx.transaction(
-        lambda session: _start_evals(session, ctx, job_id, held_out=held_out, validation=validation)
-    )
+    from workers.celery_app import send_eval_runs
+
+    send_eval_runs(ctx.settings, evals.run_ids)
+
+
+@dataclass
+class EvalInputs:
+    """What a finished job gives its adapter's evals (see `_start_evals`), and the runs
+    they started, to enqueue once committed."""
+
+    held_out: bytes | None
+    validation: bytes | None
+    run_ids: list[str] = field(default_factory=list)
 
 
 def _held_out_split(job: Job, settings: Settings, *, data: Path) -> bytes | None:
@@ -473,54 +489,51 @@ def _held_out_split(job: Job, settings: Settings, *, data: Path) -> bytes | None
 def _start_evals(
     session: Session,
     ctx: JobContext,
-    job_id: str,
+    job: Job,
+    version: AdapterVersion,
+    evals: EvalInputs,
     *,
-    held_out: bytes | None,
-    validation: bytes | None,
+    keys: list[str],
 ) -> None:
     """The job's validation file (or the split it held out, for an adapter with no eval
     yet) becomes an eval attached to its adapter; each attached eval runs on the new version,
-    and on production and the base where they have no run (A/B). Never fails the job: an
-    eval that cannot start is a warning event."""
+    and on production and the base where they have no run (A/B). In a savepoint of the
+    registration: never fails the job, an eval that cannot start is a warning event. Stored
+    bytes go in `keys` (deleted if the registration rolls back); the runs' ids in `evals`."""
     from api.models.adapters import Adapter
     from api.services import eval_policy
-    from workers.celery_app import send_eval_runs
 
-    version = session.exec(select(AdapterVersion).where(AdapterVersion.job_id == job_id)).first()
-    job = session.get(Job, job_id)
-    if version is None or job is None or version.stage == "rejected":
+    if version.stage == "rejected":
         return
+    session.flush()  # the registration's own rows: their errors are not the evals'
     try:
-        adapter = session.get(Adapter, version.adapter_id)
-        assert adapter is not None
-        if job.validation_file:
-            budget = eval_policy.answer_budget(validation or b"")
-            eval_policy.attach_file_eval(session, adapter, file_id=job.validation_file,
-                                         source=job.id, what="validation file",
-                                         max_tokens=budget)  # fmt: skip
-        elif held_out and not eval_policy.attached_evals(session, adapter):
-            name = f"{job.id}-held-out.jsonl"
-            split = store_result_file(session, ctx.store, tenant_id=job.tenant_id,
-                                      filename=name, data=held_out)  # fmt: skip
-            eval_policy.attach_file_eval(session, adapter, file_id=split.id, source=job.id,
-                                         what="held-out split",
-                                         max_tokens=eval_policy.answer_budget(held_out),
-                                         )  # fmt: skip
-        runs = eval_policy.runs_for_new_version(session, version)
-        session.commit()
+        with session.begin_nested():
+            adapter = session.get(Adapter, version.adapter_id)
+            assert adapter is not None
+            if job.validation_file:
+                budget = eval_policy.answer_budget(evals.validation or b"")
+                eval_policy.attach_file_eval(session, adapter, file_id=job.validation_file,
+                                             source=job.id, what="validation file",
+                                             max_tokens=budget)  # fmt: skip
+            elif evals.held_out and not eval_policy.attached_evals(session, adapter):
+                name = f"{job.id}-held-out.jsonl"
+                split = store_result_file(session, ctx.store, tenant_id=job.tenant_id,
+                                          filename=name, data=evals.held_out)  # fmt: skip
+                keys.append(split.storage_key)
+                eval_policy.attach_file_eval(session, adapter, file_id=split.id, source=job.id,
+                                             what="held-out split",
+                                             max_tokens=eval_policy.answer_budget(evals.held_out),
+                                             )  # fmt: skip
+            runs = eval_policy.runs_for_new_version(session, version)
     except Exception as e:
-        session.rollback()
-        log.exception("job %s: could not start its eval runs", job_id)
-        add_event(session, job_id, f"Could not start the adapter's eval runs: {e}", level="warn")
-        session.commit()
+        log.exception("job %s: could not start its eval runs", job.id)
+        add_event(session, job.id, f"Could not start the adapter's eval runs: {e}", level="warn")
         return
-    send_eval_runs(ctx.settings, [run.id for run in runs])
+    evals.run_ids = [run.id for run in runs]
     if runs:
         names = ", ".join(f"{r.name} ({r.id})" for r in runs)
-        add_event(
-            session, job_id, f"Eval runs started: {names}", data={"eval_runs": [r.id for r in runs]}
-        )
-        session.commit()
+        add_event(session, job.id, f"Eval runs started: {names}",
+                  data={"eval_runs": evals.run_ids})  # fmt: skip
 
 
 def _fail_from(ctx: JobContext, error: BaseException) -> None:
