@@ -36,3 +36,15 @@ def die_with_parent() -> Callable[[], None] | None:
             os._exit(1)
 
     return preexec
+
+
+def die_with(parent: int) -> None:
+    """Have the kernel SIGKILL this process when `parent` (the process that started it)
+    goes; exit at once where it already has. For children another library starts, armed
+    from inside the child (the vLLM replica's engine and model processes: serving/
+    vllm_plugin.py). Linux only; elsewhere nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)

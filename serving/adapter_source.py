@@ -42,6 +42,9 @@ REQUIRED = ("adapter_config.json", "adapter_model.safetensors")
 # The replica plugin's route that fetches, verifies and loads an adapter ahead of a request.
 LOAD_PATH = "/loraplex/v1/load_adapter"
 INFO_PATH = "/loraplex/v1/info"  # GET: {"lora_op": "grouped" | "vllm"} (vllm_plugin.py)
+# Set by the launcher in every replica it starts (serving/replicas.py): the plugin's
+# replica-only behaviour (vllm_plugin.py) stays off in vLLM processes Loraplex did not start.
+REPLICA_ENV = "LORAPLEX_REPLICA"
 _NAME = re.compile(r"^(?P<prefix>[A-Za-z0-9._\-/]{1,400})@(?P<digest>[0-9a-f]{64})$")
 
 

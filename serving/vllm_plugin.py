@@ -38,6 +38,7 @@ from api.storage import ArtifactStore
 from serving.adapter_source import (
     INFO_PATH,
     LOAD_PATH,
+    REPLICA_ENV,
     AdapterRefused,
     ReplicaAdapterStore,
     parse_replica_name,
@@ -93,6 +94,8 @@ def register() -> None:
     from vllm.lora.request import LoRARequest
     from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 
+    _die_with_parent_process()
+
     if os.environ.get("LORAPLEX_LORA_OP", "") == "grouped":
         from serving import vllm_lora_op
 
@@ -115,6 +118,20 @@ def register() -> None:
             return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(path))
 
     LoRAResolverRegistry.register_resolver("Loraplex", LoraplexResolver())
+
+
+def _die_with_parent_process() -> None:
+    """In a replica Loraplex started, vLLM's engine-core and model-worker processes (started
+    by vLLM with multiprocessing) die with the process that started them. The launcher's
+    parent-death signal reaches only the API server; without this, a gateway killed hard
+    (OOM killer, kill -9) left the engine and the model (~1.5 GB) running, orphaned."""
+    import multiprocessing
+
+    parent = multiprocessing.parent_process()
+    if os.environ.get(REPLICA_ENV) == "1" and parent is not None and parent.pid is not None:
+        from api.children import die_with
+
+        die_with(parent.pid)
 
 
 class Endpoints:
