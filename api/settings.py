@@ -109,9 +109,9 @@ class Settings(BaseSettings):
     serving_lora_op: Literal["auto", "vllm"] = "auto"
     # CPUs a vLLM CPU replica leaves to its scheduler process instead of its model threads
     # (vLLM's VLLM_CPU_NUM_OF_RESERVED_CPU). Unset: none on hosts of at most 2 CPUs, where
-    # vLLM's own choice (one) halves the model's threads (measured 2 cores: +40% tokens/s,
-    # a third less time to first token; docs/benchmarks.md), vLLM's choice elsewhere (or
-    # VLLM_CPU_NUM_OF_RESERVED_CPU where the environment sets it).
+    # vLLM's own choice (one) halves the model's threads (measured on 2 cores: 1.45-1.54x
+    # tokens/s, 15-22% less time to first token; docs/benchmarks.md), vLLM's choice
+    # elsewhere (or VLLM_CPU_NUM_OF_RESERVED_CPU where the environment sets it).
     serving_replica_reserved_cpus: int | None = Field(None, ge=0)
     serving_cache_dir: Path | None = Field(None, description="Verified adapters; default home.")
     # Past either bound the least recently used versions no replica holds are deleted (and

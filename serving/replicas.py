@@ -91,7 +91,7 @@ def replica_reserved_cpus(settings: Settings) -> int | None:
     vLLM's CPU build runs the model in a worker process whose OpenMP threads it pins to the
     host's CPUs less one per worker, left to the scheduler process (which busy-polls for the
     worker's results). On a 2-CPU host that is one model thread of two: measured, a replica
-    with both pinned does ~40% more tokens/s and a third less time to first token despite
+    with both pinned does 1.45-1.54x the tokens/s and 15-22% less time to first token despite
     the polling (docs/benchmarks.md). On bigger hosts the one CPU is vLLM's to keep."""
     if not _vllm_is_cpu_build():
         return None

@@ -1,0 +1,133 @@
+"""A vLLM CPU replica's model threads: every CPU vs vLLM's own choice (all but one, left to its
+scheduler process), on this host, side by side.
+
+vLLM's CPU build pins its model worker's OpenMP threads one per CPU and keeps one CPU per
+worker for the scheduler process, which busy-polls shared memory for the worker's results.
+On a 2-CPU host that is one model thread of two. Loraplex's launcher sets
+`VLLM_CPU_NUM_OF_RESERVED_CPU=0` on hosts of at most 2 CPUs (`serving_replica_reserved_cpus`,
+serving/replicas.py); this script measures both, one replica at a time (both would pin the
+same CPUs), alternating over rounds, the order reversed every other round:
+
+  - tokens/s, 32 chat requests x 64 tokens at concurrency 16, base-only and over 8 adapters
+    (the adapters loaded ahead);
+  - time to first token, p50 of 8 sequential streamed requests, base and one adapter.
+
+Adapters: one trained by the trainer (bench_serving.train_adapter) plus copies with scaled
+lora_B, as bench/bench_serving.py.
+
+    .venv/bin/python bench/bench_replica_cpus.py [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import bench_serving as bs  # noqa: E402
+
+VARIANTS = {"vLLM's choice (1 reserved)": "1", "every CPU (0 reserved)": "0"}
+
+
+async def measure(url: str, adapters: list[str]) -> dict[str, float]:
+    shape = {"requests": 32, "max_tokens": 64, "concurrency": 16}
+    await bs.workload(url, key=None, models=[*adapters, bs.BASE], requests=18, max_tokens=4,
+                      concurrency=9)  # fmt: skip
+    out = {
+        "base tok/s": await bs.workload(url, key=None, models=[bs.BASE], **shape),
+        "8 adapters tok/s": await bs.workload(url, key=None, models=adapters, **shape),
+    }
+    for name, model in (("base", bs.BASE), ("adapter", adapters[0])):
+        times = [await ttft(url, model) for _ in range(8)]
+        out[f"first token, {name}, ms"] = statistics.median(times) * 1000
+    return out
+
+
+async def ttft(url: str, model: str) -> float:
+    body = {"model": model, "max_tokens": 4, "temperature": 0, "stream": True,
+            "messages": [{"role": "user", "content": bs.PROMPTS[0]}]}  # fmt: skip
+    async with httpx.AsyncClient(timeout=120) as client:
+        started = asyncio.get_running_loop().time()
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if line.startswith("data:") and '"content"' in line:
+                    return asyncio.get_running_loop().time() - started
+    raise RuntimeError("no token streamed")
+
+
+def run_one(settings: Any, base_dir: Path, adapters: list[Path], reserved: str, log: Path):
+    from serving.replicas import plan_replicas
+
+    replica = plan_replicas(settings, model_dir=base_dir, served_name=bs.BASE, count=1)[0]
+    replica.env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = reserved
+    replica.log_path = log
+    replica.start()
+    try:
+        bs.wait_http(f"{replica.url}/health", timeout=300, proc=replica.proc)
+        names = []
+        for i, path in enumerate(adapters):
+            body = {"lora_name": f"a{i}", "lora_path": str(path)}
+            response = httpx.post(f"{replica.url}/v1/load_lora_adapter", json=body, timeout=120)
+            response.raise_for_status()
+            names.append(f"a{i}")
+        return asyncio.run(measure(replica.url, names))
+    finally:
+        replica.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--home", type=Path, default=ROOT / ".loraplex", help="model cache")
+    parser.add_argument("--adapter", type=Path, help="a trained adapter dir to reuse")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    from api.settings import Settings
+    from serving.replicas import free_port
+    from trainer.base_models import resolve_base_model
+
+    work = Path(tempfile.mkdtemp(prefix="bench-cpus-"))
+    settings = Settings(
+        home=args.home, database_url=f"sqlite:///{work / 'bench.db'}",
+        storage_url=f"file://{work / 'artifacts'}", serving_cache_dir=work / "cache",
+        serving_max_loras=9, serving_max_cpu_loras=32, max_lora_rank=16,
+        serving_max_model_len=1024, serving_replica_port=free_port(),
+        serving_adapter_source="gateway",
+    )  # fmt: skip
+    base_dir = resolve_base_model(bs.BASE, home=args.home)
+    trained = args.adapter or bs.train_adapter(args.home, work / "trained")
+    adapters = [bs.variant(trained, work / f"a{i}", scale=1 + 0.1 * i) for i in range(8)]
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in VARIANTS}
+    for round_ in range(args.rounds):
+        order = list(VARIANTS) if round_ % 2 == 0 else list(reversed(VARIANTS))
+        for name in order:
+            result = run_one(settings, base_dir, adapters, VARIANTS[name], work / "vllm.log")
+            results[name].append(result)
+            figures = ", ".join(f"{k} {v:.0f}" for k, v in result.items())
+            bs.log(f"round {round_}: {name}: {figures}")
+    print(f"{os.cpu_count()} CPUs; medians of {args.rounds} rounds, float32, grouped LoRA op")
+    medians = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+               for name, runs in results.items()}  # fmt: skip
+    first, second = list(VARIANTS)
+    for key in medians[first]:
+        a, b = medians[first][key], medians[second][key]
+        print(f"{key:>26}: {first} {a:7.1f} | {second} {b:7.1f} | ratio {b / a:.2f}")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
