@@ -31,20 +31,18 @@ def die_with_parent() -> Callable[[], None] | None:
     parent = os.getpid()
 
     def preexec() -> None:
-        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before the signal was armed
-            os._exit(1)
+        die_with(parent)
 
     return preexec
 
 
 def die_with(parent: int) -> None:
     """Have the kernel SIGKILL this process when `parent` (the process that started it)
-    goes; exit at once where it already has. For children another library starts, armed
-    from inside the child (the vLLM replica's engine and model processes: serving/
-    vllm_plugin.py). Linux only; elsewhere nothing."""
+    goes; exit at once where it already has. Run in the child: between fork and exec
+    (`die_with_parent`), or from inside children another library starts (the vLLM
+    replica's engine and model processes: serving/vllm_plugin.py). Linux only."""
     if not sys.platform.startswith("linux"):
         return
     _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:
+    if os.getppid() != parent:  # the parent died before the signal was armed
         os._exit(1)

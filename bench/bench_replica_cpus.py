@@ -30,13 +30,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import bench_serving as bs  # noqa: E402
+from bench_lora_op_serving import load_adapters  # noqa: E402
 
 VARIANTS = {"vLLM's choice (1 reserved)": "1", "every CPU (0 reserved)": "0"}
 
@@ -50,22 +49,10 @@ async def measure(url: str, adapters: list[str]) -> dict[str, float]:
         "8 adapters tok/s": await bs.workload(url, key=None, models=adapters, **shape),
     }
     for name, model in (("base", bs.BASE), ("adapter", adapters[0])):
-        times = [await ttft(url, model) for _ in range(8)]
+        # The replica checks no key; first_token_seconds sends one regardless.
+        times = [await bs.first_token_seconds(url, key="-", model=model) for _ in range(8)]
         out[f"first token, {name}, ms"] = statistics.median(times) * 1000
     return out
-
-
-async def ttft(url: str, model: str) -> float:
-    body = {"model": model, "max_tokens": 4, "temperature": 0, "stream": True,
-            "messages": [{"role": "user", "content": bs.PROMPTS[0]}]}  # fmt: skip
-    async with httpx.AsyncClient(timeout=120) as client:
-        started = asyncio.get_running_loop().time()
-        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
-            response.raise_for_status()
-            async for line in response.aiter_lines():
-                if line.startswith("data:") and '"content"' in line:
-                    return asyncio.get_running_loop().time() - started
-    raise RuntimeError("no token streamed")
 
 
 def run_one(settings: Any, base_dir: Path, adapters: list[Path], reserved: str, log: Path):
@@ -77,13 +64,7 @@ def run_one(settings: Any, base_dir: Path, adapters: list[Path], reserved: str, 
     replica.start()
     try:
         bs.wait_http(f"{replica.url}/health", timeout=300, proc=replica.proc)
-        names = []
-        for i, path in enumerate(adapters):
-            body = {"lora_name": f"a{i}", "lora_path": str(path)}
-            response = httpx.post(f"{replica.url}/v1/load_lora_adapter", json=body, timeout=120)
-            response.raise_for_status()
-            names.append(f"a{i}")
-        return asyncio.run(measure(replica.url, names))
+        return asyncio.run(measure(replica.url, load_adapters(replica.url, adapters)))
     finally:
         replica.stop()
 
