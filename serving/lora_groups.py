@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
+from serving.lora_kernel import Kernel, Rows
+
 
 class Groups:
     """A batch's rows (or sampled rows) grouped by LoRA slot; -1 rows are in no group.
@@ -19,9 +21,11 @@ class Groups:
     batch order, used as views. Sorted mode: `rows` are the LoRA rows in slot order (stable)
     and `segments` index into them."""
 
-    __slots__ = ("padded", "rows", "segments", "size")
+    __slots__ = ("_kernel_rows", "index", "padded", "rows", "segments", "size")
 
     def __init__(self, index: torch.Tensor) -> None:
+        self.index = index.clone()  # vLLM reuses its buffer for the next mapping
+        self._kernel_rows: Rows | bool | None = False  # False: not built yet
         self.size = int(index.numel())
         self.rows: torch.Tensor | None = None
         self.segments: list[tuple[int, int, int]] = []
@@ -49,6 +53,13 @@ class Groups:
                 self.segments.append((slot, start - skip, start - skip + count))
             start += count
         self.rows = order[skip:]
+
+    def kernel_rows(self) -> Rows | None:
+        """The rows as the C kernel reads them (built on first use, once per batch), or
+        None where the batch has too many LoRA rows for it."""
+        if self._kernel_rows is False:
+            self._kernel_rows = Rows.of(self.index)
+        return self._kernel_rows  # type: ignore[return-value]
 
 
 class Padded:
@@ -104,6 +115,10 @@ class TransposedB:
 
     def block(self, stacked: torch.Tensor, lo: int, span: int) -> torch.Tensor:
         """Slots lo..lo+span-1 of `stacked` as a contiguous (span, rank, out) tensor."""
+        return self.fresh(stacked, lo, span).narrow(0, lo, span)
+
+    def fresh(self, stacked: torch.Tensor, lo: int, span: int) -> torch.Tensor:
+        """The whole (slots, rank, out) copy of `stacked`, slots lo..lo+span-1 up to date."""
         entry = self._copies.get(id(stacked))
         if entry is None or entry[0] is not stacked:
             w = stacked.squeeze(1) if stacked.dim() == 4 else stacked
@@ -114,7 +129,7 @@ class TransposedB:
         for slot in [s for s in stale if lo <= s < lo + span]:
             copy[slot].copy_(slot_weights(stacked, slot).t())
             stale.discard(slot)
-        return copy.narrow(0, lo, span)
+        return copy
 
 
 def _block(stacked: torch.Tensor, p: Padded) -> torch.Tensor:
@@ -165,13 +180,19 @@ def lora_rows(
     parts: Sequence[tuple[torch.Tensor | None, torch.Tensor, int, int]],
     scale: float,
     transposed: TransposedB | None = None,
+    kernel: Kernel | None = None,
 ) -> None:
     """y[r, off:off+size] += ((x[r] @ A.T) * scale) @ B.T for each LoRA row r, each part
     (A, B, off, size) of its slot; A None: x is already shrunk (expand only). Rows beyond
     the mapping (none in vLLM 0.32's CPU runner) and -1 rows are left as they are.
-    `transposed`: B in the layout batched matmuls read fastest (decode steps)."""
+    `transposed`: B in the layout batched matmuls read fastest (decode steps). `kernel`:
+    the C kernel (serving/lora_kernel.py), used for batches of few LoRA rows it fits."""
     if not groups.segments:
         return
+    if kernel is not None and transposed is not None:
+        rows = groups.kernel_rows()
+        if rows is not None and kernel.add(y, x, rows, parts, scale, transposed):
+            return
     if groups.padded is not None:
         _bmm_rows(y, x, groups.padded, parts, scale, transposed)
         return

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
+from serving import lora_kernel
 from serving.lora_groups import Groups, TransposedB, lora_rows, slot_weights
 from serving.replicas import GROUPED_OP_VLLM_CPU
 
@@ -56,6 +57,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         self.sampler_groups = Groups(torch.empty(0, dtype=torch.long))
         self.transposed = TransposedB()
         self.slot_layout: tuple[int | None, ...] = ()
+        self.kernel = kernel()
 
     def update_metadata(
         self,
@@ -137,7 +139,8 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
             parts.append((a, b, offset, size))
             offset += size
         y2 = y.view(-1, y.shape[-1])
-        lora_rows(y2, x.view(-1, x.shape[-1]), self.token_groups, parts, scale, self.transposed)
+        x2 = x.view(-1, x.shape[-1])
+        lora_rows(y2, x2, self.token_groups, parts, scale, self.transposed, self.kernel)
 
     def add_lora_embedding(
         self,
@@ -174,6 +177,22 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         size = min(slot_weights(lora_b_stacked, 0).size(0), y2.shape[1])
         parts = [(lora_a_stacked, lora_b_stacked, 0, size)]
         lora_rows(y2, x.view(-1, x.shape[-1]), self.sampler_groups, parts, scale)
+
+
+_KERNEL: list[lora_kernel.Kernel | None] = []
+
+
+def kernel() -> lora_kernel.Kernel | None:
+    """The C kernel for decode-sized batches, loaded once per process (None: torch path)."""
+    if not _KERNEL:
+        loaded, detail = lora_kernel.load()
+        _KERNEL.append(loaded)
+        if loaded is None:
+            log.warning("loraplex: LoRA kernel off, the grouped op runs on torch ops: %s", detail)
+        else:
+            pool = "torch's thread pool" if loaded.shared_pool else "one thread"
+            log.info("loraplex: LoRA kernel %s (decode batches, %s)", detail, pool)
+    return _KERNEL[0]
 
 
 def _any_weights(stacked: torch.Tensor, groups: Groups) -> bool:

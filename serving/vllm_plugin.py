@@ -95,6 +95,7 @@ def register() -> None:
     from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 
     _die_with_parent_process()
+    _log_to_stderr()
 
     if os.environ.get("LORAPLEX_LORA_OP", "") == "grouped":
         from serving import vllm_lora_op
@@ -118,6 +119,20 @@ def register() -> None:
             return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(path))
 
     LoRAResolverRegistry.register_resolver("Loraplex", LoraplexResolver())
+
+
+def _log_to_stderr() -> None:
+    """Loraplex's own lines (which LoRA op, the kernel) go to the replica's log beside
+    vLLM's, in every vLLM process of a replica Loraplex started; vLLM configures only its
+    own logger."""
+    logger = logging.getLogger("loraplex")
+    if os.environ.get(REPLICA_ENV) != "1" or logger.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [%(name)s] %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 def _die_with_parent_process() -> None:

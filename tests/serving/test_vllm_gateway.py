@@ -185,6 +185,9 @@ def test_concurrent_base_and_adapter_traffic_matches_sequential(
     info = httpx.get(f"{replicas[0].url}{INFO_PATH}", timeout=10).json()
     assert info == {"lora_op": "grouped"}
     assert ZERO_ADAPTER_NAME not in held(replicas[0])  # base rows went as plain rows
+    # The decode steps above went through the op's C kernel (serving/lora_kernel.py).
+    log = replicas[0].log_path.read_text()
+    assert "loraplex: LoRA kernel ran its first batch" in log, log[-3000:]
 
 
 def test_openai_sdk_chat_completions_streamed_and_not(

@@ -14,12 +14,30 @@ import importlib.util
 
 import pytest
 
+from tests.serving.test_lora_kernel import _reference as reference
+
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vllm")
 
 SLOTS, MAX_RANK = 5, 16
 RANKS = [16, 8, 4, 16, 1]
 IN, OUT_SLICES = 48, (40, 24, 24)  # a qkv-like module: three output slices
 VOCAB = 60
+
+
+@pytest.fixture(params=["kernel", "torch"], autouse=True)
+def op_path(request):
+    """Every test runs with the C kernel (decode-sized batches) and with the torch path only
+    (a replica without a C compiler)."""
+    from serving import lora_kernel, vllm_lora_op
+
+    loaded = None
+    if request.param == "kernel":
+        loaded, detail = lora_kernel.load()
+        assert loaded is not None, detail
+    saved = list(vllm_lora_op._KERNEL)
+    vllm_lora_op._KERNEL[:] = [loaded]
+    yield request.param
+    vllm_lora_op._KERNEL[:] = saved
 
 
 def _stack(gen, fan_in: int, out: int):
@@ -55,16 +73,7 @@ def _wrappers(index: list[int], sampled: list[int], *, prefill: bool):
 
 def _reference(x, base, stacks, index):
     """float64, row by row: base + x A^T B^T of the row's slot, per output slice."""
-    y = base.double().clone()
-    for t, slot in enumerate(index):
-        if slot < 0:
-            continue
-        offset = 0
-        for a, b in stacks:
-            d = (x[t].double() @ a[slot, 0].double().t()) @ b[slot, 0].double().t()
-            y[t, offset : offset + d.numel()] += d
-            offset += d.numel()
-    return y
+    return reference(x, base, stacks, index, 1.0)
 
 
 BATCHES = {
@@ -86,7 +95,9 @@ BATCHES = {
 
 
 @pytest.mark.parametrize("batch", list(BATCHES))
-def test_grouped_op_matches_the_reference_and_leaves_base_rows_alone(batch: str) -> None:
+def test_grouped_op_matches_the_reference_and_leaves_base_rows_alone(
+    batch: str, op_path: str
+) -> None:
     import torch
 
     from serving.lora_groups import Groups
@@ -112,6 +123,10 @@ def test_grouped_op_matches_the_reference_and_leaves_base_rows_alone(batch: str)
         y = base.clone()
         wrapper.add_lora_linear(y, x, a_stacked, b_stacked, 1.0, OUT_SLICES)
         results[name] = y
+    if op_path == "kernel":
+        assert grouped.kernel is not None and grouped.kernel.batches == (1 if path else 0)
+    else:
+        assert grouped.kernel is None
     # The split path vLLM's sharded layers take: shrink into buffers, then expand.
     split = base.clone()
     buffers = tuple(torch.zeros(len(index), MAX_RANK) for _ in OUT_SLICES)
