@@ -20,9 +20,13 @@ Variants, measured side by side (interleaved rounds, median), per layer:
         never touched;
   bmm   base + the same groups padded to the largest and run as two bmm per slice over the
         stacked weights' own storage (a narrow() view, no weight copy): the op count does
-        not grow with the number of adapters (the bench's own version, before it went in).
-"pick" is bmm unless padding would more than double the LoRA rows (one long prefill beside
-decodes), then loop: what the installed op picks.
+        not grow with the number of adapters (the bench's own version, before it went in);
+  kern  base + the installed op with its C kernel (serving/lora_kernel.c): one call per
+        module, every slice, rows grouped by slot, on torch's thread pool; batches of at
+        most 128 LoRA rows (else the op runs `loop`).
+"pick" is what the installed op runs: kern up to 128 LoRA rows where the kernel builds;
+otherwise bmm unless padding would more than double the LoRA rows (one long prefill beside
+decodes), then loop.
 The x30-layer step, the lm_head and
 attention are not modelled: the figures are per decoder layer.
 
@@ -49,6 +53,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from serving import lora_kernel
 from serving.lora_groups import Groups as RowGroups
 from serving.lora_groups import TransposedB, lora_rows
 
@@ -169,6 +174,7 @@ def grouped_meta(index: torch.Tensor) -> Groups:
 
 # The installed op keeps B transposed for the batched path; the bench's weights never change.
 TRANSPOSED = TransposedB()
+KERNEL, KERNEL_WHERE = lora_kernel.load()
 
 
 def grouped_lora(y: torch.Tensor, x: torch.Tensor, m: Module, g: Groups) -> None:
@@ -178,6 +184,15 @@ def grouped_lora(y: torch.Tensor, x: torch.Tensor, m: Module, g: Groups) -> None
         parts.append((a, b, offset, size))
         offset += size
     lora_rows(y, x, g.core, parts, 1.0, TRANSPOSED)
+
+
+def kernel_lora(y: torch.Tensor, x: torch.Tensor, m: Module, g: Groups) -> None:
+    """The installed op with its C kernel (it falls back to `loop` past 128 LoRA rows)."""
+    parts, offset = [], 0
+    for a, b, size in zip(m.lora_a, m.lora_b, m.out_slices, strict=True):
+        parts.append((a, b, offset, size))
+        offset += size
+    lora_rows(y, x, g.core, parts, 1.0, TRANSPOSED, KERNEL)
 
 
 def bmm_lora(y: torch.Tensor, x: torch.Tensor, m: Module, g: Groups) -> None:
@@ -263,11 +278,12 @@ def check(layer: list[Module], gen: torch.Generator) -> None:
         groups = grouped_meta(index)
         got_g = layer_forward(xs, layer, grouped_lora, groups)
         got_b = layer_forward(xs, layer, bmm_lora, groups)
+        got_k = layer_forward(xs, layer, kernel_lora, groups)
         plain = index < 0
         lora_rows = ~plain
         bug = 0.0
         for i, (mname, _, _) in enumerate(MODULES):
-            for label, got in (("loop", got_g), ("bmm", got_b)):
+            for label, got in (("loop", got_g), ("bmm", got_b), ("kern", got_k)):
                 assert torch.allclose(got[i].double(), ref[i], rtol=1e-4, atol=1e-5), (
                     name, mname, label)  # fmt: skip
                 assert torch.equal(got[i][plain], base[i][plain]), (name, mname, label)
@@ -283,8 +299,8 @@ def check(layer: list[Module], gen: torch.Generator) -> None:
                 assert torch.allclose(got_v[i][plain].double(), last, rtol=1e-4, atol=1e-5)
                 bug = max(bug, (got_v[i][plain] - base[i][plain]).abs().max().item())
         print(
-            f"check {name:17s} ok: loop, bmm, vllm == fp64 reference on adapter rows; -1 rows:"
-            f" loop, bmm == base exactly; vllm's off by {bug:.3g} (= last slot's delta)"
+            f"check {name:17s} ok: loop, bmm, kern, vllm == fp64 reference on adapter rows; -1 "
+            f"rows: loop, bmm, kern == base exactly; vllm's off by {bug:.3g} (last slot's delta)"
         )
 
 
@@ -307,6 +323,7 @@ def bench(layer: list[Module], case: str, rounds: int, gen: torch.Generator):
         "vllm": lambda: layer_forward(xs, layer, vllm_lora, vllm_meta(index)),
         "loop": lambda: layer_forward(xs, layer, grouped_lora, groups),
         "bmm": lambda: layer_forward(xs, layer, bmm_lora, groups),
+        "kern": lambda: layer_forward(xs, layer, kernel_lora, groups),
     }
     # Index metadata is per step (shared by all 30 layers): timed on its own.
     meta_us = {
@@ -322,11 +339,13 @@ def bench(layer: list[Module], case: str, rounds: int, gen: torch.Generator):
         for name in list(variants) if r % 2 == 0 else list(reversed(variants)):
             samples[name].append(timed(variants[name], iters[name]))
     med = {name: statistics.median(v) * 1e6 for name, v in samples.items()}
-    med["pick"] = med["bmm" if groups.use_bmm else "loop"]
+    kernel = KERNEL is not None and groups.core.kernel_rows() is not None
+    mode = "kern" if kernel else "bmm" if groups.use_bmm else "loop"
+    med["pick"] = med[mode]
     info = {
         "adapters": len({slot for slot, _, _ in groups.core.segments}),
         "plain": int((index < 0).sum()),
-        "mode": "bmm" if groups.use_bmm else "loop" + ("/runs" if groups.core.rows is None else ""),
+        "mode": mode + ("/runs" if mode == "loop" and groups.core.rows is None else ""),
         "waste": groups.waste,
     }
     return med, meta_us, info
@@ -351,27 +370,31 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), fp32; one SmolLM2-135M "
         f"layer (qkv/o/gate_up/down), {SLOTS} slots, rank <= {MAX_RANK}, ranks {RANKS}"
     )
+    print(f"C kernel: {KERNEL_WHERE}" if KERNEL else f"C kernel off ({KERNEL_WHERE}): kern = loop")
     check(layer, gen)
     print(
         "\nper layer, median of rounds, us (x30 layers = one step's linears); +% = LoRA "
-        "overhead vs base;\npick = what the proposed op runs (bmm unless padding `waste` > 2x);"
+        "overhead vs base;\npick = what the installed op runs (kern up to 128 LoRA rows, else bmm "
+        "unless padding `waste` > 2x);"
         " meta = per-step index work, us"
     )
     header = (
         f"{'case':>12} {'ad':>2} {'-1':>3} {'pick':>9} {'waste':>5} | {'base':>6} {'vllm':>6} "
-        f"{'loop':>6} {'bmm':>6} | {'vllm+':>6} {'loop+':>6} {'bmm+':>6} {'pick+':>6} | "
+        f"{'loop':>6} {'bmm':>6} {'kern':>6} | {'vllm+':>6} {'loop+':>6} {'bmm+':>6} {'kern+':>6} "
+        f"{'pick+':>6} | "
         f"{'pick/vllm':>9} | {'meta v':>6} {'meta g':>6}"
     )
     print(header)
     print("-" * len(header))
     for case in args.cases:
         med, meta, info = bench(layer, case, args.rounds, gen)
-        over = {k: med[k] / med["base"] - 1 for k in ("vllm", "loop", "bmm", "pick")}
+        over = {k: med[k] / med["base"] - 1 for k in ("vllm", "loop", "bmm", "kern", "pick")}
         print(
             f"{case:>12} {info['adapters']:>2} {info['plain']:>3} {info['mode']:>9} "
             f"{info['waste']:>5.1f} | {med['base']:>6.0f} {med['vllm']:>6.0f} {med['loop']:>6.0f}"
-            f" {med['bmm']:>6.0f} | {over['vllm']:>+6.0%} {over['loop']:>+6.0%} "
-            f"{over['bmm']:>+6.0%} {over['pick']:>+6.0%} | {med['pick'] / med['vllm']:>9.2f} | "
+            f" {med['bmm']:>6.0f} {med['kern']:>6.0f} | {over['vllm']:>+6.0%} "
+            f"{over['loop']:>+6.0%} {over['bmm']:>+6.0%} {over['kern']:>+6.0%} "
+            f"{over['pick']:>+6.0%} | {med['pick'] / med['vllm']:>9.2f} | "
             f"{meta['vllm']:>6.0f} {meta['grouped']:>6.0f}"
         )
 

@@ -108,10 +108,18 @@ class TransposedB:
 
     def __init__(self) -> None:
         self._copies: dict[int, tuple[torch.Tensor, torch.Tensor, set[int]]] = {}
+        self._dirty: set[int] = set()  # copies with a slot to refresh
+
+    @property
+    def stale(self) -> bool:
+        """Whether any copy has a slot to refresh (a new copy has every slot to)."""
+        return bool(self._dirty)
 
     def invalidate(self, slots: Sequence[int] | set[int]) -> None:
-        for _, _, stale in self._copies.values():
+        for key, (_, _, stale) in self._copies.items():
             stale.update(slots)
+            if stale:
+                self._dirty.add(key)
 
     def block(self, stacked: torch.Tensor, lo: int, span: int) -> torch.Tensor:
         """Slots lo..lo+span-1 of `stacked` as a contiguous (span, rank, out) tensor."""
@@ -125,10 +133,13 @@ class TransposedB:
             copy = torch.empty(w.size(0), w.size(2), w.size(1), dtype=w.dtype)
             entry = (stacked, copy, set(range(w.size(0))))
             self._copies[id(stacked)] = entry
+            self._dirty.add(id(stacked))
         _, copy, stale = entry
         for slot in [s for s in stale if lo <= s < lo + span]:
             copy[slot].copy_(slot_weights(stacked, slot).t())
             stale.discard(slot)
+        if not stale:
+            self._dirty.discard(id(stacked))
         return copy
 
 

@@ -74,22 +74,38 @@ class Rows:
 
 
 class _Plan:
-    """One module's pointer arrays (stable: vLLM allocates its stacked weights once)."""
+    """One module's arguments for the kernel, built on its first call and kept: vLLM
+    allocates its stacked weights once, so their addresses (and those of the transposed B
+    copies) do not move. `ok` False: the module's weights are not what the kernel takes."""
 
     __slots__ = ("a_ptrs", "a_strides", "b_ptrs", "b_slot_strides", "b_strides", "keep",
-                 "offsets", "sizes")  # fmt: skip
+                 "offsets", "ok", "rank", "sizes", "width")  # fmt: skip
 
-    def __init__(self, a: list[torch.Tensor], bt: list[torch.Tensor], offsets: list[int],
-                 sizes: list[int]) -> None:  # fmt: skip
-        n = len(a)
-        self.keep = (a, bt)  # what the pointers point into; identity is checked on reuse
-        self.a_ptrs = (_I64 * n)(*(t.data_ptr() for t in a))
-        self.a_strides = (_I64 * n)(*(t.stride(0) for t in a))
-        self.b_ptrs = (_I64 * n)(*(t.data_ptr() for t in bt))
-        self.b_slot_strides = (_I64 * n)(*(t.stride(0) for t in bt))
-        self.b_strides = (_I64 * n)(*(t.stride(1) for t in bt))
-        self.offsets = (_I64 * n)(*offsets)
-        self.sizes = (_I64 * n)(*sizes)
+    def __init__(self, parts: Sequence[Part], transposed: TransposedB) -> None:
+        self.keep = [t for a, b, _, _ in parts for t in (a, b)]  # what the key's ids are of
+        self.ok = all(_takes(a, b) for a, b, _, _ in parts)
+        if not self.ok:
+            return
+        a_list = [_slots_view(a) for a, _, _, _ in parts if a is not None]
+        bt_list = [transposed.fresh(b, 0, 0) for _, b, _, _ in parts]
+        self.rank, self.width = a_list[0].size(1), a_list[0].size(2)
+        self.ok = self.rank <= MAX_RANK and all(
+            a.size(1) == self.rank and a.size(2) == self.width and bt.size(1) == self.rank
+            and bt.is_contiguous() and size <= bt.size(2)
+            for a, bt, (_, _, _, size) in zip(a_list, bt_list, parts, strict=True)
+        )  # fmt: skip
+        n = len(parts)
+        self.keep += bt_list
+        self.a_ptrs = (_I64 * n)(*(t.data_ptr() for t in a_list))
+        self.a_strides = (_I64 * n)(*(t.stride(0) for t in a_list))
+        self.b_ptrs = (_I64 * n)(*(t.data_ptr() for t in bt_list))
+        self.b_slot_strides = (_I64 * n)(*(t.stride(0) for t in bt_list))
+        self.b_strides = (_I64 * n)(*(t.stride(1) for t in bt_list))
+        self.offsets = (_I64 * n)(*(off for _, _, off, _ in parts))
+        self.sizes = (_I64 * n)(*(size for _, _, _, size in parts))
+
+
+Part = tuple[torch.Tensor | None, torch.Tensor, int, int]
 
 
 class Kernel:
@@ -111,34 +127,28 @@ class Kernel:
         y: torch.Tensor,
         x: torch.Tensor,
         rows: Rows,
-        parts: Sequence[tuple[torch.Tensor | None, torch.Tensor, int, int]],
+        parts: Sequence[Part],
         scale: float,
         transposed: TransposedB,
     ) -> bool:
         """y[r, off:off+size] += ((x[r] @ A.T) * scale) @ B.T for each LoRA row r and part
         (A, B, off, size) of its slot. False (nothing done) where the inputs are not what the
         kernel is built for; the caller then runs its torch path."""
-        if not _fits(y, x, parts):
-            return False
-        a_list = [_slots_view(a) for a, _, _, _ in parts if a is not None]
-        rank = a_list[0].size(1)
-        if rank > MAX_RANK or any(a.size(1) != rank or a.size(2) != x.size(1) for a in a_list):
-            return False
-        bt_list = [transposed.fresh(b, rows.lo, rows.span) for _, b, _, _ in parts]
-        if any(bt.size(1) != rank or bt.dtype != torch.float32 for bt in bt_list):
-            return False
-        key = tuple(id(t) for t in a_list + bt_list) + tuple(o for _, _, o, _ in parts)
+        tensors = [t for a, b, _, _ in parts for t in (a, b)]
+        key = tuple(id(t) for t in tensors)
         plan = self._plans.get(key)
-        held = [] if plan is None else plan.keep[0] + plan.keep[1]
-        if plan is None or any(p is not t for p, t in zip(held, a_list + bt_list, strict=True)):
-            offsets = [off for _, _, off, _ in parts]
-            sizes = [size for _, _, _, size in parts]
-            plan = self._plans[key] = _Plan(a_list, bt_list, offsets, sizes)
+        if plan is None or any(k is not t for k, t in zip(plan.keep, tensors, strict=False)):
+            plan = self._plans[key] = _Plan(parts, transposed)
+        if not plan.ok or not _fits(y, x, plan.width, parts):
+            return False
+        if transposed.stale:
+            for _, b, _, _ in parts:
+                transposed.fresh(b, rows.lo, rows.span)
         threads = torch.get_num_threads() if self.shared_pool else 1
         rc = self._fn(rows.groups.size(0), rows.groups.data_ptr(), rows.rows.data_ptr(),
-                      x.data_ptr(), x.stride(0), x.size(1), y.data_ptr(), y.stride(0),
+                      x.data_ptr(), x.stride(0), plan.width, y.data_ptr(), y.stride(0),
                       len(parts), plan.a_ptrs, plan.a_strides, plan.b_ptrs,
-                      plan.b_slot_strides, plan.b_strides, plan.offsets, plan.sizes, rank,
+                      plan.b_slot_strides, plan.b_strides, plan.offsets, plan.sizes, plan.rank,
                       scale, threads)  # fmt: skip
         if rc != 0:
             return False
@@ -154,17 +164,17 @@ def _slots_view(stacked: torch.Tensor) -> torch.Tensor:
     return stacked.squeeze(1) if stacked.dim() == 4 else stacked
 
 
-def _fits(y: torch.Tensor, x: torch.Tensor, parts: Sequence[tuple]) -> bool:
-    if y.dtype != torch.float32 or x.dtype != torch.float32 or y.dim() != 2 or x.dim() != 2:
-        return False
-    if y.stride(1) != 1 or x.stride(1) != 1 or x.size(0) != y.size(0):
-        return False
-    for a, b, off, size in parts:
-        if a is None or a.dtype != torch.float32 or b.dtype != torch.float32:
-            return False
-        if not a.is_contiguous() or off < 0 or off + size > y.size(1):
-            return False
-    return True
+def _takes(a: torch.Tensor | None, b: torch.Tensor) -> bool:
+    """Weights the kernel reads: float32 A, contiguous, stacked as vLLM stacks them."""
+    return (a is not None and a.dtype == torch.float32 and b.dtype == torch.float32
+            and a.is_contiguous() and a.dim() in (3, 4) and b.dim() in (3, 4))  # fmt: skip
+
+
+def _fits(y: torch.Tensor, x: torch.Tensor, width: int, parts: Sequence[Part]) -> bool:
+    """Activations the kernel reads: float32 rows, contiguous within a row, every slice in y."""
+    return (y.dtype == torch.float32 and x.dtype == torch.float32 and y.dim() == 2
+            and x.dim() == 2 and y.stride(1) == 1 and x.stride(1) == 1 and x.size(1) == width
+            and x.size(0) == y.size(0) and parts[-1][2] + parts[-1][3] <= y.size(1))  # fmt: skip
 
 
 def cache_dir() -> Path:
