@@ -107,6 +107,13 @@ class Settings(BaseSettings):
     # grouped by adapter, base rows plain and exact in mixed batches, so base requests need
     # no zero adapter there; vLLM's own op elsewhere (GPUs: untouched). "vllm": vLLM's own.
     serving_lora_op: Literal["auto", "vllm"] = "auto"
+    # How replicas keep LoRA weights (vLLM's --lora-dtype). "auto": the replica's dtype
+    # (float32 on CPUs: exact against transformers + peft in float32). "bfloat16" halves the
+    # bytes a decode step reads for them, which bounds a step over many distinct adapters on
+    # a CPU (the grouped op's kernel reads them as they are, arithmetic in float32; measured
+    # in docs/benchmarks.md); answers may then differ from float32 peft where two tokens
+    # were near-tied.
+    serving_lora_dtype: Literal["auto", "bfloat16", "float16"] = "auto"
     # CPUs a vLLM CPU replica leaves to its scheduler process instead of its model threads
     # (vLLM's VLLM_CPU_NUM_OF_RESERVED_CPU). Unset: none on hosts of at most 2 CPUs, where
     # vLLM's own choice (one) halves the model's threads (measured on 2 cores: 1.45-1.54x

@@ -55,11 +55,12 @@ async def measure(url: str, adapters: list[str]) -> dict[str, float]:
     return out
 
 
-def run_one(settings: Any, base_dir: Path, adapters: list[Path], reserved: str, log: Path):
+def run_one(settings: Any, base_dir: Path, adapters: list[Path], env: dict[str, str], log: Path):
+    """One replica as Loraplex starts it (`env` on top of its environment), measured."""
     from serving.replicas import plan_replicas
 
     replica = plan_replicas(settings, model_dir=base_dir, served_name=bs.BASE, count=1)[0]
-    replica.env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = reserved
+    replica.env.update(env)
     replica.log_path = log
     replica.start()
     try:
@@ -96,7 +97,8 @@ def main() -> None:
     for round_ in range(args.rounds):
         order = list(VARIANTS) if round_ % 2 == 0 else list(reversed(VARIANTS))
         for name in order:
-            result = run_one(settings, base_dir, adapters, VARIANTS[name], work / "vllm.log")
+            env = {"VLLM_CPU_NUM_OF_RESERVED_CPU": VARIANTS[name]}
+            result = run_one(settings, base_dir, adapters, env, work / "vllm.log")
             results[name].append(result)
             figures = ", ".join(f"{k} {v:.0f}" for k, v in result.items())
             bs.log(f"round {round_}: {name}: {figures}")

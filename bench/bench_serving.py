@@ -16,6 +16,7 @@ copies with scaled lora_B (valid adapters, distinct weights) registered as separ
 Every completion is a fixed length (`ignore_eos`), so tokens/s compare like for like.
 
     .venv/bin/python bench/bench_serving.py [--requests 32] [--max-tokens 64] [--concurrency 16]
+        [--lora-dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -299,6 +300,8 @@ def main() -> None:
     parser.add_argument("--naive-requests", type=int, default=10, help="over all rounds")
     parser.add_argument("--cold", type=int, default=8, help="cold adapters to time")
     parser.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"])
+    parser.add_argument("--lora-dtype", default="auto", choices=["auto", "bfloat16"],
+                        help="serving_lora_dtype: how the replica keeps LoRA weights")  # fmt: skip
     parser.add_argument("--home", type=Path, default=ROOT / ".loraplex", help="model cache")
     parser.add_argument("--adapter", type=Path, help="a trained adapter dir to reuse")
     args = parser.parse_args()
@@ -312,7 +315,8 @@ def main() -> None:
     settings = Settings(
         home=args.home, database_url=f"sqlite:///{work / 'bench.db'}",
         storage_url=f"file://{work / 'artifacts'}", serving_cache_dir=work / "cache",
-        serving_dtype=args.dtype, serving_max_loras=9, serving_max_cpu_loras=32,
+        serving_dtype=args.dtype, serving_lora_dtype=args.lora_dtype,
+        serving_max_loras=9, serving_max_cpu_loras=32,
         max_lora_rank=16, serving_max_model_len=1024, serving_replica_port=free_port(),
     )  # fmt: skip
     base_dir = resolve_base_model(BASE, home=args.home)
@@ -448,8 +452,8 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> None:
     latency_overhead = r["gateway_p50_s"] / r["direct_p50_s"] - 1
     lines = [
         f"workload: {args.requests} chat requests x {args.max_tokens} tokens, concurrency "
-        f"{args.concurrency}, {args.dtype}, median of {args.rounds} alternating rounds; "
-        f"replica LoRA op: {r['lora_op']}",
+        f"{args.concurrency}, {args.dtype} (LoRA weights: {args.lora_dtype}), median of "
+        f"{args.rounds} alternating rounds; replica LoRA op: {r['lora_op']}",
         f"vLLM direct: base {r['direct_base']:.0f} tok/s, 8 adapters "
         f"{r['direct_8_adapters']:.0f} tok/s -> ratio {direct_multi_vs_base:.2f} (target >= 0.8)",
         f"gateway:     base {r['gateway_base']:.0f} tok/s -> {gateway_base_vs_direct:.2f} of "

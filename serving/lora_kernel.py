@@ -1,4 +1,4 @@
-"""The grouped LoRA op's C kernel for decode-sized batches (float32, vLLM's CPU build).
+"""The grouped LoRA op's C kernel for decode-sized batches (vLLM's CPU build).
 
 On a decode step the grouped op's torch path costs ~20 small torch ops per module; with 16
 rows over 8 adapters that dispatch (and the thread pool waking for each op) costs more than the
@@ -13,10 +13,11 @@ source, flags, compiler and CPU. Where no C compiler is found or the build fails
 says why and returns None: the op then keeps its torch path, which gives the same results.
 LORAPLEX_LORA_KERNEL=off in a replica's environment turns the kernel off.
 
-Only rows of float32 weights and activations in the layouts vLLM 0.32 stacks them go through
-the kernel (`Kernel.add` returns False otherwise, and the caller runs its torch path), and
-only batches of at most MAX_ROWS LoRA rows: past that a long prefill's rows are better served
-by torch's matrix multiplies.
+The activations are float32 (the replica's dtype); the LoRA weights float32, or float16 /
+bfloat16 where the replica keeps them so (`serving_lora_dtype`, vLLM's `--lora-dtype`): half
+the bytes, which is what bounds a decode step over many distinct adapters. Anything else
+(`Kernel.add` returns False), and batches of more than MAX_ROWS LoRA rows (a long prefill's
+rows are better served by torch's matrix multiplies), the caller runs its torch path.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ SYMBOL = "loraplex_lora_rows_f32"
 
 _I64 = ctypes.c_int64
 _PTR = ctypes.c_void_p
+# Weight dtypes the kernel reads (lora_kernel.c's W_*), the activations being float32.
+WEIGHT_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 class Rows:
@@ -79,7 +82,7 @@ class _Plan:
     copies) do not move. `ok` False: the module's weights are not what the kernel takes."""
 
     __slots__ = ("a_ptrs", "a_strides", "b_ptrs", "b_slot_strides", "b_strides", "keep",
-                 "offsets", "ok", "rank", "sizes", "width")  # fmt: skip
+                 "offsets", "ok", "rank", "sizes", "width", "wtype")  # fmt: skip
 
     def __init__(self, parts: Sequence[Part], transposed: TransposedB) -> None:
         self.keep = [t for a, b, _, _ in parts for t in (a, b)]  # what the key's ids are of
@@ -89,8 +92,10 @@ class _Plan:
         a_list = [_slots_view(a) for a, _, _, _ in parts if a is not None]
         bt_list = [transposed.fresh(b, 0, 0) for _, b, _, _ in parts]
         self.rank, self.width = a_list[0].size(1), a_list[0].size(2)
+        self.wtype = WEIGHT_TYPES[a_list[0].dtype]
         self.ok = self.rank <= MAX_RANK and all(
             a.size(1) == self.rank and a.size(2) == self.width and bt.size(1) == self.rank
+            and a.dtype == bt.dtype == a_list[0].dtype
             and bt.is_contiguous() and size <= bt.size(2)
             for a, bt, (_, _, _, size) in zip(a_list, bt_list, parts, strict=True)
         )  # fmt: skip
@@ -116,7 +121,8 @@ class Kernel:
         self.shared_pool = shared_pool
         fn = getattr(lib, SYMBOL)
         fn.argtypes = [_I64, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _PTR,
-                       _PTR, _PTR, _PTR, _PTR, _I64, ctypes.c_float, ctypes.c_int]  # fmt: skip
+                       _PTR, _PTR, _PTR, _PTR, _I64, ctypes.c_float, ctypes.c_int,
+                       ctypes.c_int]  # fmt: skip
         fn.restype = ctypes.c_int
         self._fn = fn
         self._plans: dict[tuple[int, ...], _Plan] = {}
@@ -149,7 +155,7 @@ class Kernel:
                       x.data_ptr(), x.stride(0), plan.width, y.data_ptr(), y.stride(0),
                       len(parts), plan.a_ptrs, plan.a_strides, plan.b_ptrs,
                       plan.b_slot_strides, plan.b_strides, plan.offsets, plan.sizes, plan.rank,
-                      scale, threads)  # fmt: skip
+                      scale, threads, plan.wtype)  # fmt: skip
         if rc != 0:
             return False
         if self.batches == 0:
@@ -165,8 +171,9 @@ def _slots_view(stacked: torch.Tensor) -> torch.Tensor:
 
 
 def _takes(a: torch.Tensor | None, b: torch.Tensor) -> bool:
-    """Weights the kernel reads: float32 A, contiguous, stacked as vLLM stacks them."""
-    return (a is not None and a.dtype == torch.float32 and b.dtype == torch.float32
+    """Weights the kernel reads: A and B of one of WEIGHT_TYPES, A contiguous, stacked as
+    vLLM stacks them."""
+    return (a is not None and a.dtype in WEIGHT_TYPES and b.dtype == a.dtype
             and a.is_contiguous() and a.dim() in (3, 4) and b.dim() in (3, 4))  # fmt: skip
 
 

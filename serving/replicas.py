@@ -74,6 +74,8 @@ def replica_command(
             "--max-cpu-loras", str(settings.serving_max_cpu_loras),
             "--max-lora-rank", str(vllm_lora_rank(settings.max_lora_rank)),
         ]  # fmt: skip
+        if settings.serving_lora_dtype != "auto":
+            command += ["--lora-dtype", settings.serving_lora_dtype]
     if settings.serving_max_model_len:
         command += ["--max-model-len", str(settings.serving_max_model_len)]
     return command

@@ -116,8 +116,13 @@ def test_lora_rows_takes_the_kernel_where_it_fits_and_torch_elsewhere(
         "rank 64, its largest": (_stacks(gen, 32, (16,), rank=64), x, base, True),
         "rank 80": (_stacks(gen, 32, (16,), rank=80), x, base, False),
     }
+    # LoRA weights kept in half precision (--lora-dtype) beside float32 activations: the
+    # kernel reads them as they are, the arithmetic stays float32.
+    for dtype in (torch.float16, torch.bfloat16):
+        half = [(a.to(dtype), b.to(dtype)) for a, b in _stacks(gen, 32, (16,))]
+        cases[f"{dtype} weights"] = (half, x, base, True)
     low = [(a.bfloat16(), b.bfloat16()) for a, b in _stacks(gen, 32, (16,))]
-    cases["bfloat16"] = (low, x.bfloat16(), base.bfloat16(), False)
+    cases["bfloat16 activations"] = (low, x.bfloat16(), base.bfloat16(), False)
     for name, (stacks, xs, ys, through_kernel) in cases.items():
         before = kernel.batches
         y = run(stacks, xs, ys)

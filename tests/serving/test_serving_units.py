@@ -126,3 +126,21 @@ def test_replicas_on_the_cpu_build_serve_in_float32_unless_told_otherwise(tmp_pa
 
     assert dtype() == "float32"
     assert dtype(serving_dtype="bfloat16") == "bfloat16"
+
+
+def test_replicas_keep_lora_weights_as_the_setting_says(tmp_path: Path) -> None:
+    """`serving_lora_dtype`: the replica's own dtype unless told (vLLM's --lora-dtype); a
+    base-only replica takes no LoRA flags at all."""
+    from api.settings import Settings
+    from serving.replicas import replica_command
+
+    def command(lora: bool = True, **values: object) -> list[str]:
+        return replica_command(Settings(home=tmp_path, **values), model_dir=tmp_path,
+                               served_name="b", port=1, lora=lora)  # fmt: skip
+
+    assert "--lora-dtype" not in command()
+    with_bf16 = command(serving_lora_dtype="bfloat16")
+    assert with_bf16[with_bf16.index("--lora-dtype") + 1] == "bfloat16"
+    assert "--lora-dtype" not in command(lora=False, serving_lora_dtype="bfloat16")
+    with pytest.raises(ValueError):
+        Settings(home=tmp_path, serving_lora_dtype="int8")
