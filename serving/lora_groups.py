@@ -166,7 +166,7 @@ def _bmm_rows(
         if a is None:  # already shrunk; padding rows are masked again here
             h = xg.to(dtype) * p.mask
         else:
-            h = torch.bmm(xg.to(a.dtype), _block(a, p).transpose(1, 2)) * p.mask
+            h = torch.bmm(xg.to(dtype), _block(a, p).transpose(1, 2).to(dtype)) * p.mask
         if scale != 1.0:
             h = h * scale
         if transposed is None:
@@ -194,7 +194,9 @@ def lora_rows(
     kernel: Kernel | None = None,
 ) -> None:
     """y[r, off:off+size] += ((x[r] @ A.T) * scale) @ B.T for each LoRA row r, each part
-    (A, B, off, size) of its slot; A None: x is already shrunk (expand only). Rows beyond
+    (A, B, off, size) of its slot, computed in y's dtype (LoRA weights kept in a narrower
+    one, --lora-dtype, are widened, as the kernel reads them); A None: x is already shrunk
+    (expand only). Rows beyond
     the mapping (none in vLLM 0.32's CPU runner) and -1 rows are left as they are.
     `transposed`: B in the layout batched matmuls read fastest (decode steps). `kernel`:
     the C kernel (serving/lora_kernel.py), used for batches of few LoRA rows it fits."""
@@ -212,7 +214,7 @@ def lora_rows(
         for slot, s, e in groups.segments:
             xs = x[s:e]
             for a, b, off, size in parts:
-                h = xs if a is None else torch.mm(xs.to(a.dtype), slot_weights(a, slot).t())
+                h = xs if a is None else torch.mm(xs.to(dtype), slot_weights(a, slot).t().to(dtype))
                 if scale != 1.0:
                     h = h * scale
                 w = slot_weights(b, slot)[:size]
@@ -224,7 +226,8 @@ def lora_rows(
     delta = torch.zeros(xs.size(0), end - first, dtype=dtype)
     for slot, s, e in groups.segments:
         for a, b, off, size in parts:
-            h = xs[s:e] if a is None else torch.mm(xs[s:e].to(a.dtype), slot_weights(a, slot).t())
+            at = None if a is None else slot_weights(a, slot).t().to(dtype)
+            h = xs[s:e] if at is None else torch.mm(xs[s:e].to(dtype), at)
             if scale != 1.0:
                 h = h * scale
             w = slot_weights(b, slot)[:size]

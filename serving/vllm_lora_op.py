@@ -98,7 +98,8 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
             rank = slot_weights(a, 0).size(0)
             for slot, s, e in groups.segments:
                 rows = slice(s, e) if groups.rows is None else groups.rows[s:e]
-                h = torch.mm(x[rows].to(a.dtype), slot_weights(a, slot).t()) * scale
+                w = slot_weights(a, slot).t().to(out.dtype)
+                h = torch.mm(x[rows].to(out.dtype), w) * scale
                 out[rows, :rank] = h.to(out.dtype)
 
     def add_expand(

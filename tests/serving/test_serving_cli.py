@@ -88,6 +88,19 @@ def ask(url: str, key: str, model: str) -> httpx.Response:
     return httpx.post(f"{url}/v1/chat/completions", json=body, headers=bearer(key), timeout=60)
 
 
+def bf16_rounded(adapter: Path, out: Path) -> Path:
+    """A copy of a peft adapter with its weights rounded to bfloat16 (kept as float32)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(adapter, out)
+    weights = out / "adapter_model.safetensors"
+    tensors = {k: v.bfloat16().float() for k, v in load_file(str(weights)).items()}
+    save_file(tensors, str(weights))
+    return out
+
+
 def stop_and_check(proc: subprocess.Popen, log: Path) -> None:
     children = descendants(proc.pid)
     proc.send_signal(signal.SIGTERM)
@@ -138,14 +151,25 @@ def test_serve_starts_a_vllm_replica_answers_and_stops_it(
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vllm")
 def test_a_serve_killed_hard_leaves_no_replica_process_behind(
-    serving_settings: Settings, tenants: dict[str, TenantKey], run_cli: list, tmp_path: Path
+    serving_settings: Settings,
+    tenants: dict[str, TenantKey],
+    adapters: dict,
+    reference: Reference,
+    run_cli: list,
+    tmp_path: Path,
 ) -> None:
     """SIGKILL (the OOM killer, kill -9) skips every clean-shutdown path. The replica's API
     server dies with `serve` (the launcher's parent-death signal); vLLM's engine-core and
-    model processes under it must go too, not run on orphaned holding the model."""
+    model processes under it must go too, not run on orphaned holding the model.
+
+    This replica keeps its LoRA weights in bfloat16 (`serving_lora_dtype`): it answers as
+    peft does with the adapter's weights rounded to bfloat16, computing in float32, the
+    decode steps through the op's kernel."""
     port = free_port()
-    env = env_for(serving_settings, LORAPLEX_SERVING_ENGINE="vllm")
+    env = env_for(serving_settings, LORAPLEX_SERVING_ENGINE="vllm",
+                  LORAPLEX_SERVING_LORA_DTYPE="bfloat16")  # fmt: skip
     log = tmp_path / "serve.log"
+    started = time.time()
     proc = start(run_cli, ["serve", "--port", str(port)], env, log)
 
     def answered() -> bool:
@@ -156,10 +180,19 @@ def test_a_serve_killed_hard_leaves_no_replica_process_behind(
             return False
 
     wait_for(answered, timeout=300, what="serve to answer")
+    got = ask(f"http://127.0.0.1:{port}", tenants["a"].key, "helper")
+    assert got.status_code == 200, got.text
+    rounded = bf16_rounded(adapters["a"], tmp_path / "rounded")
+    expected = reference.chat(rounded, QUESTIONS[0])
+    assert clean(got.json()["choices"][0]["message"]["content"]) == expected
+    replica_logs = [p for p in (serving_settings.home / "logs").glob("vllm-*.log")
+                    if p.stat().st_mtime >= started]  # fmt: skip
+    assert any("LoRA kernel ran its first batch" in p.read_text() for p in replica_logs)
     family = descendants(proc.pid)
     titles = [Path(f"/proc/{p}/cmdline").read_text() for p in family]
     assert any("VLLM::EngineCore" in t for t in titles), titles
     assert any("VLLM::Worker" in t for t in titles), titles
+    assert any("--lora-dtype\0bfloat16\0" in t for t in titles), titles
     proc.kill()
     proc.wait(30)
     wait_for(lambda: all(gone(p) for p in family), timeout=30, what="replica processes to exit")
