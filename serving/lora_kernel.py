@@ -60,6 +60,7 @@ class Rows:
     __slots__ = ("groups", "lo", "rows", "span")
 
     def __init__(self, index: torch.Tensor) -> None:
+        index = index.to(torch.int64)  # the kernel reads int64
         order = torch.argsort(index, stable=True)
         skip = int((index < 0).sum())  # -1 sorts first
         self.rows = order[skip:].contiguous()

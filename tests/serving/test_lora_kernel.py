@@ -80,6 +80,9 @@ def test_kernel_matches_the_reference_and_leaves_base_rows_alone(
     groups = Groups(torch.tensor(index))
     rows = groups.kernel_rows()
     assert rows is not None
+    narrow = lora_kernel.Rows(torch.tensor(index, dtype=torch.int32))  # read as int64 anyway
+    assert torch.equal(narrow.rows, rows.rows) and torch.equal(narrow.groups, rows.groups)
+    assert rows.groups.dtype == narrow.groups.dtype == torch.int64
     before = kernel.batches
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
