@@ -88,12 +88,19 @@ def packed_row_length(data: Sequence[TokenizedData], *, batch_size: int, max_len
     `max_length` would put batch_size x max_length tokens in one attention (12.5 GB RSS seen on
     CPU). One row of about batch_size examples keeps the unpacked step's examples and
     schedule and only drops the padding; it must still fit the longest example.
+
+    Rows exactly as long as the unpacked steps' average would need a perfect bin packing to
+    come out as many as those steps; trl's best-fit-decreasing leaves some room in each row,
+    so that made one more row (an extra optimizer step per epoch, ~8% of the time on 12
+    steps). Half an average example of room per row keeps the count at the unpacked one.
     """
     lengths = [len(row.input_ids) for part in data for row in part.rows]
     if not lengths:
         return max_length
     train_lengths = [len(row.input_ids) for row in data[0].rows] or lengths
-    target = math.ceil(batch_size * sum(train_lengths) / len(train_lengths))
+    steps = math.ceil(len(train_lengths) / batch_size)
+    room = math.ceil(sum(train_lengths) / len(train_lengths) / 2)
+    target = math.ceil(sum(train_lengths) / steps) + room
     return min(max_length, max(max(lengths), target))
 
 
