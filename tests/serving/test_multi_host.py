@@ -295,9 +295,12 @@ def test_hosts_share_only_the_database_the_broker_and_the_bucket(
     assert not lost, lost[:3]
     assert all(text(r) == expected[c[0], c[1]] for c, r in results)
     survivors = [gateways[1]]
-    # Every replica read the bucket itself; no gateway host holds an adapter's bytes.
+    # Replicas read the bucket themselves; no gateway host holds an adapter's bytes. The
+    # surviving replica served everything after the kill; the killed one holds adapters only
+    # if routing gave it one before (on a loaded box the gateways may have sent both
+    # tenants' adapters to the replica that was up first, as a clean-run failure showed).
+    assert list((tmp_path / "replica-1" / "replica-cache").glob("*/*/adapter_model.*"))
     for i in range(2):
-        assert list((tmp_path / f"replica-{i}" / "replica-cache").glob("*/*/adapter_model.*"))
         assert not list((tmp_path / f"gateway-{i}").glob("**/adapter_model.safetensors"))
 
     # Bytes altered in the bucket after registration: refused by every replica, never served.
