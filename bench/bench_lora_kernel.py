@@ -18,12 +18,10 @@ as a ratio to the torch path.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import bench_serving as bs  # noqa: E402
-from bench_replica_cpus import run_one  # noqa: E402
+from bench_replica_cpus import prepare, run_one  # noqa: E402
 
 # name: (environment on top of the replica's, settings changed)
 VARIANTS: dict[str, tuple[dict[str, str], dict[str, str]]] = {
@@ -42,28 +40,7 @@ VARIANTS: dict[str, tuple[dict[str, str], dict[str, str]]] = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--home", type=Path, default=ROOT / ".loraplex", help="model cache")
-    parser.add_argument("--adapter", type=Path, help="a trained adapter dir to reuse")
-    args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-    from api.settings import Settings
-    from serving.replicas import free_port
-    from trainer.base_models import resolve_base_model
-
-    work = Path(tempfile.mkdtemp(prefix="bench-kernel-"))
-    settings = Settings(
-        home=args.home, database_url=f"sqlite:///{work / 'bench.db'}",
-        storage_url=f"file://{work / 'artifacts'}", serving_cache_dir=work / "cache",
-        serving_max_loras=9, serving_max_cpu_loras=32, max_lora_rank=16,
-        serving_max_model_len=1024, serving_replica_port=free_port(),
-        serving_adapter_source="gateway",
-    )  # fmt: skip
-    base_dir = resolve_base_model(bs.BASE, home=args.home)
-    trained = args.adapter or bs.train_adapter(args.home, work / "trained")
-    adapters = [bs.variant(trained, work / f"a{i}", scale=1 + 0.1 * i) for i in range(8)]
+    args, settings, base_dir, adapters, work = prepare(__doc__, "bench-kernel-")
     results: dict[str, list[dict[str, float]]] = {name: [] for name in VARIANTS}
     for round_ in range(args.rounds):
         order = list(VARIANTS) if round_ % 2 == 0 else list(reversed(VARIANTS))

@@ -70,8 +70,10 @@ def run_one(settings: Any, base_dir: Path, adapters: list[Path], env: dict[str, 
         replica.stop()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+def prepare(doc: str | None, prefix: str) -> tuple[argparse.Namespace, Any, Path, list[Path], Path]:
+    """Arguments, settings, base model dir, 8 adapters (a trained one and scaled copies) and
+    a work dir, as every one-replica-at-a-time bench here uses them."""
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n")[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--home", type=Path, default=ROOT / ".loraplex", help="model cache")
     parser.add_argument("--adapter", type=Path, help="a trained adapter dir to reuse")
@@ -82,7 +84,7 @@ def main() -> None:
     from serving.replicas import free_port
     from trainer.base_models import resolve_base_model
 
-    work = Path(tempfile.mkdtemp(prefix="bench-cpus-"))
+    work = Path(tempfile.mkdtemp(prefix=prefix))
     settings = Settings(
         home=args.home, database_url=f"sqlite:///{work / 'bench.db'}",
         storage_url=f"file://{work / 'artifacts'}", serving_cache_dir=work / "cache",
@@ -93,6 +95,11 @@ def main() -> None:
     base_dir = resolve_base_model(bs.BASE, home=args.home)
     trained = args.adapter or bs.train_adapter(args.home, work / "trained")
     adapters = [bs.variant(trained, work / f"a{i}", scale=1 + 0.1 * i) for i in range(8)]
+    return args, settings, base_dir, adapters, work
+
+
+def main() -> None:
+    args, settings, base_dir, adapters, work = prepare(__doc__, "bench-cpus-")
     results: dict[str, list[dict[str, float]]] = {name: [] for name in VARIANTS}
     for round_ in range(args.rounds):
         order = list(VARIANTS) if round_ % 2 == 0 else list(reversed(VARIANTS))
