@@ -4,7 +4,8 @@ Device choices live in one `RuntimePlan` so the recipe and the metrics agree on 
 - CUDA: bf16 compute when the GPU supports it, gradient checkpointing on (memory is the limit).
   (Written for real but not run on this project's CPU-only machines; see docs/trainer.md.)
 - CPU: bf16 compute when the CPU has AVX512-bf16 (measured faster, docs/trainer.md), else fp32;
-  gradient checkpointing off (memory is plentiful, and it halved tokens/s here).
+  gradient checkpointing off (memory is plentiful, and it halved tokens/s here), and
+  attention from `trainer/attention.py` (fp32, per example in packed rows).
 On CPU, bitsandbytes repacks 4-bit weights on the first no-grad forward in eval mode and then
 backpropagates through `gemv_4bit`, which has no autograd kernel: gradients become silently
 wrong. `disable_cpu_4bit_repacking` turns that path off and must run before any such forward.
@@ -22,6 +23,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from trainer.attention import use_cpu_training_attention
 from trainer.config import TrainConfig, resolve_method
 from trainer.errors import BaseModelError, ConfigError
 
@@ -129,6 +131,8 @@ def load_base_model(path: Path, *, plan: RuntimePlan) -> Any:
     except (OSError, ValueError) as e:
         raise BaseModelError(f"cannot load base model from {path}: {e}") from e
     disable_cpu_4bit_repacking(model)
+    if plan.device == "cpu":
+        use_cpu_training_attention(model)  # fp32, per example in packed rows (attention.py)
     if quant is not None:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=plan.gradient_checkpointing
