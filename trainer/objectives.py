@@ -25,6 +25,7 @@ from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 from trainer.config import Hyperparameters, TrainConfig
 from trainer.data import RunInputs, TokenizedData, as_chat
 from trainer.formats import PreferenceExample
+from trainer.lm_head import use_compact_cpu_head
 from trainer.modeling import RuntimePlan
 
 REFERENCE_ADAPTER = "ref"  # the name trl gives the frozen copy of the starting adapter
@@ -96,6 +97,8 @@ def sft_trainer(
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # a library prints nothing; on_progress reports
+    if plan.device == "cpu":
+        use_compact_cpu_head(trainer.model)  # trl's head scores every position on CPU
     return trainer
 
 
