@@ -15,8 +15,8 @@ router loss) get `CompactHead`; every other call, and every call without `fused_
 goes to trl's forward unchanged. `CompactHead` computes each chunk's logits once, in the
 autocast dtype as transformers' own head would, and the gradient of each log-prob with them
 (softmax minus one-hot, times the head), so backward only scales those rows: no logits are
-kept, and a chunk holds at most `CHUNK_ELEMENTS` of them. Entropy and top-1 (trl's logged
-metrics) come from the same logits, without gradient.
+kept, and a chunk holds at most `CHUNK_ELEMENTS` of them. Entropy, top-1 and the mean logit
+(trl's logged metrics) come from the same logits, without gradient. SFT and DPO both use it.
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ from typing import Any
 import torch
 
 CHUNK_ELEMENTS = 1 << 26  # logits per chunk: 256 MB in fp32
+# The per-token outputs trl 1.16 asks its fused head for (besides log_probs)
+SFT_OUTPUTS = ("entropy", "is_top1")
+DPO_OUTPUTS = ("entropy", "mean_logits", "is_top1")  # without WPO weighting
 
 
 class CompactHead(torch.autograd.Function):
@@ -36,17 +39,19 @@ class CompactHead(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-        dtype: torch.dtype, with_grad: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        dtype: torch.dtype, with_grad: bool, with_mean: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
         head = weight.to(dtype)
         rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
-        log_probs, entropy, top1, grads = [], [], [], []
+        log_probs, entropy, mean, top1, grads = [], [], [], [], []
         for start in range(0, hidden.shape[0], rows):
             target = targets[start : start + rows, None]
             logits = (hidden[start : start + rows].to(dtype) @ head.t()).float()
             log_z = logits.logsumexp(-1, keepdim=True)
             log_probs.append((logits.gather(-1, target) - log_z)[:, 0])
             top1.append(logits.argmax(-1) == target[:, 0])  # the first maximum, as trl counts
+            if with_mean:
+                mean.append(logits.mean(-1))
             log_p = logits.sub_(log_z)  # the logits' memory, reused
             probs = log_p.exp()
             entropy.append(-(probs * log_p).sum(-1))
@@ -55,25 +60,21 @@ class CompactHead(torch.autograd.Function):
                 grads.append((one_hot_minus_p.to(dtype) @ head).float())
         ctx.save_for_backward(_cat(grads, hidden.new_zeros(0, hidden.shape[1])))
         ctx.hidden_dtype = hidden.dtype
-        out = _cat(log_probs, hidden.new_zeros(0)), _cat(entropy, hidden.new_zeros(0))
+        # Each output its own tensor (even when empty): non-differentiable ones are marked
+        lp, ent, mean_logits = (_cat(x, hidden.new_zeros(0)) for x in (log_probs, entropy, mean))
         is_top1 = _cat(top1, targets.new_zeros(0, dtype=torch.bool))
-        ctx.mark_non_differentiable(out[1], is_top1)
-        return out[0], out[1], is_top1
+        ctx.mark_non_differentiable(ent, mean_logits, is_top1)
+        return lp, ent, mean_logits, is_top1
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: Any, grad_log_probs: torch.Tensor | None, *_: Any
-    ) -> tuple[torch.Tensor | None, None, None, None, None]:
+    ) -> tuple[torch.Tensor | None, None, None, None, None, None]:
         (grads,) = ctx.saved_tensors
         if grad_log_probs is None:
-            return None, None, None, None, None
-        return (
-            (grad_log_probs.float()[:, None] * grads).to(ctx.hidden_dtype),
-            None,
-            None,
-            None,
-            None,
-        )
+            return None, None, None, None, None, None
+        grad = (grad_log_probs.float()[:, None] * grads).to(ctx.hidden_dtype)
+        return grad, None, None, None, None, None
 
 
 def _ones(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -100,11 +101,12 @@ def serves(model: Any) -> bool:
     )
 
 
-def use_compact_cpu_head(model: Any) -> bool:
-    """Wrap the fused forward trl installed on `model` (the base under any PEFT wrapper);
-    False, leaving trl's head in place, where `serves` says no or the model is not on CPU."""
+def use_compact_cpu_head(model: Any, *, outputs: tuple[str, ...] = SFT_OUTPUTS) -> bool:
+    """Wrap the fused forward trl installed on `model` (the base under any PEFT wrapper),
+    computing the per-token `outputs` trl asked for; False, leaving trl's head in place,
+    where `serves` says no, an output is not one `CompactHead` computes, or not on CPU."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if base.device.type != "cpu" or not serves(base):
+    if base.device.type != "cpu" or not serves(base) or not set(outputs) <= set(DPO_OUTPUTS):
         return False
     trl_forward = base.forward
 
@@ -118,14 +120,16 @@ def use_compact_cpu_head(model: Any) -> bool:
             or kwargs.get("output_router_logits")
         ):
             return trl_forward(*args, **kwargs)
-        return _compact_forward(self, args, kwargs)
+        return _compact_forward(self, args, kwargs, with_mean="mean_logits" in outputs)
 
     forward.compact_cpu_head = True  # type: ignore[attr-defined]  # what tests look for
     base.forward = types.MethodType(forward, base)
     return True
 
 
-def _compact_forward(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def _compact_forward(
+    model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], *, with_mean: bool
+) -> Any:
     from trl.trainer.utils import FusedCausalLMOutput
 
     kwargs.pop("fused_lm_head")
@@ -137,16 +141,21 @@ def _compact_forward(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     mask = labels != -100
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else hidden.dtype
     with torch.autocast("cpu", enabled=False):
-        log_probs, entropy, top1 = CompactHead.apply(
+        log_probs, entropy, mean, top1 = CompactHead.apply(
             hidden[mask], model.get_output_embeddings().weight, labels[mask], dtype,
-            torch.is_grad_enabled() and hidden.requires_grad,
+            torch.is_grad_enabled() and hidden.requires_grad, with_mean,
         )  # fmt: skip
-    log_probs = log_probs.new_zeros(mask.shape).masked_scatter(mask, log_probs)
+
+    def full(x: torch.Tensor) -> torch.Tensor:  # zero where the label is -100, as trl's
+        return x.new_zeros(mask.shape).masked_scatter(mask, x)
+
+    log_probs = full(log_probs)
     loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items is None else num_items)
     return FusedCausalLMOutput(
         loss=loss,
         log_probs=log_probs,
-        entropy=entropy.new_zeros(mask.shape).masked_scatter(mask, entropy),
-        is_top1=top1.new_zeros(mask.shape).masked_scatter(mask, top1),
+        entropy=full(entropy),
+        mean_logits=full(mean) if with_mean else None,
+        is_top1=full(top1),
         label_mask=mask,
     )

@@ -25,7 +25,7 @@ from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 from trainer.config import Hyperparameters, TrainConfig
 from trainer.data import RunInputs, TokenizedData, as_chat
 from trainer.formats import PreferenceExample
-from trainer.lm_head import use_compact_cpu_head
+from trainer.lm_head import DPO_OUTPUTS, use_compact_cpu_head
 from trainer.modeling import RuntimePlan
 
 REFERENCE_ADAPTER = "ref"  # the name trl gives the frozen copy of the starting adapter
@@ -158,4 +158,6 @@ def dpo_trainer(
         callbacks=[DropReferenceAdapter(), *callbacks],
     )
     trainer.remove_callback(PrinterCallback)
+    if plan.device == "cpu" and not args.use_weighting:
+        use_compact_cpu_head(trainer.model, outputs=DPO_OUTPUTS)  # as in sft_trainer
     return trainer

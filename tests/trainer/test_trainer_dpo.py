@@ -115,3 +115,25 @@ def test_dpo_continues_from_an_sft_adapter(tiny_base: Path, tmp_path: Path) -> N
     assert start < margin(fresh.metrics, "before")["margin"] - 5  # the SFT adapter's
     assert margin(continued.metrics, "after")["margin"] > start
     assert continued.metrics["preference"]["loss_first_step"] == pytest.approx(0.6931, abs=1e-3)
+
+
+def test_dpo_on_cpu_uses_the_compact_lm_head(tiny_base: Path, pairs: Path, tmp_path: Path) -> None:
+    """trainer/lm_head.py serves DPO's log-probs too (tests/trainer/test_trainer_lm_head.py
+    compares its numbers with trl's head)."""
+    from trainer.data import TokenizedPairs, prepare_inputs
+    from trainer.modeling import add_lora, choose_plan, load_base_model, load_tokenizer
+    from trainer.objectives import dpo_trainer
+    from trainer.recipe import tokenize_inputs
+
+    config = dpo_config(tiny_base)
+    inputs = prepare_inputs(config, data_path=pairs)
+    train_data, valid_data = tokenize_inputs(load_tokenizer(tiny_base), inputs, config)
+    assert isinstance(train_data, TokenizedPairs) and isinstance(valid_data, TokenizedPairs)
+    plan = choose_plan(config)
+    trainer = dpo_trainer(
+        add_lora(load_base_model(tiny_base, plan=plan), config), config, plan,
+        tokenizer=load_tokenizer(tiny_base), inputs=inputs, train_pairs=train_data.pairs,
+        valid_pairs=valid_data.pairs, out_dir=tmp_path, callbacks=[],
+    )  # fmt: skip
+    trained: Any = trainer.model
+    assert getattr(trained.get_base_model().forward, "compact_cpu_head", False)

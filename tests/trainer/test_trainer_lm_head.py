@@ -12,21 +12,21 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 from trl.trainer.utils import add_fused_lm_head
 
-from trainer.lm_head import use_compact_cpu_head
+from trainer.lm_head import DPO_OUTPUTS, SFT_OUTPUTS, use_compact_cpu_head
 
 EXAMPLES = [[5, 6, 7, 8, 9, 21], [10, 11, 12], [13, 14, 15, 16, 17, 18, 19], [20, 22]]
 PROMPT = 2  # the first tokens of each example are prompt (label -100)
 
 
-def peft_model(base: Path, *, compact: bool) -> Any:
+def peft_model(base: Path, *, compact: bool, outputs: tuple[str, ...] = SFT_OUTPUTS) -> Any:
     """What the trainer hands trl: LoRA on the base, trl's fused head on the base model."""
     base_model: Any = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     torch.manual_seed(0)
     lora = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
     model: Any = get_peft_model(base_model, lora)
-    add_fused_lm_head(model.get_base_model(), outputs=("log_probs", "entropy", "is_top1"))
+    add_fused_lm_head(model.get_base_model(), outputs=("log_probs", *outputs))
     if compact:
-        assert use_compact_cpu_head(model)
+        assert use_compact_cpu_head(model, outputs=outputs)
     return model
 
 
@@ -58,23 +58,34 @@ def run(model: Any, inputs: dict[str, Any], *, autocast: bool, **extra: Any) -> 
         "grads": torch.cat(grads),
         "entropy": out.entropy.detach(),
         "is_top1": out.is_top1,
+        "mean_logits": out.mean_logits,
         "label_mask": out.label_mask,
     }
 
 
-@pytest.mark.parametrize("kind", ["packed", "padded"])
+@pytest.mark.parametrize(
+    ("kind", "outputs"),
+    [("packed", SFT_OUTPUTS), ("padded", SFT_OUTPUTS), ("padded", DPO_OUTPUTS)],
+    ids=["sft packed", "sft padded", "dpo padded"],
+)
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16 autocast"])
-def test_same_loss_gradients_and_metrics_as_trl(tiny_base: Path, kind: str, autocast: bool) -> None:
+def test_same_loss_gradients_and_metrics_as_trl(
+    tiny_base: Path, kind: str, outputs: tuple[str, ...], autocast: bool
+) -> None:
     inputs = batch(kind)
     assert (inputs["labels"] == -100).any() and (inputs["labels"] != -100).any()
-    ours = run(peft_model(tiny_base, compact=True), inputs, autocast=autocast)
-    theirs = run(peft_model(tiny_base, compact=False), inputs, autocast=autocast)
+    ours = run(peft_model(tiny_base, compact=True, outputs=outputs), inputs, autocast=autocast)
+    theirs = run(peft_model(tiny_base, compact=False, outputs=outputs), inputs, autocast=autocast)
     tol = 2e-2 if autocast else 1e-5
     torch.testing.assert_close(ours["loss"], theirs["loss"], rtol=tol, atol=tol)
     assert (ours["grads"] - theirs["grads"]).norm() / theirs["grads"].norm() < tol
     assert ours["grads"].norm() > 0
     torch.testing.assert_close(ours["entropy"], theirs["entropy"], rtol=tol, atol=tol)
     assert torch.equal(ours["label_mask"], theirs["label_mask"])
+    if "mean_logits" in outputs:
+        torch.testing.assert_close(ours["mean_logits"], theirs["mean_logits"], rtol=tol, atol=tol)
+    else:
+        assert ours["mean_logits"] is None
     if not autocast:  # top-1 ties can flip in bf16
         assert torch.equal(ours["is_top1"], theirs["is_top1"])
 
@@ -105,8 +116,9 @@ def test_other_calls_go_to_the_model_unchanged(tiny_base: Path) -> None:
     assert out.shape == (1, len(EXAMPLES[0]) + 3)
 
 
-def test_a_trained_head_stays_with_trl(tiny_base: Path) -> None:
+def test_a_head_it_cannot_compute_stays_with_trl(tiny_base: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    assert not use_compact_cpu_head(model, outputs=("log_sum_sq_probs",))  # DPO's WPO weights
     model.get_output_embeddings().weight.requires_grad_(True)
     assert not use_compact_cpu_head(model)
 
