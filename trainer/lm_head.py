@@ -27,22 +27,22 @@ from typing import Any
 
 import torch
 
-CHUNK_ELEMENTS = 1 << 26  # logits per chunk: 256 MB in fp32
+CHUNK_ELEMENTS = 1 << 25  # logits per chunk: 128 MB in fp32 (~4 such buffers live at once)
 # The per-token outputs trl 1.16 asks its fused head for (besides log_probs)
 SFT_OUTPUTS = ("entropy", "is_top1")
 DPO_OUTPUTS = ("entropy", "mean_logits", "is_top1")  # without WPO weighting
 
 
 class CompactHead(torch.autograd.Function):
-    """(hidden [N, H], head weight [V, H], targets [N]) -> log p(target), entropy, top-1."""
+    """(hidden [N, H], head weight [V, H], targets [N], ..., `rows` per chunk) ->
+    log p(target), entropy, mean logit, top-1, each [N]."""
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-        dtype: torch.dtype, with_grad: bool, with_mean: bool,
+        dtype: torch.dtype, with_grad: bool, with_mean: bool, rows: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
         head = weight.to(dtype)
-        rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
         log_probs, entropy, mean, top1, grads = [], [], [], [], []
         for start in range(0, hidden.shape[0], rows):
             target = targets[start : start + rows, None]
@@ -69,12 +69,12 @@ class CompactHead(torch.autograd.Function):
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: Any, grad_log_probs: torch.Tensor | None, *_: Any
-    ) -> tuple[torch.Tensor | None, None, None, None, None, None]:
+    ) -> tuple[torch.Tensor | None, None, None, None, None, None, None]:
         (grads,) = ctx.saved_tensors
         if grad_log_probs is None:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         grad = (grad_log_probs.float()[:, None] * grads).to(ctx.hidden_dtype)
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 def _ones(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -140,10 +140,12 @@ def _compact_forward(
     hidden = model.base_model(*args, **kwargs).last_hidden_state[:, :-1]
     mask = labels != -100
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else hidden.dtype
+    weight = model.get_output_embeddings().weight
     with torch.autocast("cpu", enabled=False):
         log_probs, entropy, mean, top1 = CompactHead.apply(
-            hidden[mask], model.get_output_embeddings().weight, labels[mask], dtype,
+            hidden[mask], weight, labels[mask], dtype,
             torch.is_grad_enabled() and hidden.requires_grad, with_mean,
+            max(1, CHUNK_ELEMENTS // weight.shape[0]),
         )  # fmt: skip
 
     def full(x: torch.Tensor) -> torch.Tensor:  # zero where the label is -100, as trl's

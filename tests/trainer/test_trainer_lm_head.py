@@ -140,3 +140,20 @@ def test_the_sft_trainer_installs_it_on_cpu(tiny_base: Path, tmp_path: Path) -> 
     )  # fmt: skip
     trained: Any = trainer.model
     assert getattr(trained.get_base_model().forward, "compact_cpu_head", False)
+
+
+def test_chunking_changes_nothing() -> None:
+    from trainer.lm_head import CompactHead
+
+    torch.manual_seed(0)
+    hidden = torch.randn(10, 16, requires_grad=True)
+    weight, targets = torch.randn(50, 16), torch.randint(0, 50, (10,))
+    results = []
+    for rows in (3, 10):  # four chunks, the last one short; one chunk
+        out = CompactHead.apply(hidden, weight, targets, torch.float32, True, True, rows)
+        (grad,) = torch.autograd.grad(out[0].sum(), hidden)
+        results.append((*out, grad))
+    for chunked, whole in zip(*results, strict=True):
+        torch.testing.assert_close(chunked, whole)
+    logits = (hidden @ weight.t()).log_softmax(-1)  # and both are the plain log-softmax
+    torch.testing.assert_close(results[0][0], logits.gather(-1, targets[:, None])[:, 0])
