@@ -8,8 +8,9 @@
    Target >= 1.5x. Packing keeps the unpacked step's examples (~batch_size per row) and
    step count, so what it saves is the padding: printed as padded / real tokens of the
    unpacked batches (the chat template's fixed ~38 tokens make that 1.31x on these rows).
-   Time is not quite linear in tokens (a padded batch's shapes run less efficiently than
-   one packed row), so packing can gain a little more than that.
+   On CPU the trainer's LM head scores labelled positions only (trainer/lm_head.py), so
+   padding costs only its passes through the layers, and packing gains less than that
+   ratio (docs/benchmarks.md).
 Every variant runs in its own process (peak RSS is per process); the variants alternate over
 `--rounds` rounds (3 by default), and each one's best and median are reported.
 Run: HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_trainer.py [--epochs N] [--rounds N]
