@@ -1,4 +1,4 @@
-"""SFT's LM head on CPU: the next-token log-probs of the trained positions only.
+"""The LM head of SFT and DPO training on CPU: next-token log-probs of the trained positions only.
 
 trl 1.16's SFTTrainer replaces the model's forward with a fused LM head (called with
 `fused_lm_head=True`) that never builds the whole `(batch, seq, vocab)` logits. On CUDA it
