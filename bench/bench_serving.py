@@ -131,6 +131,10 @@ def register_versions(settings: Any, dirs: list[Path]) -> tuple[str, list[str], 
                 replica_name(storage_prefix=version.storage_prefix, files=version.files)
             )
         session.commit()
+    # Replicas cache adapters by content: two versions with equal bytes would make the second
+    # one's "cold" load skip the fetch.
+    digests = [name.rpartition("@")[2] for name in on_replica]
+    assert len(set(digests)) == len(digests), "two bench versions have the same bytes"
     return key, names, on_replica
 
 
@@ -322,8 +326,10 @@ def main() -> None:
     base_dir = resolve_base_model(BASE, home=args.home)
     trained = args.adapter or train_adapter(args.home, work / "trained")
     hot = [variant(trained, work / f"hot{i}", scale=1 + 0.1 * i) for i in range(8)]
-    cold = [variant(trained, work / f"cold{i}", scale=0.5 + 0.1 * i) for i in range(args.cold)]
-    cold += [variant(trained, work / f"promoted{i}", scale=0.55 + 0.1 * i)
+    # Scales no hot version uses (hot: 1.0-1.7): a cold version must be bytes the replica
+    # has never fetched, not a copy of a hot one under another name (register_versions checks).
+    cold = [variant(trained, work / f"cold{i}", scale=0.2 + 0.03 * i) for i in range(args.cold)]
+    cold += [variant(trained, work / f"promoted{i}", scale=0.55 + 0.05 * i)
              for i in range(args.cold)]  # fmt: skip
     key, names, on_replica = register_versions(settings, hot + cold)
     hot_names, cold_names = names[:8], names[8 : 8 + args.cold]
