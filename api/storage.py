@@ -17,10 +17,10 @@ import contextlib
 import hashlib
 import posixpath
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import fsspec
 
@@ -29,6 +29,15 @@ CHUNK = 1 << 20
 
 class StorageError(Exception):
     """The artifact store could not read or write an object."""
+
+
+class Rewrite(Protocol):
+    """A file's bytes changed on their way to local disk (`ArtifactStore.get_file`): fed the
+    object's chunks in order, returns what to write for each; `finish` returns the rest."""
+
+    def feed(self, chunk: bytes) -> bytes: ...
+
+    def finish(self) -> bytes: ...
 
 
 @dataclass(frozen=True)
@@ -133,25 +142,36 @@ class ArtifactStore:
             while chunk := f.read(chunk_size):
                 yield chunk
 
-    def get_file(self, key: str, local: str | Path) -> str:
-        """Download to `local`, returning the sha256 of what was written."""
+    def get_file(self, key: str, local: str | Path, rewrite: Rewrite | None = None) -> str:
+        """Download to `local`, returning the sha256 of the object's bytes. With `rewrite`,
+        what is written is its output (the object's bytes are still what is hashed)."""
         digest = hashlib.sha256()
         Path(local).parent.mkdir(parents=True, exist_ok=True)
         with open(local, "wb") as out:
             for chunk in self.iter_bytes(key):
-                out.write(chunk)
                 digest.update(chunk)
+                out.write(chunk if rewrite is None else rewrite.feed(chunk))
+            if rewrite is not None:
+                out.write(rewrite.finish())
         return digest.hexdigest()
 
-    def get_dir(self, prefix: str, local_dir: str | Path) -> dict[str, str]:
-        """Download every object under `prefix`; returns relative path -> sha256."""
+    def get_dir(
+        self,
+        prefix: str,
+        local_dir: str | Path,
+        rewrite: Callable[[str, Path], Rewrite | None] | None = None,
+    ) -> dict[str, str]:
+        """Download every object under `prefix`, in name order; returns relative path ->
+        sha256. `rewrite(rel, local_dir)` may give a Rewrite for a file (`get_file`); the
+        files before it in name order are already in `local_dir` when it is asked."""
         root = self._path(prefix)
         digests = {}
         for path in sorted(self.fs.find(root)):
             rel = posixpath.relpath(path, root)
             if posixpath.basename(rel).startswith("."):  # an in-flight temporary object
                 continue
-            digests[rel] = self.get_file(f"{prefix.strip('/')}/{rel}", Path(local_dir) / rel)
+            how = rewrite(rel, Path(local_dir)) if rewrite is not None else None
+            digests[rel] = self.get_file(f"{prefix.strip('/')}/{rel}", Path(local_dir) / rel, how)
         return digests
 
     def exists(self, key: str) -> bool:

@@ -19,7 +19,10 @@ hub) off: a replica loads nothing but verified Loraplex adapters.
 Settings (environment of the replica): LORAPLEX_REPLICA_STORAGE_URL (read access is enough;
 S3 credentials as for any AWS client), LORAPLEX_REPLICA_CACHE_DIR (default
 ~/.cache/loraplex-replica), LORAPLEX_REPLICA_CACHE_MAX_ADAPTERS (256),
-LORAPLEX_REPLICA_CACHE_MAX_GIB (20), LORAPLEX_REPLICA_CACHE_KEEP (16).
+LORAPLEX_REPLICA_CACHE_MAX_GIB (20), LORAPLEX_REPLICA_CACHE_KEEP (16),
+LORAPLEX_REPLICA_FOLD_SCALING (0; 1 folds the LoRA scaling into lora_B on the way in, see
+adapter_source.FoldScaling: cold loads ~15 ms faster, off until a warm-path difference the
+bench showed is understood, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ def source() -> ReplicaAdapterStore | None:
             max_adapters=int(os.environ.get("LORAPLEX_REPLICA_CACHE_MAX_ADAPTERS", "256")),
             max_bytes=int(float(os.environ.get("LORAPLEX_REPLICA_CACHE_MAX_GIB", "20")) * 2**30),
             keep=int(os.environ.get("LORAPLEX_REPLICA_CACHE_KEEP", "16")),
+            fold=os.environ.get("LORAPLEX_REPLICA_FOLD_SCALING", "0") == "1",
         )
     return _source
 

@@ -115,3 +115,124 @@ def test_a_copy_altered_on_the_replicas_disk_is_fetched_again(
     # A restarted replica (a new process) hashes what it finds before using it.
     again = ReplicaAdapterStore(store, tmp_path / "replica").fetch(name)
     assert (again / "adapter_model.safetensors").read_bytes() == b"w" * 1000
+
+
+# The LoRA scaling folded into lora_B on the way in (FoldScaling) ---------------------------
+
+
+def lora_weights(dtype: Any, *, big: float | None = None) -> dict[str, Any]:
+    """A two-layer adapter in `dtype` as peft names it, with a non-LoRA tensor beside it."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {}
+    for layer in range(2):
+        for module, (out, inp) in {"q_proj": (24, 16), "down_proj": (16, 40)}.items():
+            key = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(4, inp, generator=generator).to(dtype)
+            tensors[f"{key}.lora_B.weight"] = torch.randn(out, 4, generator=generator).to(dtype)
+    tensors["base_model.model.lm_head.new_rows"] = torch.randn(3, 5).to(dtype)
+    if big is not None:
+        tensors["base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"][0, 0] = big
+    return tensors
+
+
+def publish_adapter(
+    store: ArtifactStore, tmp_path: Path, prefix: str, config: dict[str, Any],
+    tensors: dict[str, Any],
+) -> str:  # fmt: skip
+    import json
+
+    from safetensors.torch import save_file
+
+    local = tmp_path / prefix.replace("/", "_")
+    local.mkdir(parents=True)
+    (local / "adapter_config.json").write_text(json.dumps(config))
+    save_file(tensors, str(local / "adapter_model.safetensors"))
+    (local / "README.md").write_text("trained here")
+    stored = store.put_dir(prefix, local)
+    files = {rel: {"sha256": o.sha256, "size": o.size} for rel, o in stored.items()}
+    return replica_name(storage_prefix=prefix, files=files)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_the_lora_scaling_comes_folded_into_b_as_vllm_would_fold_it(
+    store: ArtifactStore, tmp_path: Path, dtype: str
+) -> None:
+    """alpha = 2r: the replica's copy has lora_B x 2 (what vLLM would compute at load, in
+    any dtype: a power of two), lora_alpha = r, and every other byte as published."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    tensors = lora_weights(getattr(torch, dtype))
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
+    name = publish_adapter(store, tmp_path, "adapters/t/f/v1", config, tensors)
+    local = ReplicaAdapterStore(store, tmp_path / "replica", fold=True).fetch(name)
+
+    served = load_file(str(local / "adapter_model.safetensors"))
+    assert served.keys() == tensors.keys()
+    for key, original in tensors.items():
+        expected = original * 2.0 if ".lora_B." in key else original  # vLLM: lora_b *= 2.0
+        assert served[key].dtype == original.dtype
+        assert torch.equal(served[key], expected), key
+    served_config = json.loads((local / "adapter_config.json").read_text())
+    assert served_config == config | {"lora_alpha": 4, "use_rslora": False}
+    assert (local / "README.md").read_text() == "trained here"
+    # Off unless asked for (LORAPLEX_REPLICA_FOLD_SCALING=1): stored as published.
+    plain = ReplicaAdapterStore(store, tmp_path / "plain").fetch(name)
+    published = tmp_path / "adapters_t_f_v1" / "adapter_model.safetensors"
+    assert (plain / "adapter_model.safetensors").read_bytes() == published.read_bytes()
+    # A restarted replica cannot hash the folded copy against the name: it fetches again.
+    again = ReplicaAdapterStore(store, tmp_path / "replica", fold=True).fetch(name)
+    assert torch.equal(load_file(str(again / "adapter_model.safetensors"))[key], served[key])
+
+
+@pytest.mark.parametrize(
+    "config, big",
+    [
+        ({"r": 4, "lora_alpha": 4}, None),  # scaling 1: nothing to fold
+        ({"r": 4, "lora_alpha": 6}, None),  # 1.5: not exact in every dtype
+        ({"r": 4, "lora_alpha": 8, "alpha_pattern": {"q_proj": 4}}, None),  # per module
+        ({"r": 4, "lora_alpha": 8}, 60000.0),  # x 2 overflows float16: stored as it is
+    ],
+)
+def test_adapters_it_cannot_fold_exactly_are_kept_as_published(
+    tmp_path: Path, config: dict[str, Any], big: float | None
+) -> None:
+    import torch
+
+    store = ArtifactStore(f"file://{tmp_path / 'bucket'}")
+    config = {"peft_type": "LORA", **config}
+    tensors = lora_weights(torch.float16, big=big)
+    name = publish_adapter(store, tmp_path, "adapters/t/k/v1", config, tensors)
+    local = ReplicaAdapterStore(store, tmp_path / "replica", fold=True).fetch(name)
+    published = tmp_path / "adapters_t_k_v1"
+    for rel in ("adapter_config.json", "adapter_model.safetensors", "README.md"):
+        assert (local / rel).read_bytes() == (published / rel).read_bytes(), rel
+
+
+def test_folding_is_the_same_whatever_the_chunks_the_bytes_arrive_in(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from serving.adapter_source import FoldScaling
+
+    path = tmp_path / "w.safetensors"
+    save_file(lora_weights(torch.bfloat16), str(path))
+    data = path.read_bytes()
+
+    def folded(sizes: list[int]) -> bytes:
+        fold, out, at = FoldScaling(4.0), b"", 0
+        for size in sizes:
+            out += fold.feed(data[at : at + size])
+            at += size
+        out += fold.feed(data[at:]) + fold.finish()
+        assert fold.done and not fold.failed
+        return out
+
+    whole = folded([])
+    assert len(whole) == len(data) and whole != data
+    for step in (1, 7, 64, 1000):
+        assert folded([step] * (len(data) // step)) == whole, step

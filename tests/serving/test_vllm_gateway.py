@@ -29,7 +29,7 @@ from api.services.tenants import Principal
 from api.services.usage import usage_summary
 from api.settings import Settings
 from api.storage import ArtifactStore
-from serving.adapter_source import INFO_PATH, content_digest, replica_name
+from serving.adapter_source import FOLDED_MARK, INFO_PATH, content_digest, replica_name
 from serving.replicas import ReplicaProcess, plan_replicas
 from serving.zero_adapter import ZERO_ADAPTER_NAME
 from tests.conformance.serving_tour import assert_toured, tour
@@ -71,6 +71,9 @@ def replicas(serving_settings: Settings, tiny_base: Path) -> Iterator[list[Repli
         )[0]
         for _ in range(2)
     ]
+    # The first replica folds the LoRA scaling into lora_B on the way in (opt-in): the
+    # peft-exactness tests below then check folded copies; the second stores as published.
+    planned[0].env["LORAPLEX_REPLICA_FOLD_SCALING"] = "1"
     planned[0].start()
     try:
         wait_for(lambda: healthy(planned[0].url) or not planned[0].alive(), timeout=240,
@@ -262,6 +265,10 @@ def test_cold_adapter_is_fetched_verified_and_loaded_on_first_use(
     assert response.json()["model"] == version.fine_tuned_model  # the content name stays inside
     # The replica fetched the version from the artifact store itself; no gateway path crossed.
     assert cached.is_dir() and on_replica(version) in held(replicas[0])
+    # Trained with lora_alpha = 4r, on a replica that folds: its copy carries the scaling in
+    # lora_B, so vLLM loads it with scaling 1 (the answers above and test_each_tenant_gets_
+    # its_own_adapter_as_peft_would say it still answers as transformers + peft).
+    assert (cached / FOLDED_MARK).is_file()
     assert not gateway.app.state.gateway.cache.path_of(version.id).exists()
     assert cold < 30  # generous: a speed target lives in bench/, this only catches a hang
 
