@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import bench_serving as bs  # noqa: E402
-from bench_replica_cpus import prepare  # noqa: E402
+from bench_replica_cpus import alternate, prepare, print_side_by_side  # noqa: E402
 
 VARIANTS = {"stored as published": "0", "scaling folded": "1"}
 COLD = 8
@@ -83,24 +83,15 @@ def main() -> None:
             for i in range(1 + COLD * args.rounds * len(VARIANTS))]  # fmt: skip
     _, _, on_replica = bs.register_versions(settings, dirs)
     warm, fresh = on_replica[0], iter(on_replica[1:])
-    results: dict[str, list[dict[str, float]]] = {name: [] for name in VARIANTS}
-    for round_ in range(args.rounds):
-        order = list(VARIANTS) if round_ % 2 == 0 else list(reversed(VARIANTS))
-        for name in order:
-            cold = [next(fresh) for _ in range(COLD)]
-            env = {"LORAPLEX_REPLICA_FOLD_SCALING": VARIANTS[name]}
-            result = run_one(settings, base_dir, env, [warm, *cold], work / "vllm.log")
-            results[name].append(result)
-            bs.log(
-                f"round {round_}: {name}: " + ", ".join(f"{k} {v:.0f}" for k, v in result.items())
-            )
+
+    def run(name: str) -> dict[str, float]:
+        cold = [next(fresh) for _ in range(COLD)]
+        env = {"LORAPLEX_REPLICA_FOLD_SCALING": VARIANTS[name]}
+        return run_one(settings, base_dir, env, [warm, *cold], work / "vllm.log")
+
+    results = alternate(list(VARIANTS), args.rounds, run)
     print(f"medians of {args.rounds} rounds, {COLD} cold versions each, float32, grouped LoRA op")
-    medians = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-               for name, runs in results.items()}  # fmt: skip
-    first, second = list(VARIANTS)
-    for key in medians[first]:
-        a, b = medians[first][key], medians[second][key]
-        print(f"{key:>26}: {first} {a:6.0f} | {second} {b:6.0f} | ratio {b / a:.2f}")
+    print_side_by_side(results)
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -27,6 +27,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -98,24 +99,39 @@ def prepare(doc: str | None, prefix: str) -> tuple[argparse.Namespace, Any, Path
     return args, settings, base_dir, adapters, work
 
 
-def main() -> None:
-    args, settings, base_dir, adapters, work = prepare(__doc__, "bench-cpus-")
-    results: dict[str, list[dict[str, float]]] = {name: [] for name in VARIANTS}
-    for round_ in range(args.rounds):
-        order = list(VARIANTS) if round_ % 2 == 0 else list(reversed(VARIANTS))
-        for name in order:
-            env = {"VLLM_CPU_NUM_OF_RESERVED_CPU": VARIANTS[name]}
-            result = run_one(settings, base_dir, adapters, env, work / "vllm.log")
-            results[name].append(result)
+def alternate(
+    variants: list[str], rounds: int, run: Callable[[str], dict[str, float]]
+) -> dict[str, list[dict[str, float]]]:
+    """`run(variant)` for every variant in each round, the order reversed every other round."""
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
+    for round_ in range(rounds):
+        for name in variants if round_ % 2 == 0 else list(reversed(variants)):
+            results[name].append(result := run(name))
             figures = ", ".join(f"{k} {v:.0f}" for k, v in result.items())
             bs.log(f"round {round_}: {name}: {figures}")
-    print(f"{os.cpu_count()} CPUs; medians of {args.rounds} rounds, float32, grouped LoRA op")
+    return results
+
+
+def print_side_by_side(results: dict[str, list[dict[str, float]]]) -> None:
+    """Each figure's median per variant (two variants), and the second's ratio to the first."""
     medians = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
                for name, runs in results.items()}  # fmt: skip
-    first, second = list(VARIANTS)
+    first, second = list(results)
     for key in medians[first]:
         a, b = medians[first][key], medians[second][key]
         print(f"{key:>26}: {first} {a:7.1f} | {second} {b:7.1f} | ratio {b / a:.2f}")
+
+
+def main() -> None:
+    args, settings, base_dir, adapters, work = prepare(__doc__, "bench-cpus-")
+
+    def run(name: str) -> dict[str, float]:
+        env = {"VLLM_CPU_NUM_OF_RESERVED_CPU": VARIANTS[name]}
+        return run_one(settings, base_dir, adapters, env, work / "vllm.log")
+
+    results = alternate(list(VARIANTS), args.rounds, run)
+    print(f"{os.cpu_count()} CPUs; medians of {args.rounds} rounds, float32, grouped LoRA op")
+    print_side_by_side(results)
     shutil.rmtree(work, ignore_errors=True)
 
 
