@@ -21,8 +21,8 @@ S3 credentials as for any AWS client), LORAPLEX_REPLICA_CACHE_DIR (default
 ~/.cache/loraplex-replica), LORAPLEX_REPLICA_CACHE_MAX_ADAPTERS (256),
 LORAPLEX_REPLICA_CACHE_MAX_GIB (20), LORAPLEX_REPLICA_CACHE_KEEP (16),
 LORAPLEX_REPLICA_FOLD_SCALING (0; 1 folds the LoRA scaling into lora_B on the way in, see
-adapter_source.FoldScaling: cold loads ~15 ms faster, off until a warm-path difference the
-bench showed is understood, docs/benchmarks.md).
+adapter_source.FoldScaling: ~15 ms off a cold load in two bench runs, within the noise in a
+third; off until a longer A/B settles it, docs/benchmarks.md).
 """
 
 from __future__ import annotations
