@@ -169,10 +169,7 @@ class ReplicaAdapterStore:
             try:
                 got = self.store.get_dir(prefix, tmp, rewrite=rewrite if self.fold else None)
             except (FileNotFoundError, StorageError, OSError) as e:
-                raise AdapterRefused(
-                    f"cannot read {prefix} from the artifact store ({type(e).__name__}: {e})",
-                    reason="unreadable",
-                ) from e
+                raise _unreadable(prefix, e) from e
             missing = [f for f in REQUIRED if f not in got]
             if missing:
                 raise AdapterRefused(
@@ -209,10 +206,7 @@ class ReplicaAdapterStore:
             try:
                 digest = self.store.get_file(f"{prefix}/{WEIGHTS}", weights)
             except (FileNotFoundError, StorageError, OSError) as e:
-                raise AdapterRefused(
-                    f"cannot read {prefix} from the artifact store ({type(e).__name__}: {e})",
-                    reason="unreadable",
-                ) from e
+                raise _unreadable(prefix, e) from e
             if digest != got[WEIGHTS]:
                 raise AdapterRefused(f"{prefix} changed in the artifact store while being "
                                      "fetched", reason="altered")  # fmt: skip
@@ -246,6 +240,13 @@ class ReplicaAdapterStore:
         for digest in evicted:
             log.info("replica adapter cache: evicted %s (least recently used)", digest[:12])
         return evicted
+
+
+def _unreadable(prefix: str, error: Exception) -> AdapterRefused:
+    return AdapterRefused(
+        f"cannot read {prefix} from the artifact store ({type(error).__name__}: {error})",
+        reason="unreadable",
+    )
 
 
 def replace_dir(target: Path, fresh: Path) -> None:
@@ -366,6 +367,9 @@ class FoldScaling:
                     self._fail(f"{name} is {info['dtype']}")
                     return True
                 begin, end = (int(x) for x in info["data_offsets"])
+                if not 0 <= begin <= end:
+                    self._fail(f"{name} has offsets {begin}..{end}")
+                    return True
                 ranges.append((8 + size + begin, 8 + size + end, dtype))
         except (ValueError, KeyError, TypeError, AttributeError):
             self._fail("not a safetensors file")
@@ -409,7 +413,7 @@ class FoldScaling:
         import torch  # replicas run in vLLM, which has it
 
         torch_dtype = getattr(torch, dtype)
-        if self.failed or not data:
+        if not data:
             return bytes(data)
         if len(data) % torch_dtype.itemsize:
             self._fail("a tensor's size is not whole elements")
@@ -419,8 +423,7 @@ class FoldScaling:
         if not bool(torch.isfinite(folded).all()):
             self._fail("a weight is not finite once scaled")
             return bytes(data)
-        return folded.numpy().tobytes() if dtype != "bfloat16" else \
-            folded.view(torch.int16).numpy().tobytes()  # fmt: skip
+        return folded.view(torch.uint8).numpy().tobytes()  # (numpy has no bfloat16)
 
     def finish(self) -> bytes:
         if self.ranges:

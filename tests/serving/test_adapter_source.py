@@ -236,3 +236,19 @@ def test_folding_is_the_same_whatever_the_chunks_the_bytes_arrive_in(tmp_path: P
     assert len(whole) == len(data) and whole != data
     for step in (1, 7, 64, 1000):
         assert folded([step] * (len(data) // step)) == whole, step
+
+
+def test_a_header_with_offsets_outside_the_data_is_not_folded(tmp_path: Path) -> None:
+    """An uploaded file's header is the uploader's: offsets before the data (into the
+    header) or backwards leave every byte as it came."""
+    import json
+
+    from serving.adapter_source import FoldScaling
+
+    for offsets in ([-16, 0], [8, 4]):
+        header = json.dumps({"m.lora_B.weight": {"dtype": "F32", "shape": [2],
+                                                 "data_offsets": offsets}}).encode()  # fmt: skip
+        data = len(header).to_bytes(8, "little") + header + bytes(range(16))
+        fold = FoldScaling(2.0)
+        assert fold.feed(data) + fold.finish() == data
+        assert fold.failed, offsets
