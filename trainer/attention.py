@@ -9,6 +9,8 @@ with bf16 autocast (docs/benchmarks.md):
   marking where each starts) gets a block-diagonal L x L mask, so every row pays attention
   over the whole row: 8 examples in a 524-token row cost 8x the attention they need and
   ~20% of the step. Here each example runs its own causal attention, nothing else.
+- A shared-prefix row (trainer/packing.py: the examples' common prompt once, then each
+  example's remainder) has every later segment attend to the prefix and to itself.
 Anything else (padded batches, decoding with a KV cache, a mask from the caller) goes to
 transformers' own sdpa function with fp32 inputs. On CUDA the trainer keeps `sdpa` (flash
 kernels there already take `cu_seq_lens`); this is never installed for a GPU run.
@@ -26,6 +28,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 CPU_ATTENTION = "loraplex_cpu"
+# Attention keyword (transformers passes a model's extra keywords down to attention
+# functions): the packed row's first n tokens are a prefix every later segment attends to.
+SHARED_PREFIX = "loraplex_shared_prefix"
 
 
 def cpu_training_attention(
@@ -57,8 +62,11 @@ def cpu_training_attention(
             )  # fmt: skip
             return out.to(dtype), None
         p = dropout if module.training else 0.0
+        shared = int(kwargs.get(SHARED_PREFIX) or 0)  # trainer/packing.py: [0, shared) first
+        if shared and bounds[:2] != [0, shared]:
+            raise ValueError(f"a shared prefix ({shared} tokens) must be the row's first segment")
         pieces = [
-            _causal(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout=p, scale=scaling)
+            _segment(query, key, value, s, e, shared if s else 0, dropout=p, scale=scaling)
             for s, e in itertools.pairwise(bounds)
             if e > s
         ]
@@ -66,13 +74,24 @@ def cpu_training_attention(
     return out.transpose(1, 2).contiguous().to(dtype), None
 
 
-def _causal(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, dropout: float,
-    scale: float | None,
+def _segment(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, start: int, end: int,
+    shared: int, *, dropout: float, scale: float | None,
 ) -> torch.Tensor:  # fmt: skip
+    """Causal attention of segment [start, end); with `shared`, it also sees the row's first
+    `shared` tokens, as it would following that prefix alone."""
     gqa = query.shape[1] != key.shape[1]  # grouped-query attention: fewer key/value heads
+    q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
+    if not shared:
+        return F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=gqa
+        )
+    k = torch.cat([key[:, :, :shared], k], dim=2)
+    v = torch.cat([value[:, :, :shared], v], dim=2)
+    n = end - start
+    mask = torch.ones(n, shared + n, dtype=torch.bool, device=query.device).tril(shared)
     return F.scaled_dot_product_attention(
-        query, key, value, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=gqa
+        q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale, enable_gqa=gqa
     )
 
 

@@ -22,11 +22,13 @@ from datasets import Dataset
 from transformers import PrinterCallback, TrainerCallback
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
+from trainer.attention import CPU_ATTENTION
 from trainer.config import Hyperparameters, TrainConfig
 from trainer.data import RunInputs, TokenizedData, as_chat
 from trainer.formats import PreferenceExample
 from trainer.lm_head import DPO_OUTPUTS, use_compact_cpu_head
 from trainer.modeling import RuntimePlan
+from trainer.packing import SHARED_TOKENS, SharedPrefixCollator, shared_prefix_rows
 
 REFERENCE_ADAPTER = "ref"  # the name trl gives the frozen copy of the starting adapter
 TRAINED_ADAPTER = "default"
@@ -78,20 +80,33 @@ def sft_trainer(
     out_dir: Path,
     callbacks: list[TrainerCallback],
 ) -> SFTTrainer:
-    """With packing, a step is one row of `packed_length` tokens holding ~batch_size examples."""
+    """With packing, a step is one row of `packed_length` tokens holding ~batch_size examples;
+    where the CPU training attention runs, the row's shared prompt prefix runs once
+    (trainer/packing.py)."""
+    sharing = config.packing and _cpu_attention(model)
     args = SFTConfig(
         **shared_args(config, hp, plan, out_dir=out_dir, has_eval=bool(valid_data.rows)),
         per_device_train_batch_size=1 if config.packing else hp.batch_size,
         # Examples are already cut to max_seq_length; trl cuts eval rows to this too.
         max_length=packed_length if config.packing else config.max_seq_length,
-        packing=config.packing,
+        packing=config.packing and not sharing,  # shared-prefix rows come packed
         packing_strategy="bfd",  # padding-free: packed examples never attend to each other
         eval_packing=False,
+        # Shared-prefix rows carry their own columns; the eval rows are ready as they are
+        # (examples cut to max_seq_length, each with a label).
+        remove_unused_columns=not sharing,
+        dataset_kwargs={"skip_prepare_dataset": True} if sharing else None,
     )
-    trainer = SFTTrainer(
+    if sharing:
+        train_dataset = shared_prefix_rows(train_data, row_length=packed_length)
+        collator: Any = SharedPrefixCollator(pad_token_id=tokenizer.pad_token_id)
+    else:
+        train_dataset, collator = Dataset.from_dict(train_data.as_columns()), None
+    trainer = _SFTTrainer(
         model=model,
         args=args,
-        train_dataset=Dataset.from_dict(train_data.as_columns()),
+        data_collator=collator,
+        train_dataset=train_dataset,
         eval_dataset=Dataset.from_dict(valid_data.as_columns()) if valid_data.rows else None,
         processing_class=tokenizer,
         callbacks=callbacks,
@@ -100,6 +115,23 @@ def sft_trainer(
     if plan.device == "cpu":
         use_compact_cpu_head(trainer.model)  # trl's head scores every position on CPU
     return trainer
+
+
+def _cpu_attention(model: Any) -> bool:
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None) == CPU_ATTENTION
+
+
+class _SFTTrainer(SFTTrainer):
+    """trl's SFTTrainer, counting a shared-prefix row's tokens as the examples it holds: the
+    tokens/s reported stays comparable with unpacked training (trl counts a padding-free
+    row's length)."""
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kw: Any) -> Any:
+        stood_for = inputs.pop(SHARED_TOKENS, 0)
+        if stood_for and model.training:
+            self._total_train_tokens += int(stood_for)
+        return super().compute_loss(model, inputs, *args, **kw)
 
 
 def preference_dataset(pairs: list[PreferenceExample]) -> Dataset:
