@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, TrainerCallback
+from transformers import TrainerCallback
 
-from trainer.attention import CPU_ATTENTION, SHARED_PREFIX, register
+from trainer.attention import CPU_ATTENTION, SHARED_PREFIX
 from trainer.data import IGNORE_INDEX as X
 from trainer.data import TokenizedData, TokenizedExample
 from trainer.packing import (
@@ -21,6 +21,7 @@ from trainer.packing import (
     shared_prefix_rows,
 )
 
+from .test_trainer_attention import model_with
 from .trainer_testdata import TINY_FACTS, chat_row, write_jsonl
 
 # Three examples opening with the same 5 tokens ("system prompt") then their own question;
@@ -63,12 +64,7 @@ def collated(examples: list[tuple[list[int], list[int]]]) -> dict[str, Any]:
 
 
 def model_on_cpu_attention(base: Path) -> Any:
-    register()
-    model = AutoModelForCausalLM.from_pretrained(
-        base, dtype=torch.float32, attn_implementation=CPU_ATTENTION
-    )
-    model.config.use_cache = False  # as the trainer loads it
-    return model
+    return model_with(base, CPU_ATTENTION)
 
 
 def test_each_example_gets_the_logits_it_gets_alone(tiny_base: Path) -> None:
