@@ -6,11 +6,13 @@
    lr 1e-3, no gradient checkpointing. Target >= 0.95.
 2. packing: the trainer with packing vs without, on short examples of varied length.
    Target >= 1.5x. Packing keeps the unpacked step's examples (~batch_size per row) and
-   step count, so what it saves is the padding: printed as padded / real tokens of the
-   unpacked batches (the chat template's fixed ~38 tokens make that 1.31x on these rows).
+   step count. What it saves: the padding, printed as padded / real tokens of the unpacked
+   batches (the chat template's fixed ~38 tokens make that 1.31x on these rows), and on CPU
+   the prompt prefix a row's examples share, run once per row (trainer/packing.py; printed
+   as the examples' tokens / the tokens the rows run). A third variant packs with sharing
+   off (LORAPLEX_PACKING_SHARED_PREFIX=off: trl's padding-free rows), to show each part.
    On CPU the trainer's LM head scores labelled positions only (trainer/lm_head.py), so
-   padding costs only its passes through the layers, and packing gains less than that
-   ratio (docs/benchmarks.md).
+   padding costs only its passes through the layers (docs/benchmarks.md).
 Every variant runs in its own process (peak RSS is per process); the variants alternate over
 `--rounds` rounds (3 by default), and each one's best and median are reported.
 Run: HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_trainer.py [--epochs N] [--rounds N]
@@ -144,11 +146,34 @@ def padding_ratio(data: Path, *, batch_size: int = 8, shuffles: int = 200) -> fl
     return padded / real
 
 
+def sharing_ratio(data: Path, *, batch_size: int = 8) -> float:
+    """The examples' tokens / the tokens the trainer's packed rows run with shared prefixes."""
+    from trainer.base_models import resolve_base_model
+    from trainer.config import TrainConfig
+    from trainer.data import packed_row_length, prepare_inputs, tokenize_examples
+    from trainer.modeling import load_tokenizer
+    from trainer.packing import shared_prefix_rows
+
+    config = TrainConfig(packing=True, **SETTINGS)  # type: ignore[arg-type]
+    inputs = prepare_inputs(config, data_path=data)
+    tok = load_tokenizer(resolve_base_model(config.base_model, home=HOME))
+    kw = {"max_length": config.max_seq_length}
+    train = tokenize_examples(tok, inputs.train, what="train", **kw)
+    valid = tokenize_examples(tok, inputs.valid, what="valid", **kw)
+    length = packed_row_length([train, valid], batch_size=batch_size, **kw)
+    rows = shared_prefix_rows(train, row_length=length)
+    return sum(rows["tokens"]) / sum(map(len, rows["input_ids"]))
+
+
 def child(variant: str, data: Path, epochs: int) -> None:
     if variant == "plain_trl":
         result = run_plain_trl(data, epochs)
     else:
-        result = run_trainer(data, epochs, packing=variant == "trainer_packing")
+        if variant == "trainer_packing_unshared":
+            from trainer.objectives import SHARING_SWITCH
+
+            os.environ[SHARING_SWITCH] = "off"
+        result = run_trainer(data, epochs, packing=variant.startswith("trainer_packing"))
     print(json.dumps(result | {"peak_rss_mb": peak_rss_mb()}))
 
 
@@ -188,6 +213,7 @@ def main() -> None:
         "trainer": ("trainer", ACME),
         "trainer, short rows": ("trainer", short),
         "trainer, short rows, packed": ("trainer_packing", short),
+        "short rows, packed, unshared": ("trainer_packing_unshared", short),
     }
     # Alternate the variants over rounds (the order reversed every other round); keep each
     # one's best (the run least disturbed by other processes on a shared box) and median.
@@ -215,12 +241,17 @@ def main() -> None:
     ratio = median["trainer"] / median["plain trl"]
     print(f"overhead ratio trainer/plain trl, median: {ratio:.3f}")
     print(f"packing ratio packed/unpacked, median:    {packed / unpacked:.2f}x")
+    unshared = median["short rows, packed, unshared"]
+    print(f"  of which sharing prefixes, median:       {packed / unshared:.2f}x "
+          f"(padding-free alone {unshared / unpacked:.2f}x)")  # fmt: skip
     print(f"overhead ratio trainer/plain trl, best:   {overhead:.3f} (target >= 0.95)")
     print(f"packing ratio packed/unpacked, best:      {packing:.2f}x (target >= 1.5x)")
     padding = padding_ratio(short, batch_size=SETTINGS["batch_size"])
     print(f"padding of the short rows unpacked (padded / real tokens at batch "
           f"{SETTINGS['batch_size']}): {padding:.2f}x, the gain were time linear in "
           "tokens")  # fmt: skip
+    print(f"prompt prefixes shared in the packed rows (examples' tokens / tokens run): "
+          f"{sharing_ratio(short, batch_size=SETTINGS['batch_size']):.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ resume loads only the adapter sub-folders when there are any (and would miss the
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ from trainer.packing import SHARED_TOKENS, SharedPrefixCollator, shared_prefix_r
 
 REFERENCE_ADAPTER = "ref"  # the name trl gives the frozen copy of the starting adapter
 TRAINED_ADAPTER = "default"
+# "off" keeps trl's padding-free packing on CPU too (each example runs its own prompt prefix)
+SHARING_SWITCH = "LORAPLEX_PACKING_SHARED_PREFIX"
 
 
 def shared_args(
@@ -83,7 +86,7 @@ def sft_trainer(
     """With packing, a step is one row of `packed_length` tokens holding ~batch_size examples;
     where the CPU training attention runs, the row's shared prompt prefix runs once
     (trainer/packing.py)."""
-    sharing = config.packing and _cpu_attention(model)
+    sharing = config.packing and _cpu_attention(model) and os.environ.get(SHARING_SWITCH) != "off"
     args = SFTConfig(
         **shared_args(config, hp, plan, out_dir=out_dir, has_eval=bool(valid_data.rows)),
         per_device_train_batch_size=1 if config.packing else hp.batch_size,
