@@ -16,6 +16,7 @@
 Every variant runs in its own process (peak RSS is per process); the variants alternate over
 `--rounds` rounds (3 by default), and each one's best and median are reported.
 Run: HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_trainer.py [--epochs N] [--rounds N]
+[--packing-only]
 Tokens/s = input tokens trl counted (no padding) / seconds from the start of training to the
 last step, taken the same way for both (the trainer's own progress callback, which only
 reads the logs, is attached to the plain trl trainer too).
@@ -55,8 +56,17 @@ def run_trainer(data: Path, epochs: int, packing: bool) -> dict[str, Any]:
     seen: list[Progress] = []
     config = TrainConfig(n_epochs=epochs, packing=packing, **SETTINGS)  # type: ignore[arg-type]
     with tempfile.TemporaryDirectory() as out:
-        train(config, data_path=data, out_dir=Path(out), home=HOME, on_progress=seen.append)
-    return {"tokens_per_second": seen[-1].tokens_per_second, "steps": seen[-1].step}
+        result = train(
+            config, data_path=data, out_dir=Path(out), home=HOME, on_progress=seen.append
+        )
+    curve = result.metrics["loss_curve"]
+    last_epoch = curve[-max(1, len(curve) // epochs) :]
+    return {
+        "tokens_per_second": seen[-1].tokens_per_second,
+        "steps": seen[-1].step,
+        # the last epoch's mean loss: packing must leave it where unpacked training gets
+        "train_loss": statistics.mean(p["loss"] for p in last_epoch),
+    }
 
 
 def run_plain_trl(data: Path, epochs: int) -> dict[str, Any]:
@@ -199,6 +209,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--child")
     parser.add_argument("--data", type=Path, default=ACME)
+    parser.add_argument("--packing-only", action="store_true", help="the short-row variants")
     args = parser.parse_args()
     if args.child:
         child(args.child, args.data, args.epochs)
@@ -215,6 +226,8 @@ def main() -> None:
         "trainer, short rows, packed": ("trainer_packing", short),
         "short rows, packed, unshared": ("trainer_packing_unshared", short),
     }
+    if args.packing_only:
+        del variants["plain trl"], variants["trainer"]
     # Alternate the variants over rounds (the order reversed every other round); keep each
     # one's best (the run least disturbed by other processes on a shared box) and median.
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
@@ -230,22 +243,25 @@ def main() -> None:
               for name, r in runs.items()}  # fmt: skip
     for name, r in best.items():
         all_runs = ", ".join(f"{x['tokens_per_second']:.0f}" for x in runs[name])
+        losses = ", ".join(f"{x['train_loss']:.3f}" for x in runs[name] if "train_loss" in x)
         print(
             f"{name:30s} best {r['tokens_per_second']:6.1f}  median {median[name]:6.1f} tok/s "
             f"(runs: {all_runs})  {r['steps']:3d} steps  peak RSS {r['peak_rss_mb']:.0f} MB"
+            + (f"  last epoch's loss {losses}" if losses else "")
         )
     tps = {name: r["tokens_per_second"] for name, r in best.items()}
-    overhead = tps["trainer"] / tps["plain trl"]
-    packing = tps["trainer, short rows, packed"] / tps["trainer, short rows"]
+    if "plain trl" in tps:
+        ratio = median["trainer"] / median["plain trl"]
+        print(f"overhead ratio trainer/plain trl, median: {ratio:.3f}")
+        overhead = tps["trainer"] / tps["plain trl"]
+        print(f"overhead ratio trainer/plain trl, best:   {overhead:.3f} (target >= 0.95)")
     packed, unpacked = median["trainer, short rows, packed"], median["trainer, short rows"]
-    ratio = median["trainer"] / median["plain trl"]
-    print(f"overhead ratio trainer/plain trl, median: {ratio:.3f}")
     print(f"packing ratio packed/unpacked, median:    {packed / unpacked:.2f}x")
+    packing = tps["trainer, short rows, packed"] / tps["trainer, short rows"]
+    print(f"packing ratio packed/unpacked, best:      {packing:.2f}x (target >= 1.5x)")
     unshared = median["short rows, packed, unshared"]
     print(f"  of which sharing prefixes, median:       {packed / unshared:.2f}x "
           f"(padding-free alone {unshared / unpacked:.2f}x)")  # fmt: skip
-    print(f"overhead ratio trainer/plain trl, best:   {overhead:.3f} (target >= 0.95)")
-    print(f"packing ratio packed/unpacked, best:      {packing:.2f}x (target >= 1.5x)")
     padding = padding_ratio(short, batch_size=SETTINGS["batch_size"])
     print(f"padding of the short rows unpacked (padded / real tokens at batch "
           f"{SETTINGS['batch_size']}): {padding:.2f}x, the gain were time linear in "

@@ -113,15 +113,17 @@ def shared_prefix_rows(data: TokenizedData, *, row_length: int) -> Dataset:
 
 class SharedPrefixCollator:
     """One shared-prefix row -> what trl's padding-free collator gives the model, plus the
-    prefix length for attention; any other batch (the unpacked eval rows) -> trl's padded
-    collator, unchanged."""
+    prefix length for attention; any other batch (the unpacked eval rows) -> trl's
+    padding-free collator, as trl collates them when it packs."""
 
     def __init__(self, pad_token_id: int) -> None:
-        self.padded = DataCollatorForLanguageModeling(pad_token_id=pad_token_id)
+        self.padding_free = DataCollatorForLanguageModeling(
+            pad_token_id=pad_token_id, padding_free=True
+        )
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         if "shared_prefix" not in rows[0]:
-            return dict(self.padded(rows))
+            return dict(self.padding_free(rows))
         if len(rows) != 1:
             raise ValueError("shared-prefix rows are one per step (per_device_train_batch_size 1)")
         (row,) = rows
