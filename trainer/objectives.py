@@ -101,7 +101,7 @@ def sft_trainer(
         dataset_kwargs={"skip_prepare_dataset": True} if sharing else None,
     )
     if sharing:
-        train_dataset = shared_prefix_rows(train_data, row_length=packed_length)
+        train_dataset = shared_prefix_rows(train_data, row_length=packed_length, seed=config.seed)
         collator: Any = SharedPrefixCollator(pad_token_id=tokenizer.pad_token_id)
     else:
         train_dataset, collator = Dataset.from_dict(train_data.as_columns()), None

@@ -16,6 +16,8 @@ from trainer.data import TokenizedData, TokenizedExample
 from trainer.packing import (
     SHARED_TOKENS,
     SharedPrefixCollator,
+    _best_fit,
+    group_rows,
     share_prefix,
     shareable_prefix,
     shared_prefix_rows,
@@ -105,14 +107,29 @@ def test_loss_and_gradients_match_the_padding_free_row(tiny_base: Path, autocast
     assert (grads - ref_grads).norm() / ref_grads.norm() < tol
 
 
-def test_rows_are_grouped_as_trl_packs_them() -> None:
+def test_rows_mix_lengths_in_a_seeded_order_and_never_outnumber_best_fit_decreasing() -> None:
+    lengths = [3 + (i * 7) % 40 for i in range(200)]
+    rows = group_rows(lengths, row_length=180, seed=0)
+    assert sorted(i for row in rows for i in row) == list(range(200))  # each example once
+    assert all(sum(lengths[i] for i in row) <= 180 for row in rows)
+    decreasing = _best_fit(sorted(range(200), key=lambda i: -lengths[i]), lengths, 180)
+    assert len(rows) <= len(decreasing)
+    assert group_rows(lengths, row_length=180, seed=0) == rows  # the seed decides
+    assert group_rows(lengths, row_length=180, seed=1) != rows
+    # Not length-sorted: a row's first example is not always its longest.
+    assert any(lengths[row[0]] < max(lengths[i] for i in row) for row in rows)
+
+
+def test_rows_share_what_their_examples_share() -> None:
     data = TokenizedData(rows=[TokenizedExample(ids, labels) for ids, labels in EXAMPLES * 2])
-    rows = shared_prefix_rows(data, row_length=22)
-    # trl's best fit decreasing into rows of 22: 11+11 | 10+10 | 9+9.
-    assert [row["tokens"] for row in rows] == [22, 20, 18]
-    # Two copies of one example share all of it up to the token before its first label.
-    assert [row["shared_prefix"] for row in rows] == [7, 8, 6]
-    assert [len(row["input_ids"]) for row in rows] == [22 - 7, 20 - 8, 18 - 6]
+    rows = shared_prefix_rows(data, row_length=22, seed=0)
+    # 60 tokens in rows of at most 22: three rows (as best fit decreasing), two examples or more
+    assert len(rows) == 3 and sum(rows["tokens"]) == 60
+    for row in rows:
+        assert (
+            len(row["input_ids"]) == row["tokens"] - (len(row["bounds"]) - 3) * row["shared_prefix"]
+        )  # every example after the first drops the prefix
+        assert row["shared_prefix"] >= 5  # at least the common 5 tokens
 
 
 class Tokens(TrainerCallback):
