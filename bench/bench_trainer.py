@@ -171,7 +171,7 @@ def sharing_ratio(data: Path, *, batch_size: int = 8) -> float:
     train = tokenize_examples(tok, inputs.train, what="train", **kw)
     valid = tokenize_examples(tok, inputs.valid, what="valid", **kw)
     length = packed_row_length([train, valid], batch_size=batch_size, **kw)
-    rows = shared_prefix_rows(train, row_length=length)
+    rows = shared_prefix_rows(train, row_length=length, seed=config.seed)
     return sum(rows["tokens"]) / sum(map(len, rows["input_ids"]))
 
 
