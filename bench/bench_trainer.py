@@ -160,17 +160,18 @@ def sharing_ratio(data: Path, *, batch_size: int = 8) -> float:
     """The examples' tokens / the tokens the trainer's packed rows run with shared prefixes."""
     from trainer.base_models import resolve_base_model
     from trainer.config import TrainConfig
-    from trainer.data import packed_row_length, prepare_inputs, tokenize_examples
+    from trainer.data import TokenizedData, packed_row_length, prepare_inputs
     from trainer.modeling import load_tokenizer
     from trainer.packing import shared_prefix_rows
+    from trainer.recipe import tokenize_inputs
 
     config = TrainConfig(packing=True, **SETTINGS)  # type: ignore[arg-type]
     inputs = prepare_inputs(config, data_path=data)
     tok = load_tokenizer(resolve_base_model(config.base_model, home=HOME))
-    kw = {"max_length": config.max_seq_length}
-    train = tokenize_examples(tok, inputs.train, what="train", **kw)
-    valid = tokenize_examples(tok, inputs.valid, what="valid", **kw)
-    length = packed_row_length([train, valid], batch_size=batch_size, **kw)
+    train, valid = tokenize_inputs(tok, inputs, config)
+    assert isinstance(train, TokenizedData) and isinstance(valid, TokenizedData)
+    length = packed_row_length([train, valid], batch_size=batch_size,
+                               max_length=config.max_seq_length)  # fmt: skip
     rows = shared_prefix_rows(train, row_length=length, seed=config.seed)
     return sum(rows["tokens"]) / sum(map(len, rows["input_ids"]))
 

@@ -25,9 +25,9 @@ flash attention's varlen kernels take `cu_seq_lens`, not a shared prefix.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,6 +40,7 @@ from trainer.data import IGNORE_INDEX, TokenizedData
 # Batch key the trainer pops before the forward: tokens the prefix stood in for (counted
 # as trained input, as trl counts a padding-free row's tokens).
 SHARED_TOKENS = "loraplex_shared_tokens"
+ORDERS_TRIED = 8  # random orders `group_rows` tries before falling back to decreasing length
 
 
 def shareable_prefix(examples: Sequence[tuple[Sequence[int], Sequence[int]]]) -> int:
@@ -49,8 +50,7 @@ def shareable_prefix(examples: Sequence[tuple[Sequence[int], Sequence[int]]]) ->
     if len(examples) < 2:
         return 0
     first_ids = examples[0][0]
-    limit = min(_first_label(labels) for _, labels in examples) - 1
-    limit = min(limit, *(len(ids) for ids, _ in examples))
+    limit = min(_first_label(labels) for _, labels in examples) - 1  # < every length
     n = 0
     while n < limit and all(ids[n] == first_ids[n] for ids, _ in examples):
         n += 1
@@ -61,24 +61,16 @@ def _first_label(labels: Sequence[int]) -> int:
     return next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class SharedRow:
+    """One packed row; its fields are the dataset columns `SharedPrefixCollator` reads."""
+
     input_ids: list[int]
     labels: list[int]
     position_ids: list[int]
     bounds: list[int]  # segment starts and the end: [0, prefix, ...] when prefix > 0
-    prefix: int
+    shared_prefix: int
     tokens: int  # tokens of the examples it holds, as unpacked
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "input_ids": self.input_ids,
-            "labels": self.labels,
-            "position_ids": self.position_ids,
-            "bounds": self.bounds,
-            "shared_prefix": self.prefix,
-            "tokens": self.tokens,
-        }
 
 
 def share_prefix(examples: Sequence[tuple[Sequence[int], Sequence[int]]]) -> SharedRow:
@@ -105,7 +97,7 @@ def shared_prefix_rows(data: TokenizedData, *, row_length: int, seed: int) -> Da
     rows = []
     for group in group_rows(lengths, row_length=row_length, seed=seed):
         examples = [(data.rows[i].input_ids, data.rows[i].labels) for i in group]
-        rows.append(share_prefix(examples).as_dict())
+        rows.append(dataclasses.asdict(share_prefix(examples)))
     return Dataset.from_list(rows)
 
 
@@ -130,9 +122,6 @@ def group_rows(lengths: Sequence[int], *, row_length: int, seed: int) -> list[li
         if len(rows) <= len(tightest):
             return rows
     return tightest
-
-
-ORDERS_TRIED = 8  # random orders tried before falling back to decreasing length
 
 
 def _best_fit(order: Sequence[int], lengths: Sequence[int], row_length: int) -> list[list[int]]:

@@ -3,6 +3,7 @@ and every example still gets exactly the logits, loss and gradients it gets alon
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ def test_the_prefix_is_common_unlabelled_and_stops_before_each_first_label() -> 
 
 def test_a_row_holds_the_prefix_once_then_each_remainder_positioned_after_it() -> None:
     row = share_prefix(EXAMPLES)
-    assert row.prefix == 5
+    assert row.shared_prefix == 5
     assert row.input_ids == [1, 2, 3, 4, 5, 20, 21, 9, 30, 31, 32, 22, 9, 33, 34, 20, 23, 24, 9, 35]
     assert row.position_ids == list(range(5)) + list(range(5, 11)) + list(range(5, 9)) + list(
         range(5, 10)
@@ -62,7 +63,7 @@ def test_a_row_holds_the_prefix_once_then_each_remainder_positioned_after_it() -
 
 
 def collated(examples: list[tuple[list[int], list[int]]]) -> dict[str, Any]:
-    return SharedPrefixCollator(pad_token_id=0)([share_prefix(examples).as_dict()])
+    return SharedPrefixCollator(pad_token_id=0)([dataclasses.asdict(share_prefix(examples))])
 
 
 def model_on_cpu_attention(base: Path) -> Any:
